@@ -1,0 +1,337 @@
+"""Image sources and the tf.data input pipeline.
+
+A `Source` lists its images as (key, label) without decoding any of them, which
+is all the split needs. `make_dataset` then streams the encoded images of one
+split: filter by key, decode once, resize, keep uint8 (normalization belongs to
+the model), cache, shuffle with a seed, batch and prefetch. No step ever holds
+the whole dataset as one array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from flowers import split as split_lib
+from flowers.errors import UserError
+
+TFDS_NAME = "oxford_flowers102"
+TFDS_SPLITS = ("train", "validation", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+@dataclasses.dataclass
+class Source:
+  """A labelled image collection, listed without decoding.
+
+  Attributes:
+    name: where it came from, for reports ("tfds:oxford_flowers102", a folder).
+    keys: a stable unique key per image (TFDS file name or relative path).
+    labels: class index per key.
+    class_names: class index -> name.
+    source_splits: the source's own split per key (TFDS), or None.
+    encoded: makes a dataset of (key, encoded image bytes), in a fixed order.
+    decoder: "tf" (JPEG/PNG/BMP/GIF through TensorFlow) or "pil" (Pillow, for
+      image folders: CMYK, palettes, 16-bit and the rest).
+  """
+
+  name: str
+  keys: list[str]
+  labels: list[int]
+  class_names: list[str]
+  source_splits: list[str] | None
+  encoded: Callable[[], tf.data.Dataset]
+  decoder: str = "tf"
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def label_of(self) -> dict[str, int]:
+    return dict(zip(self.keys, self.labels))
+
+
+def load_tfds(name: str = TFDS_NAME, data_dir: str | None = None,
+              download: bool = True) -> Source:
+  """Lists a TFDS image classification dataset, all official splits merged.
+
+  Args:
+    name: the TFDS name; it needs `image`, `label` and `file_name` features.
+    data_dir: the TFDS data folder (e.g. `../shared/tensorflow_datasets` for
+      offline use); None means TFDS's default (`~/tensorflow_datasets`).
+    download: download and prepare the dataset if it is not there yet.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  if data_dir is not None and not os.path.isdir(data_dir):
+    raise UserError(f"--tfds_data_dir={data_dir} does not exist; point it at the "
+                    "folder holding oxford_flowers102/, or leave it unset to download.")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise UserError(f"TFDS has no dataset {name!r}: check --tfds_name.") from e
+  if not builder.is_prepared():
+    if not download:
+      raise UserError(f"{name} is not prepared under {builder.data_dir}; set "
+                      "--tfds_data_dir to a prepared copy, or allow --download.")
+    builder.download_and_prepare()
+  features = builder.info.features
+  for feature in ("image", "label", "file_name"):
+    if feature not in features:
+      raise UserError(f"TFDS {name} has no {feature!r} feature; flowers needs "
+                      "image, label and file_name.")
+  class_names = list(features["label"].names)
+
+  def read(split: str, decode_image: bool) -> tf.data.Dataset:
+    decoders = None if decode_image else {"image": tfds.decode.SkipDecoding()}
+    return builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+
+  keys, labels, source_splits = [], [], []
+  for split in TFDS_SPLITS:
+    metadata = read(split, decode_image=False).map(
+        lambda ex: (ex["file_name"], ex["label"]))
+    for names, labs in metadata.batch(4096).as_numpy_iterator():
+      keys.extend(n.decode() for n in names)
+      labels.extend(int(l) for l in labs)
+      source_splits.extend([split] * len(names))
+
+  def encoded() -> tf.data.Dataset:
+    datasets = [read(s, decode_image=False) for s in TFDS_SPLITS]
+    ds = datasets[0]
+    for other in datasets[1:]:
+      ds = ds.concatenate(other)
+    return ds.map(lambda ex: (ex["file_name"], ex["image"]))
+
+  return Source(f"tfds:{name}", keys, labels, class_names, source_splits, encoded)
+
+
+def _sniff_image(path: str) -> str | None:
+  """Returns why `path` is not a readable image, or None if it looks fine.
+
+  Pillow's `verify` reads headers and checksums without decoding pixels, which
+  keeps listing fast; a file that fails later at decode time is still caught
+  and reported by path in `make_dataset`.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  try:
+    with Image.open(path) as im:
+      im.verify()
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+def load_image_dir(path: str, strict: bool = False) -> Source:
+  """Lists a folder of class subfolders (`path/<class>/<image>`).
+
+  Class names are the subfolder names in sorted order. JPEG, PNG, BMP and GIF
+  (first frame) are read; grayscale, RGBA, palette and CMYK become RGB.
+  Unreadable files are skipped with a warning naming each one, or are an error
+  under `strict`.
+  """
+  if not os.path.isdir(path):
+    raise UserError(f"--image_dir={path} is not a folder; give a folder with one "
+                    "subfolder of images per class.")
+  class_names = sorted(d for d in os.listdir(path)
+                       if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+  if not class_names:
+    raise UserError(f"--image_dir={path} has no class subfolders; put each class's "
+                    "images in its own subfolder.")
+  keys, labels, bad = [], [], []
+  for label, name in enumerate(class_names):
+    folder = os.path.join(path, name)
+    for root, dirs, files in os.walk(folder):
+      dirs.sort()
+      for file in sorted(files):
+        if file.startswith(".") or not file.lower().endswith(IMAGE_EXTENSIONS):
+          continue
+        full = os.path.join(root, file)
+        problem = _sniff_image(full)
+        if problem:
+          bad.append((full, problem))
+          continue
+        keys.append(os.path.relpath(full, path).replace(os.sep, "/"))
+        labels.append(label)
+  if bad:
+    if strict:
+      raise UserError(f"{bad[0][0]} is not a readable image ({bad[0][1]}); remove it "
+                      f"or drop --strict to skip it ({len(bad)} bad file(s) in all).")
+    for file, problem in bad:
+      logging.warning("Skipping unreadable image %s (%s).", file, problem)
+  if not keys:
+    raise UserError(f"--image_dir={path} holds no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                    "in its class subfolders.")
+  empty = [n for i, n in enumerate(class_names) if i not in set(labels)]
+  if empty:
+    raise UserError(f"Class folder(s) {empty[:5]} under {path} hold no readable "
+                    "images; add images or remove the folder.")
+  root = os.path.abspath(path)
+
+  def encoded() -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices(np.array(keys, dtype=object))
+    return ds.map(lambda k: (k, tf.io.read_file(tf.strings.join([root, "/", k]))))
+
+  return Source(os.path.abspath(path), keys, labels, class_names, None, encoded,
+                decoder="pil")
+
+
+def load_source(image_dir: str | None = None, tfds_name: str = TFDS_NAME,
+                tfds_data_dir: str | None = None, download: bool = True,
+                strict: bool = False) -> Source:
+  """An image folder if `image_dir` is given, else the TFDS dataset."""
+  if image_dir:
+    return load_image_dir(image_dir, strict=strict)
+  return load_tfds(tfds_name, tfds_data_dir, download)
+
+
+def resize(images: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Resizes to a square `image_size` (antialiased), returning uint8.
+
+  The same function serves training, evaluation and `--mode=predict`, so a
+  photo of any size is seen by the model exactly as training images were.
+  """
+  resized = tf.image.resize(images, (image_size, image_size), antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def _pil_decode(data: bytes) -> tuple[np.ndarray, bool]:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.seek(0)
+      return np.asarray(im.convert("RGB"), dtype=np.uint8), True
+  except Exception:  # pylint: disable=broad-except
+    return np.zeros((1, 1, 3), np.uint8), False
+
+
+def decode_image(data: tf.Tensor, decoder: str = "tf") -> tuple[tf.Tensor, tf.Tensor]:
+  """Decodes one encoded image to uint8 RGB; returns (image, ok)."""
+  if decoder == "pil":
+    image, ok = tf.numpy_function(_pil_decode, [data], (tf.uint8, tf.bool),
+                                  stateful=False)
+    image.set_shape((None, None, 3))
+    ok.set_shape(())
+    return image, ok
+  image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  image.set_shape((None, None, 3))
+  return image, tf.constant(True)
+
+
+def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
+                 batch_size: int | None = 32, shuffle: bool = False, seed: int = 0,
+                 cache: str = "memory", repeat: bool = False) -> tf.data.Dataset:
+  """The input pipeline for the images in `keys`: (uint8 images, int32 labels).
+
+  Args:
+    source: where the images come from.
+    keys: which images (one split of the manifest).
+    image_size: the square side images are resized to.
+    batch_size: the batch size, or None for single examples.
+    shuffle: shuffle (training); the order is fixed by `seed` for each epoch.
+    seed: the shuffle seed.
+    cache: "memory", a file path prefix (for when memory is short), or "none".
+      Images are decoded and resized once; later epochs read the cache.
+    repeat: repeat forever (for step-based loops).
+  """
+  label_of = source.label_of()
+  key_tensor = tf.constant(list(keys) or [""], dtype=tf.string)
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(
+          key_tensor, tf.constant([label_of[k] for k in keys] or [-1], tf.int32)),
+      default_value=-1)
+  decoder = source.decoder
+
+  def with_label(key, data):
+    return key, data, table.lookup(key)
+
+  def decode(key, data, label):
+    image, ok = decode_image(data, decoder)
+    return key, resize(image, image_size), label, ok
+
+  def report_bad(key, image, label, ok):
+    del image, label
+    if not ok:
+      tf.print("WARNING: skipping undecodable image", key, output_stream=sys.stderr)
+    return ok
+
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = source.encoded().map(with_label).filter(lambda k, d, l: l >= 0)
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.filter(report_bad).map(lambda k, image, label, ok: (image, label))
+  if cache == "memory":
+    ds = ds.cache()
+  elif cache and cache != "none":
+    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    ds = ds.cache(cache)
+  if shuffle:
+    ds = ds.shuffle(max(len(keys), 1), seed=seed, reshuffle_each_iteration=True)
+  if repeat:
+    ds = ds.repeat()
+  if batch_size:
+    ds = ds.batch(batch_size)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+@dataclasses.dataclass
+class Splits:
+  """The three datasets of a split, with what a model needs to know about them."""
+
+  train: tf.data.Dataset
+  val: tf.data.Dataset
+  test: tf.data.Dataset
+  class_names: list[str]
+  assignment: dict[str, str]
+  source: Source
+
+  def keys(self, split: str) -> list[str]:
+    return split_lib.keys_of(self.assignment, split)
+
+
+def prepare_split(source: Source, workdir: str | None,
+                  spec: split_lib.SplitSpec) -> dict[str, str]:
+  """The key -> split assignment, reusing or writing `workdir/splits.csv`."""
+  split_lib.check_fractions_cover(source.labels, spec)
+  if workdir is None:
+    return split_lib.assign(source.keys, source.labels, source.source_splits, spec)
+  return split_lib.load_or_create(workdir, source.keys, source.labels,
+                                  source.source_splits, spec)
+
+
+def load_splits(source: Source | None = None, *, workdir: str | None = None,
+                split: str = "64,16,20", seed: int = 42, image_size: int = 224,
+                batch_size: int = 32, cache: str = "memory",
+                tfds_data_dir: str | None = None) -> Splits:
+  """Train/val/test datasets of (uint8 images, labels), stratified and seeded.
+
+  Usable from any code: `flowers.load_splits(tfds_data_dir=...)` gives the
+  default oxford_flowers102 64/16/20 split. Train is shuffled (by `seed`),
+  val and test are in key order.
+  """
+  if source is None:
+    source = load_tfds(data_dir=tfds_data_dir)
+  spec = split_lib.parse_split(split, seed)
+  assignment = prepare_split(source, workdir, spec)
+
+  def cache_for(name: str) -> str:
+    if cache in ("memory", "none") or workdir is None:
+      return cache if cache in ("memory", "none") else "memory"
+    return os.path.join(workdir, "cache", f"{name}_{image_size}")
+
+  datasets = {
+      name: make_dataset(source, split_lib.keys_of(assignment, name),
+                         image_size=image_size, batch_size=batch_size,
+                         shuffle=name == "train", seed=seed, cache=cache_for(name))
+      for name in split_lib.SPLITS
+  }
+  return Splits(datasets["train"], datasets["val"], datasets["test"],
+                source.class_names, assignment, source)

@@ -1,0 +1,214 @@
+"""The classifier: raw uint8 pixels in, class probabilities out.
+
+    uint8 image -> augmentation (training only) -> MobileNetV2 preprocessing
+      -> MobileNetV2 base (always in inference mode) -> global average pool
+      -> Dropout -> Dense softmax
+
+The base is called with `training=False`, so its BatchNorm layers use their
+ImageNet statistics in every stage; fine-tuning also keeps them frozen
+(`unfreeze`). Dropout sits before the classifier, where it regularizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import keras
+
+from flowers.errors import UserError
+
+BASE_NAME = "mobilenetv2"
+AUGMENT_NAME = "augment"
+PREPROCESS_NAME = "preprocess"
+POOL_NAME = "pool"
+DROPOUT_NAME = "head_dropout"
+CLASSIFIER_NAME = "classifier"
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """Training-time augmentation; defaults are near the reference's generator.
+
+  The reference used rotation 20 degrees, shifts 0.2, zoom 0.2 and shear 0.1;
+  Keras has no shear layer, so a random contrast stands in.
+  """
+
+  flip: bool = True
+  rotation_degrees: float = 20.0
+  translation: float = 0.2
+  zoom: float = 0.2
+  contrast: float = 0.1
+
+  def layers(self, seed: int | None = None) -> list[keras.layers.Layer]:
+    """The Keras preprocessing layers that apply this augmentation."""
+    def layer_seed(i: int) -> int | None:
+      return None if seed is None else seed + i
+
+    layers: list[keras.layers.Layer] = []
+    if self.flip:
+      layers.append(keras.layers.RandomFlip("horizontal", seed=layer_seed(0)))
+    if self.rotation_degrees:
+      layers.append(keras.layers.RandomRotation(
+          self.rotation_degrees / 360.0, fill_mode="reflect", seed=layer_seed(1)))
+    if self.zoom:
+      layers.append(keras.layers.RandomZoom(
+          (-self.zoom, self.zoom), fill_mode="reflect", seed=layer_seed(2)))
+    if self.translation:
+      layers.append(keras.layers.RandomTranslation(
+          self.translation, self.translation, fill_mode="reflect", seed=layer_seed(3)))
+    if self.contrast:
+      layers.append(keras.layers.RandomContrast(
+          self.contrast, value_range=(0, 255), seed=layer_seed(4)))
+    return layers
+
+
+def load_base(image_size: int = 224, weights: str | None = "imagenet",
+              alpha: float = 1.0) -> keras.Model:
+  """MobileNetV2 without its top, all layers frozen.
+
+  Args:
+    image_size: square input side (>= 32).
+    weights: "imagenet" (Keras downloads and caches them), None (random), or a
+      path to a `..._no_top.h5` file (offline use).
+    alpha: the width multiplier (1.0 has ImageNet weights at every size).
+  """
+  if weights not in (None, "imagenet") and not os.path.isfile(weights):
+    raise UserError(f"--weights={weights} is not a file; give the path of a "
+                    "MobileNetV2 no-top .h5, or 'imagenet' to download.")
+  if image_size < 32:
+    raise UserError(f"--image_size={image_size} is too small; MobileNetV2 needs >= 32.")
+  try:
+    base = keras.applications.MobileNetV2(
+        input_shape=(image_size, image_size, 3), include_top=False,
+        weights=weights, alpha=alpha, name=BASE_NAME)
+  except ValueError as e:
+    raise UserError(f"Cannot load MobileNetV2 weights {weights!r}: {e}") from e
+  base.trainable = False
+  return base
+
+
+def build_model(num_classes: int, *, image_size: int = 224, dropout: float = 0.2,
+                weights: str | None = "imagenet", augment: bool = True,
+                augmentation: Augmentation = Augmentation(), alpha: float = 1.0,
+                seed: int | None = None) -> keras.Model:
+  """Builds the transfer-learning classifier (base frozen; see `unfreeze`).
+
+  Args:
+    num_classes: number of output classes.
+    image_size: square input side; inputs are raw uint8 RGB of that size.
+    dropout: dropout rate before the classifier.
+    weights: MobileNetV2 weights: "imagenet", None, or a path to an .h5 file.
+    augment: include the augmentation layers (active only when training).
+    augmentation: which augmentations, and how strong.
+    alpha: MobileNetV2 width multiplier.
+    seed: seed for augmentation and the classifier's initialization.
+
+  Returns:
+    A functional `keras.Model` from uint8 (None, image_size, image_size, 3) to
+    float32 softmax probabilities (None, num_classes).
+  """
+  if num_classes < 2:
+    raise UserError(f"Need at least 2 classes to train a classifier, got {num_classes}.")
+  if not 0.0 <= dropout < 1.0:
+    raise UserError(f"--dropout={dropout} must be in [0, 1).")
+  inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
+  x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)
+  if augment:
+    x = keras.Sequential(augmentation.layers(seed), name=AUGMENT_NAME)(x)
+  # MobileNetV2 expects pixels in [-1, 1].
+  x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name=PREPROCESS_NAME)(x)
+  base = load_base(image_size, weights, alpha)
+  x = base(x, training=False)
+  x = keras.layers.GlobalAveragePooling2D(name=POOL_NAME)(x)
+  x = keras.layers.Dropout(dropout, seed=seed, name=DROPOUT_NAME)(x)
+  init = keras.initializers.GlorotUniform(seed=seed)
+  outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
+                               kernel_initializer=init, name=CLASSIFIER_NAME)(x)
+  return keras.Model(inputs, outputs, name="flowers")
+
+
+def base_of(model: keras.Model) -> keras.Model:
+  """The MobileNetV2 base inside a model made by `build_model`."""
+  return model.get_layer(BASE_NAME)
+
+
+def cut_points(base: keras.Model) -> list[int]:
+  """Indices of base layers whose output is the only tensor the rest needs.
+
+  These are the ends of MobileNetV2's inverted-residual blocks (an `_add`, or a
+  `project_BN` not followed by one), plus the input (0) and the last layer.
+  Fine-tuning and the frozen-prefix cache split the base only at these points,
+  so a residual block is never cut in two.
+  """
+  layers = base.layers
+  points = [0]
+  for i, layer in enumerate(layers[:-1]):
+    following = layers[i + 1].name
+    if layer.name.endswith("_add") or (
+        layer.name.endswith("project_BN") and not following.endswith("_add")):
+      points.append(i)
+  points.append(len(layers) - 1)
+  return sorted(set(points))
+
+
+def cut_index(base: keras.Model, unfreeze_ratio: float) -> int:
+  """The last frozen layer for `unfreeze_ratio`, rounded to whole blocks.
+
+  `ceil(unfreeze_ratio * len(base.layers))` layers from the top are asked for;
+  the block holding the lowest of them is unfrozen whole, so at least that
+  many layers train. 0.0 trains none, 1.0 all.
+  """
+  if not 0.0 <= unfreeze_ratio <= 1.0:
+    raise UserError(f"--unfreeze_ratio={unfreeze_ratio} must be in [0, 1].")
+  n = len(base.layers)
+  wanted = math.ceil(unfreeze_ratio * n - 1e-9)
+  if wanted == 0:
+    return n - 1
+  first_trainable = n - wanted
+  return max([0] + [c for c in cut_points(base) if c < first_trainable])
+
+
+def unfreeze(model: keras.Model, unfreeze_ratio: float) -> int:
+  """Makes the top `unfreeze_ratio` of the base trainable, BatchNorm excepted.
+
+  Call `compile` afterwards. Returns the number of base layers now trainable
+  (BatchNorm layers inside the unfrozen blocks are not counted: they stay in
+  inference mode with frozen statistics, as the keras-io guide advises).
+  """
+  base = base_of(model)
+  cut = cut_index(base, unfreeze_ratio)
+  base.trainable = True
+  trainable = 0
+  for i, layer in enumerate(base.layers):
+    layer.trainable = (i > cut and cut < len(base.layers) - 1 and
+                       not isinstance(layer, keras.layers.BatchNormalization))
+    trainable += int(layer.trainable)
+  if cut == len(base.layers) - 1:
+    base.trainable = False
+  return trainable
+
+
+def freeze_base(model: keras.Model) -> None:
+  """Freezes the whole base (stage 1)."""
+  base_of(model).trainable = False
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+  """The same model without its augmentation layers, sharing all weights.
+
+  Used for export: augmentation ops are inactive at inference anyway, and
+  some converters cannot handle them.
+  """
+  layers = [l for l in model.layers if l.name not in (AUGMENT_NAME,)]
+  inputs = keras.Input(model.input.shape[1:], dtype="uint8", name="image")
+  x = inputs
+  for layer in layers:
+    if isinstance(layer, keras.layers.InputLayer):
+      continue
+    if layer.name == BASE_NAME:
+      x = layer(x, training=False)
+    else:
+      x = layer(x)
+  return keras.Model(inputs, x, name="flowers_inference")

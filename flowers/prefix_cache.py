@@ -1,0 +1,195 @@
+"""The frozen-prefix cache: run the frozen part of the base once, not every epoch.
+
+On a CPU the frozen layers of MobileNetV2 cost most of each training step,
+yet their output for a given input never changes. So the training images go
+through augmentation + preprocessing + the frozen prefix once per *view* (view 0
+is the plain image, later views are random augmentations drawn by the model's
+own augmentation layers), and the activations at the cut point are kept as
+float16. Stage 1 trains the head on pooled features computed from them; stage 2
+trains the unfrozen top of the base on them. Each epoch sees one random view
+per image. Val and test are cached once, un-augmented.
+
+The cache is saved under `WORKDIR/cache/` so a resumed run skips this pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from flowers import artifacts
+from flowers import model as model_lib
+
+
+def _cache_id(model: keras.Model, cut: int, views: int, seed: int,
+              split_keys: dict[str, list[str]]) -> str:
+  """A short hash of everything the cached activations depend on."""
+  base = model_lib.base_of(model)
+  digest = hashlib.sha256()
+  digest.update(json.dumps({
+      "cut": base.layers[cut].name, "views": views, "seed": seed,
+      "input": list(model.input.shape[1:]),
+      "augment": model.get_layer(model_lib.AUGMENT_NAME).get_config()
+                 if model_lib.AUGMENT_NAME in [l.name for l in model.layers] else None,
+  }, sort_keys=True, default=str).encode())
+  for split in sorted(split_keys):
+    digest.update("\n".join(split_keys[split]).encode())
+  for w in base.layers[1].get_weights()[:1]:  # First conv: identifies the weights.
+    digest.update(np.ascontiguousarray(w).tobytes())
+  return digest.hexdigest()[:16]
+
+
+class PrefixCache:
+  """Cut-point activations of the train (several views), val and test images."""
+
+  def __init__(self, model: keras.Model, cut: int, train_views: np.ndarray,
+               train_labels: np.ndarray, val: np.ndarray, val_labels: np.ndarray):
+    self.model = model
+    self.cut = cut
+    self.train_views = train_views  # [views, N, h, w, c] float16
+    self.train_labels = train_labels
+    self.val = val  # [N, h, w, c] float16
+    self.val_labels = val_labels
+
+  @property
+  def num_views(self) -> int:
+    return self.train_views.shape[0]
+
+  @classmethod
+  def build(cls, model: keras.Model, cut: int, train_ds: tf.data.Dataset,
+            val_ds: tf.data.Dataset, views: int, seed: int,
+            cache_dir: str | None, split_keys: dict[str, list[str]]) -> "PrefixCache":
+    """Computes (or loads from `cache_dir`) the activations at layer `cut`.
+
+    `train_ds` and `val_ds` yield batches of (uint8 images, labels) in a fixed
+    order (not shuffled).
+    """
+    cache_id = _cache_id(model, cut, views, seed, split_keys)
+    paths = None
+    if cache_dir:
+      os.makedirs(cache_dir, exist_ok=True)
+      paths = {name: os.path.join(cache_dir, f"prefix_{cache_id}_{name}.npy")
+               for name in ("train", "train_labels", "val", "val_labels")}
+      if all(os.path.exists(p) for p in paths.values()):
+        logging.info("Reusing the frozen-prefix cache %s.", cache_id)
+        loaded = {k: np.load(p, mmap_mode="r" if k == "train" else None)
+                  for k, p in paths.items()}
+        return cls(model, cut, loaded["train"], loaded["train_labels"],
+                   loaded["val"], loaded["val_labels"])
+    embed = _prefix_fn(model, cut, seed)
+    start = time.time()
+    train, train_labels = [], None
+    for view in range(views):
+      acts, labels = _run(embed, train_ds, augment=view > 0)
+      train.append(acts)
+      train_labels = labels
+      logging.info("Frozen-prefix cache: view %d/%d of %d images done (%.0f s).",
+                   view + 1, views, len(labels), time.time() - start)
+    val, val_labels = _run(embed, val_ds, augment=False)
+    cache = cls(model, cut, np.stack(train), train_labels, val, val_labels)
+    if paths:
+      for name, array in (("train", cache.train_views), ("train_labels", train_labels),
+                          ("val", val), ("val_labels", val_labels)):
+        with artifacts.atomic_path(paths[name]) as tmp:
+          with open(tmp, "wb") as f:
+            np.save(f, array)
+    return cache
+
+  def suffix(self) -> keras.Model:
+    """The base from the cut point on, sharing the full model's layers."""
+    base = model_lib.base_of(self.model)
+    return keras.Model(base.layers[self.cut].output, base.output,
+                       name="mobilenetv2_top")
+
+  def pooled(self, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled base features of every train view and of val (for stage 1)."""
+    suffix = self.suffix()
+    pool = self.model.get_layer(model_lib.POOL_NAME)
+
+    @tf.function(reduce_retracing=True)
+    def features(acts):
+      return pool(suffix(tf.cast(acts, tf.float32), training=False))
+
+    def run(array: np.ndarray) -> np.ndarray:
+      out = [features(array[i:i + batch_size]).numpy()
+             for i in range(0, len(array), batch_size)]
+      return np.concatenate(out).astype(np.float32)
+
+    train = np.stack([run(self.train_views[v]) for v in range(self.num_views)])
+    return train, run(self.val)
+
+
+def _prefix_fn(model: keras.Model, cut: int, seed: int):
+  """uint8 images -> cut activations (float16), optionally augmented first."""
+  base = model_lib.base_of(model)
+  prefix = keras.Model(base.input, base.layers[cut].output, name="mobilenetv2_prefix")
+  names = [l.name for l in model.layers]
+  augment = model.get_layer(model_lib.AUGMENT_NAME) if model_lib.AUGMENT_NAME in names else None
+  preprocess = model.get_layer(model_lib.PREPROCESS_NAME)
+  tf.random.set_seed(seed)
+
+  @tf.function(reduce_retracing=True)
+  def embed(images, do_augment: bool):
+    x = tf.cast(images, tf.float32)
+    if do_augment and augment is not None:
+      x = augment(x, training=True)
+    x = preprocess(x)
+    return tf.cast(prefix(x, training=False), tf.float16)
+
+  return embed
+
+
+def _run(embed, dataset: tf.data.Dataset, augment: bool) -> tuple[np.ndarray, np.ndarray]:
+  acts, labels = [], []
+  for images, batch_labels in dataset:
+    acts.append(embed(images, augment).numpy())
+    labels.append(np.asarray(batch_labels))
+  return np.concatenate(acts), np.concatenate(labels).astype(np.int64)
+
+
+class ViewSampler(keras.utils.PyDataset):
+  """Batches of cached inputs, one random view per image per epoch.
+
+  `views` is [V, N, ...]; each epoch shuffles the images and picks a view for
+  each, both from `seed` and the epoch number, so runs are reproducible.
+  """
+
+  def __init__(self, views: np.ndarray, labels: np.ndarray, num_classes: int,
+               batch_size: int, seed: int, shuffle: bool = True):
+    super().__init__(workers=1, use_multiprocessing=False, max_queue_size=4)
+    self.views = views
+    self.labels = labels
+    self.num_classes = num_classes
+    self.batch_size = batch_size
+    self.seed = seed
+    self.shuffle = shuffle
+    self.epoch = 0
+    self._draw()
+
+  def _draw(self) -> None:
+    n = len(self.labels)
+    rng = np.random.default_rng([self.seed, self.epoch])
+    self.order = rng.permutation(n) if self.shuffle else np.arange(n)
+    self.view_of = rng.integers(0, self.views.shape[0], n) if self.shuffle \
+        else np.zeros(n, np.int64)
+
+  def __len__(self) -> int:
+    return math.ceil(len(self.labels) / self.batch_size)
+
+  def __getitem__(self, index: int):
+    idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+    x = self.views[self.view_of[idx], idx].astype(np.float32)
+    y = keras.utils.to_categorical(self.labels[idx], self.num_classes)
+    return x, y
+
+  def on_epoch_end(self) -> None:
+    self.epoch += 1
+    self._draw()
