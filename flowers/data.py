@@ -92,9 +92,11 @@ def load_tfds(name: str = TFDS_NAME, data_dir: str | None = None,
     decoders = None if decode_image else {"image": tfds.decode.SkipDecoding()}
     return builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
 
+  # Listing parses only the names and labels: no image bytes are materialized.
+  listing = tfds.decode.PartialDecoding({"file_name": True, "label": True})
   keys, labels, source_splits = [], [], []
   for split in TFDS_SPLITS:
-    metadata = read(split, decode_image=False).map(
+    metadata = builder.as_dataset(split=split, decoders=listing, shuffle_files=False).map(
         lambda ex: (ex["file_name"], ex["label"]))
     for names, labs in metadata.batch(4096).as_numpy_iterator():
       keys.extend(n.decode() for n in names)
@@ -201,16 +203,26 @@ def resize(images: tf.Tensor, image_size: int) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
-def _pil_decode(data: bytes) -> tuple[np.ndarray, bool]:
+def decode_with_pil(data: bytes) -> np.ndarray | None:
+  """Decodes any Pillow-readable image (first frame) to uint8 RGB, or None."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
 
+  if isinstance(data, np.ndarray):
+    data = data.item()
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.seek(0)
-      return np.asarray(im.convert("RGB"), dtype=np.uint8), True
+      return np.asarray(im.convert("RGB"), dtype=np.uint8)
   except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _pil_decode(data: bytes) -> tuple[np.ndarray, bool]:
+  image = decode_with_pil(data)
+  if image is None:
     return np.zeros((1, 1, 3), np.uint8), False
+  return image, True
 
 
 def decode_image(data: tf.Tensor, decoder: str = "tf") -> tuple[tf.Tensor, tf.Tensor]:

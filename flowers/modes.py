@@ -122,8 +122,6 @@ def _image_files(paths: Sequence[str]) -> list[str]:
 def predict(model_path: str, images: Sequence[str], top_k: int = 5,
             output: str = "table") -> list[dict]:
   """Top-k labels per image, for a .keras or .tflite model; prints them."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   from flowers import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from flowers import train as train_lib  # pylint: disable=g-import-not-at-top
 
@@ -134,8 +132,8 @@ def predict(model_path: str, images: Sequence[str], top_k: int = 5,
   for path in _image_files(images):
     with open(path, "rb") as f:
       encoded = f.read()
-    image, ok = data_lib.decode_image(tf.constant(encoded), "pil")
-    if not bool(ok):
+    image = data_lib.decode_with_pil(encoded)
+    if image is None:
       print(f"flowers_main: warning: {path} is not a readable image; skipped.",
             file=sys.stderr)
       continue

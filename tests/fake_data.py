@@ -86,8 +86,9 @@ def mock_flowers(counts_per_split: dict[str, Sequence[int]], size: int = 40,
         "label": tf.constant(labels, tf.int64),
         "image": tf.constant(images, tf.string) if rows else tf.zeros([0], tf.string),
     })
-    skip = decoders is not None and "image" in decoders
-    if not skip:
+    # flowers reads with SkipDecoding (image bytes) or PartialDecoding (no
+    # image); only a plain read (decoders=None) gets decoded pixels.
+    if decoders is None:
       ds = ds.map(lambda ex: {**ex, "image": tf.io.decode_jpeg(ex["image"], channels=3)})
     return ds
 

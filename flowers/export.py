@@ -1,0 +1,359 @@
+"""TFLite export: the trained model as a (by default int8) `.tflite`, verified.
+
+    model.keras -> inference model (no augmentation layers) -> tf.function with a
+      fixed [1, S, S, 3] signature -> frozen graph -> TFLiteConverter
+
+The frozen-graph path is used because the converter's SavedModel path leaves
+Keras 3 variables as READ_VARIABLE ops that int8 calibration cannot run.
+
+Every model takes raw pixels 0..255, like the Keras model. With uint8 I/O the
+input is the graph's own uint8 tensor, not a quantized one (its quantization is
+(0, 0)): pixels go in unchanged and are cast inside the model. With int8 I/O
+the input is an int8 tensor quantized from calibration, normally scale 1 and
+zero point -128, i.e. `pixel - 128`. Outputs of int8 models are quantized
+probabilities (scale 1/256); the other models output float32.
+
+`export_from_workdir` writes the file only after it has run the whole test
+split through both the `.tflite` and the Keras model and the accuracy drop is
+within bounds; the comparison goes to `export_report.json` either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import warnings
+from typing import Iterable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from flowers import artifacts
+from flowers import data as data_lib
+from flowers import evaluate as evaluate_lib
+from flowers import model as model_lib
+from flowers import split as split_lib
+from flowers import train as train_lib
+from flowers.errors import UserError
+
+QUANTIZATIONS = ("int8", "float16", "dynamic", "none")
+IO_DTYPES = ("uint8", "int8")
+FILE_NAMES = {
+    "int8": "model_int8.tflite",
+    "float16": "model_float16.tflite",
+    "dynamic": "model_dynamic.tflite",
+    "none": "model_float32.tflite",
+}
+REPORT_NAME = "export_report.json"
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+
+
+@dataclasses.dataclass
+class ExportOptions:
+  """How to convert, and how much accuracy the conversion may cost.
+
+  Attributes:
+    quantization: "int8" (full integer, calibrated), "float16" (float16
+      weights), "dynamic" (int8 weights, float activations) or "none".
+    io_dtype: the input/output type of the int8 model, "uint8" or "int8".
+    calibration_examples: training images used to calibrate int8 ranges.
+    max_accuracy_drop: the largest allowed test accuracy drop, in points.
+  """
+
+  quantization: str = "int8"
+  io_dtype: str = "uint8"
+  calibration_examples: int = 300
+  max_accuracy_drop: float = 1.0
+
+  def validate(self) -> None:
+    """Raises `UserError` on an unknown setting."""
+    if self.quantization not in QUANTIZATIONS:
+      raise UserError(f"--quantization={self.quantization} is not one of "
+                      f"{', '.join(QUANTIZATIONS)}.")
+    if self.io_dtype not in IO_DTYPES:
+      raise UserError(f"--io_dtype={self.io_dtype} is not one of {', '.join(IO_DTYPES)}.")
+    if self.quantization == "int8" and self.calibration_examples < 1:
+      raise UserError(f"--calibration_examples={self.calibration_examples}: int8 "
+                      "export needs at least 1 calibration image (300 is typical).")
+
+  @property
+  def file_name(self) -> str:
+    """The `.tflite` file name for this quantization."""
+    return FILE_NAMES[self.quantization]
+
+  @property
+  def is_int8(self) -> bool:
+    return self.quantization == "int8"
+
+
+def _image_batches(images: Iterable[np.ndarray]) -> list[np.ndarray]:
+  """Single [1, S, S, 3] uint8 images from images or batches of them."""
+  singles = []
+  for item in images:
+    array = np.asarray(item)
+    if array.ndim == 3:
+      array = array[None]
+    singles.extend(array[i:i + 1].astype(np.uint8) for i in range(len(array)))
+  return singles
+
+
+def convert(model: keras.Model, options: ExportOptions,
+            representative_images: Iterable[np.ndarray] | None = None) -> bytes:
+  """Converts a `build_model` model to TFLite bytes.
+
+  Args:
+    model: the Keras model (uint8 [None, S, S, 3] in, probabilities out).
+    options: the quantization and I/O type.
+    representative_images: un-augmented uint8 images ([S, S, 3] each, or
+      batches of them) for int8 calibration; required for int8 only.
+
+  Returns:
+    The `.tflite` flatbuffer, input [1, S, S, 3] of raw pixels.
+  """
+  options.validate()
+  calibration = _image_batches(representative_images or []) if options.is_int8 else []
+  if options.is_int8 and not calibration:
+    raise UserError("int8 export needs representative images for calibration, and "
+                    "none were given; is the train split empty?")
+  inference = model_lib.inference_model(model)
+  size = int(inference.input.shape[1])
+  # int8 I/O needs a float input for the converter to quantize; pixels are
+  # whole numbers, so the cast back to uint8 inside the graph is exact.
+  float_input = options.is_int8 and options.io_dtype == "int8"
+  input_dtype = tf.float32 if float_input else tf.uint8
+
+  @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], input_dtype,
+                                              name=INPUT_NAME)])
+  def serve(image):
+    pixels = tf.cast(image, tf.uint8) if float_input else image
+    return {OUTPUT_NAME: inference(pixels, training=False)}
+
+  converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      [serve.get_concrete_function()], inference)
+  # The SavedModel lowering keeps Keras 3 variables as resource reads, which
+  # int8 calibration cannot run; the frozen graph has them as constants.
+  converter.experimental_lower_to_saved_model = False
+  if options.is_int8:
+    np_dtype = input_dtype.as_numpy_dtype
+
+    def representative_dataset():
+      for image in calibration:
+        yield [image.astype(np_dtype)]
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative_dataset
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    io_type = tf.int8 if options.io_dtype == "int8" else tf.uint8
+    converter.inference_input_type = io_type
+    converter.inference_output_type = io_type
+  elif options.quantization == "float16":
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+  elif options.quantization == "dynamic":
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+  logger = tf.get_logger()
+  level = logger.level
+  try:
+    # Freezing warns about tf.data lookup tables it does not need to serialize.
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+      # "Statistics for quantized inputs were expected": the uint8 input is
+      # not quantized at all, it is cast.
+      warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+      return converter.convert()
+  finally:
+    logger.setLevel(level)
+
+
+def load_keras_model(path: str) -> keras.Model:
+  """Loads a `.keras` model saved by flowers; a bad path is a `UserError`."""
+  if not path.endswith(".keras"):
+    raise UserError(f"--model={path}: export converts a .keras model (from "
+                    "--mode=train or --mode=tune).")
+  if not os.path.isfile(path):
+    raise UserError(f"--model={path} does not exist; train a model first "
+                    "(--mode=train or --mode=tune).")
+  try:
+    return keras.models.load_model(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"--model={path} could not be loaded ({type(e).__name__}); "
+                    "is it a model saved by flowers?") from e
+
+
+def calibration_images(splits: data_lib.Splits, count: int, seed: int,
+                       image_size: int) -> list[np.ndarray]:
+  """`count` un-augmented training images, a seeded random choice.
+
+  Only the chosen images are decoded (the shuffled train dataset would decode
+  the whole split to fill its shuffle buffer).
+  """
+  keys = splits.keys(split_lib.SPLITS[0])
+  if not keys or count < 1:
+    return []
+  order = np.random.default_rng(seed).permutation(len(keys))[:count]
+  chosen = sorted(keys[i] for i in order)
+  dataset = data_lib.make_dataset(splits.source, chosen, image_size=image_size,
+                                  batch_size=32, cache="none")
+  return [images for images, _ in dataset.as_numpy_iterator()]
+
+
+def _details(interpreter) -> tuple[dict, dict]:
+  inputs = interpreter.get_input_details()
+  outputs = interpreter.get_output_details()
+  if len(inputs) != 1 or len(outputs) != 1:
+    raise UserError(f"The exported model has {len(inputs)} inputs and "
+                    f"{len(outputs)} outputs; expected one of each.")
+  return inputs[0], outputs[0]
+
+
+def check_interface(path: str, image_size: int, num_classes: int,
+                    options: ExportOptions) -> dict:
+  """Loads `path` with LiteRT and checks its input and output; returns them.
+
+  Raises `UserError` if the dtypes or shapes are not the ones `options` asks
+  for: uint8 or int8 [1, S, S, 3] in, [1, C] out.
+  """
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+
+  interpreter = Interpreter(model_path=path)
+  interpreter.allocate_tensors()
+  inp, out = _details(interpreter)
+  in_dtype = np.dtype(inp["dtype"]).name
+  out_dtype = np.dtype(out["dtype"]).name
+  io = options.io_dtype if options.is_int8 else None
+  want_in = io or "uint8"
+  want_out = io or "float32"
+  problems = []
+  if in_dtype != want_in:
+    problems.append(f"input dtype {in_dtype}, expected {want_in}")
+  if list(inp["shape"]) != [1, image_size, image_size, 3]:
+    problems.append(f"input shape {list(inp['shape'])}, expected "
+                    f"[1, {image_size}, {image_size}, 3]")
+  if out_dtype != want_out:
+    problems.append(f"output dtype {out_dtype}, expected {want_out}")
+  if list(out["shape"]) != [1, num_classes]:
+    problems.append(f"output shape {list(out['shape'])}, expected [1, {num_classes}]")
+  if problems:
+    raise UserError(f"The exported model is not as expected: {'; '.join(problems)}.")
+  return {
+      "input_dtype": in_dtype,
+      "input_shape": [int(d) for d in inp["shape"]],
+      "input_quantization": [float(inp["quantization"][0]), int(inp["quantization"][1])],
+      "output_dtype": out_dtype,
+      "output_shape": [int(d) for d in out["shape"]],
+      "output_quantization": [float(out["quantization"][0]),
+                              int(out["quantization"][1])],
+  }
+
+
+def compare(float_probs: np.ndarray, tflite_probs: np.ndarray,
+            labels: np.ndarray) -> dict:
+  """Accuracies of both models, their top-1 agreement and probability gap."""
+  float_acc = float((float_probs.argmax(1) == labels).mean())
+  tflite_acc = float((tflite_probs.argmax(1) == labels).mean())
+  gap = np.abs(float_probs - tflite_probs)
+  return {
+      "float_test_accuracy": float_acc,
+      "tflite_test_accuracy": tflite_acc,
+      "accuracy_drop_points": round(100.0 * (float_acc - tflite_acc), 4),
+      "top1_agreement": float((float_probs.argmax(1) == tflite_probs.argmax(1)).mean()),
+      "max_abs_probability_diff": float(gap.max()),
+      "mean_abs_probability_diff": float(gap.mean()),
+      "num_test_examples": int(len(labels)),
+  }
+
+
+def _class_names(model_path: str, splits: data_lib.Splits, num_outputs: int) -> list[str]:
+  """Class names beside the model (its labels.txt), else the source's."""
+  labels_path = os.path.join(os.path.dirname(os.path.abspath(model_path)),
+                             train_lib.LABELS_NAME)
+  names = (train_lib.read_labels(labels_path) if os.path.exists(labels_path)
+           else list(splits.class_names))
+  if len(names) != num_outputs or len(names) != len(splits.class_names):
+    raise UserError(f"{model_path} has {num_outputs} outputs and {len(names)} labels, "
+                    f"but the data has {len(splits.class_names)} classes; export "
+                    "with the data the model was trained on.")
+  return names
+
+
+def export_from_workdir(model_path: str, workdir: str, source: data_lib.Source,
+                        split: str, seed: int, options: ExportOptions) -> dict:
+  """Converts `model_path`, verifies it on the test split, and writes it.
+
+  The `.tflite` (name per quantization) and `labels.txt` go beside the model;
+  `export_report.json` goes to `workdir`. The `.tflite` reaches its final path
+  only if it loads, has the expected interface and loses at most
+  `options.max_accuracy_drop` points of test accuracy; otherwise the report is
+  written with `"passed": false` and a `UserError` is raised.
+
+  Returns:
+    The report.
+  """
+  options.validate()
+  start = time.time()
+  model = load_keras_model(model_path)
+  image_size = int(model.input.shape[1])
+  num_outputs = int(model.output.shape[-1])
+  splits = data_lib.load_splits(source, workdir=workdir, split=split, seed=seed,
+                                image_size=image_size, batch_size=32)
+  class_names = _class_names(model_path, splits, num_outputs)
+  if not splits.keys("test"):
+    raise UserError("The test split is empty, so the export cannot be verified; "
+                    "check --split.")
+  calibration = (calibration_images(splits, options.calibration_examples, seed, image_size)
+                 if options.is_int8 else None)
+  tflite_model = convert(model, options, calibration)
+
+  model_dir = os.path.dirname(os.path.abspath(model_path))
+  final_path = os.path.join(model_dir, options.file_name)
+  report_path = os.path.join(workdir, REPORT_NAME)
+  with artifacts.atomic_path(final_path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(tflite_model)
+    interface = check_interface(tmp, image_size, num_outputs, options)
+    float_probs, labels = evaluate_lib.predict_dataset(
+        evaluate_lib.keras_predictor(model), splits.test)
+    tflite_probs, tflite_labels = evaluate_lib.predict_dataset(
+        evaluate_lib.tflite_predictor(tmp), splits.test)
+    if not np.array_equal(labels, tflite_labels):
+      raise UserError("The test split changed between the two passes; is the "
+                      "data folder being written to?")
+    report = compare(float_probs, tflite_probs, labels)
+    if options.is_int8:
+      report["int8_test_accuracy"] = report["tflite_test_accuracy"]
+    passed = report["accuracy_drop_points"] <= options.max_accuracy_drop + 1e-9
+    report.update(interface)
+    report.update({
+        "passed": passed,
+        "path": final_path,
+        "model": os.path.abspath(model_path),
+        "quantization": options.quantization,
+        "io_dtype": options.io_dtype if options.is_int8 else "float32",
+        "size_bytes": len(tflite_model),
+        "keras_size_bytes": os.path.getsize(model_path),
+        "max_accuracy_drop": options.max_accuracy_drop,
+        "calibration_examples": int(sum(len(b) for b in calibration or [])),
+        "class_names": class_names,
+        "source": source.name,
+        "split": split,
+        "seed": seed,
+        "export_seconds": round(time.time() - start, 1),
+    })
+    artifacts.write_json(report_path, report)
+    if not passed:
+      raise UserError(
+          f"{options.file_name} loses {report['accuracy_drop_points']:.2f} points of "
+          f"test accuracy ({report['float_test_accuracy']:.4f} -> "
+          f"{report['tflite_test_accuracy']:.4f}), more than --max_accuracy_drop="
+          f"{options.max_accuracy_drop:g}; not written (see {report_path}).")
+  train_lib.write_labels(os.path.join(model_dir, train_lib.LABELS_NAME), class_names)
+  print(f"{options.file_name}: {len(tflite_model) / 1e6:.2f} MB, test_accuracy="
+        f"{report['tflite_test_accuracy']:.4f} (float {report['float_test_accuracy']:.4f}, "
+        f"drop {report['accuracy_drop_points']:.2f} points, top-1 agreement "
+        f"{report['top1_agreement']:.4f}, {report['num_test_examples']} images) "
+        f"-> {final_path}")
+  return report

@@ -1,0 +1,816 @@
+"""Plots and `summary.md` for a workdir, drawn from its saved artifacts only.
+
+`write_report` reads what a run left behind (report.json, history.json,
+splits.csv, labels.txt and, when present, export_report.json and trials.csv)
+and writes PNGs under `WORKDIR/plots/` plus `WORKDIR/summary.md`, so
+`--mode=report` can redraw everything without TensorFlow, data or a model.
+`write_augmented_samples` is the one plot that needs the images; training calls
+it once, and later reports keep the picture it made.
+
+Figures are drawn on matplotlib's Agg canvas directly (`Figure` +
+`FigureCanvasAgg`, never pyplot), so nothing needs a display and the process's
+global backend is left alone. Sizes, dpi, style and PNG metadata are fixed, so
+redrawing the same artifacts gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import re
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
+
+import matplotlib
+from matplotlib import colors as mcolors
+from matplotlib import patches
+from matplotlib import style as mstyle
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+
+from flowers import artifacts
+from flowers import split as split_lib
+from flowers.errors import UserError
+
+if TYPE_CHECKING:  # Type hints only: importing these loads TensorFlow.
+  from flowers.data import Source
+  from flowers.train import TrainConfig
+
+PLOTS_DIR = "plots"
+SUMMARY_NAME = "summary.md"
+HISTORY_PNG = "history.png"
+DISTRIBUTION_PNG = "class_distribution.png"
+AUGMENTED_PNG = "augmented_samples.png"
+CONFUSION_PNG = "confusion_matrix.png"
+PER_CLASS_PNG = "per_class_accuracy.png"
+TUNING_PNG = "tuning.png"
+
+DPI = 100
+TOP_CONFUSED = 15
+WORST_CLASSES = 20
+DEFAULT_SPLIT = "64,16,20"
+NO_COMMAND = "(not recorded)"
+# Columns of trials.csv (written by flowers.tune) that are not hyperparameters.
+TRIAL_RESULT_COLUMNS = ("trial_id", "val_accuracy", "seconds", "status", "tuner_id")
+# export_report.json entries shown in summary.md, in order, with their labels.
+EXPORT_ROWS = (
+    ("quantization", "Quantization"),
+    ("io_dtype", "Input/output type"),
+    ("float_test_accuracy", "Keras model test accuracy"),
+    ("tflite_test_accuracy", "TFLite model test accuracy"),
+    ("accuracy_drop_points", "Accuracy drop (points)"),
+    ("max_accuracy_drop", "Allowed drop (points)"),
+    ("passed", "Passed"),
+    ("top1_agreement", "Top-1 agreement"),
+    ("max_abs_probability_diff", "Largest probability difference"),
+    ("size_bytes", "TFLite size"),
+    ("keras_size_bytes", "Keras size"),
+    ("calibration_examples", "Calibration images"),
+    ("path", "File"),
+)
+
+# Pinned on top of matplotlib's defaults, so a user's matplotlibrc cannot change
+# the pictures.
+_STYLE = {
+    "font.family": "DejaVu Sans",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "figure.dpi": DPI,
+    "savefig.dpi": DPI,
+    "svg.hashsalt": "flowers",
+}
+_SPLIT_COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
+
+
+# Drawing and saving.
+
+
+def _figure(width: float, height: float) -> Figure:
+  """A figure on its own Agg canvas (no pyplot, no display, no global state)."""
+  fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def save_figure(fig: Figure, path: str) -> str:
+  """Saves `fig` as a PNG atomically, without metadata that changes per run."""
+  with artifacts.atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+  return path
+
+
+@contextlib.contextmanager
+def _style() -> Iterator[None]:
+  """matplotlib's defaults plus `_STYLE`, whatever the user's matplotlibrc says."""
+  with mstyle.context("default"), matplotlib.rc_context(_STYLE):
+    yield
+
+
+# Reading artifacts.
+
+
+def read_labels(path: str) -> list[str] | None:
+  """Class names from labels.txt (one a line), or None if there is none."""
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def _number(text: str) -> Any:
+  try:
+    return float(text)
+  except (TypeError, ValueError):
+    return text
+
+
+def read_trials(path: str) -> list[dict[str, Any]]:
+  """trials.csv rows; numeric cells as floats (trial_id, blank and text cells kept)."""
+  with open(path, newline="", encoding="utf-8") as f:
+    return [{k: v if k == "trial_id" else _number(v) for k, v in row.items()}
+            for row in csv.DictReader(f)]
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+      math.isfinite(value)
+
+
+def sort_trials(trials: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+  """Best val accuracy first; trials without one last, in their original order."""
+  def key(item):
+    i, t = item
+    acc = t.get("val_accuracy")
+    return (0, -acc, i) if _is_number(acc) else (1, 0.0, i)
+  return [t for _, t in sorted(enumerate(trials), key=key)]
+
+
+def class_counts(assignment: Mapping[str, str], labels: Mapping[str, int],
+                 num_classes: int) -> dict[str, np.ndarray]:
+  """Images per class in each split: {split: int array of length num_classes}."""
+  counts = {s: np.zeros(num_classes, np.int64) for s in split_lib.SPLITS}
+  for key, split in assignment.items():
+    counts[split][labels[key]] += 1
+  return counts
+
+
+def concat_history(history: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+  """Both stages' metrics on one epoch axis, and the number of stage 1 epochs.
+
+  A metric missing from one stage is NaN there. A flat {metric: [...]} history
+  (no stages) counts as stage 1.
+  """
+  if "stage1" in history or "stage2" in history:
+    stages = [history.get("stage1") or {}, history.get("stage2") or {}]
+  else:
+    stages = [history, {}]
+  lengths = [max((len(v) for v in s.values()), default=0) for s in stages]
+  names = sorted(set(stages[0]) | set(stages[1]))
+  out = {}
+  for name in names:
+    parts = []
+    for stage, n in zip(stages, lengths):
+      values = [math.nan if v is None else float(v) for v in stage.get(name, [])]
+      parts.append(values + [math.nan] * (n - len(values)))
+    out[name] = np.asarray(parts[0] + parts[1], np.float64)
+  return out, lengths[0]
+
+
+# Analysis.
+
+
+class Confusion(NamedTuple):
+  """One off-diagonal cell of the confusion matrix."""
+
+  true_index: int
+  predicted_index: int
+  true_name: str
+  predicted_name: str
+  count: int
+
+
+def most_confused(cm: Any, class_names: Sequence[str],
+                  k: int = TOP_CONFUSED) -> list[Confusion]:
+  """The k largest off-diagonal (true, predicted) cells, largest first.
+
+  Ties go to the smaller true index, then the smaller predicted index; cells of
+  zero are never listed, so fewer than k may come back.
+  """
+  m = np.asarray(cm, np.int64)
+  off = m.copy()
+  np.fill_diagonal(off, 0)
+  rows, cols = np.nonzero(off)
+  order = sorted(zip(-off[rows, cols], rows, cols))[:k]
+  return [Confusion(int(i), int(j), class_names[i], class_names[j], int(-neg))
+          for neg, i, j in order]
+
+
+def worst_classes(per_class_accuracy: Mapping[str, float],
+                  k: int = WORST_CLASSES) -> list[tuple[str, float]]:
+  """The k classes of lowest accuracy, worst first (ties by name)."""
+  return sorted(per_class_accuracy.items(), key=lambda kv: (kv[1], kv[0]))[:k]
+
+
+# Plots.
+
+
+def plot_history(history: Mapping[str, Any], path: str) -> str | None:
+  """Loss and accuracy, train vs val, stage 2 after stage 1 on one epoch axis.
+
+  Returns None (and writes nothing) when the history holds no epoch.
+  """
+  metrics, n1 = concat_history(history)
+  n = max((len(v) for v in metrics.values()), default=0)
+  if n == 0:
+    return None
+  epochs = np.arange(1, n + 1)
+  with _style():
+    fig = _figure(12, 4.5)
+    axes = fig.subplots(1, 2)
+    for ax, name, title in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
+      for prefix, label, line in (("", "train", "-"), ("val_", "val", "--")):
+        values = metrics.get(prefix + name)
+        if values is not None and np.isfinite(values).any():
+          ax.plot(epochs, values, line, marker="o", markersize=3, label=label,
+                  color=_SPLIT_COLORS[label])
+      low, high = ax.get_ylim()
+      ax.set_ylim(low, high + 0.12 * (high - low))  # Room for the stage labels.
+      if 0 < n1 < n:
+        ax.axvspan(n1 + 0.5, n + 0.5, color="0.93", zorder=0)
+        ax.axvline(n1 + 0.5, color="0.3", linestyle=":", linewidth=1.2)
+        where = ax.get_xaxis_transform()
+        ax.text(n1 + 0.4, 0.985, "stage 1 ", transform=where, ha="right", va="top",
+                fontsize=8, color="0.2")
+        ax.text(n1 + 0.6, 0.985, " stage 2 (fine-tune)", transform=where, ha="left",
+                va="top", fontsize=8, color="0.2")
+      ax.set_title(title)
+      ax.set_xlabel(f"epoch (stage 2 from epoch {n1 + 1})" if 0 < n1 < n else "epoch")
+      ax.set_xlim(0.5, n + 0.5)
+      ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+      ax.grid(True, alpha=0.3)
+      if ax.lines:
+        ax.legend(loc="best")
+    val = metrics.get("val_accuracy")
+    if val is not None and np.isfinite(val).any():
+      best = int(np.nanargmax(val))
+      axes[1].plot(epochs[best], val[best], marker="*", markersize=12, color="black",
+                   linestyle="none", label=f"best val {val[best]:.3f} (epoch {best + 1})")
+      axes[1].legend(loc="best")
+    fig.suptitle("Training history")
+    return save_figure(fig, path)
+
+
+def plot_class_distribution(counts: Mapping[str, Sequence[int]], path: str) -> str:
+  """Each split's share of images per class, side by side, to show stratification."""
+  num_classes = len(next(iter(counts.values())))
+  x = np.arange(num_classes)
+  width = 0.8 / max(len(counts), 1)
+  with _style():
+    fig = _figure(max(8.0, min(20.0, 0.18 * num_classes * len(counts) / 1.5)), 4.8)
+    ax = fig.subplots()
+    for i, (split, c) in enumerate(counts.items()):
+      c = np.asarray(c, np.float64)
+      total = c.sum()
+      share = c / total if total else c
+      ax.bar(x + (i - (len(counts) - 1) / 2) * width, share, width,
+             label=f"{split} ({int(total):,} images)",
+             color=_SPLIT_COLORS.get(split), linewidth=0)
+    ax.axhline(1.0 / num_classes, color="0.3", linestyle=":", linewidth=1,
+               label=f"uniform (1/{num_classes})")
+    ax.set_xlim(-0.7, num_classes - 0.3)
+    step = 1 if num_classes <= 20 else 5
+    ax.set_xticks(np.arange(0, num_classes, step))
+    if num_classes > 20:
+      ax.set_xticks(x, minor=True)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=1))
+    ax.set_xlabel("class index")
+    ax.set_ylabel("share of the split's images")
+    ax.set_title("Class distribution per split (stratified: the splits should match)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="upper right", ncols=4)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # Room for the legend.
+    return save_figure(fig, path)
+
+
+def _short(name: str, width: int = 24) -> str:
+  return name if len(name) <= width else name[:width - 1] + "…"
+
+
+def plot_confusion(cm: Any, class_names: Sequence[str], path: str,
+                   k: int = TOP_CONFUSED) -> str:
+  """The confusion matrix (log colour scale, zeros blank) and its k worst cells."""
+  m = np.asarray(cm, np.int64)
+  c = m.shape[0]
+  pairs = most_confused(m, class_names, k)
+  with _style():
+    fig = _figure(15, 8.5)
+    grid = fig.add_gridspec(1, 2, width_ratios=(3.0, 1.9))
+    ax = fig.add_subplot(grid[0])
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    image = ax.imshow(np.ma.masked_equal(m, 0), cmap=cmap, interpolation="nearest",
+                      norm=mcolors.LogNorm(vmin=1, vmax=max(int(m.max()), 2)))
+    bar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02,
+                       label="test images (log scale; 0 is blank)")
+    bar.set_ticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+                   if t <= max(m.max(), 2)])
+    bar.ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+    bar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    step = 1 if c <= 20 else 10
+    ax.set_xticks(np.arange(0, c, step))
+    ax.set_yticks(np.arange(0, c, step))
+    ax.set_xlabel("predicted class index")
+    ax.set_ylabel("true class index")
+    ax.set_title(f"Confusion matrix ({c} classes, {int(m.sum()):,} test images)")
+    if c <= 20:
+      for (i, j), v in np.ndenumerate(m):
+        if v:
+          ax.text(j, i, str(v), ha="center", va="center", fontsize=7 if c > 10 else 10,
+                  color="black" if v > m.max() ** 0.5 else "white")
+    box = 1 if c <= 20 else 3  # Cells; a 102-class cell is too small to frame alone.
+    for p in pairs:
+      ax.add_patch(patches.Rectangle(
+          (p.predicted_index - box / 2, p.true_index - box / 2), box, box, fill=False,
+          edgecolor="red", linewidth=1.2))
+    side = fig.add_subplot(grid[1])
+    side.axis("off")
+    side.set_title(f"The {len(pairs)} most confused pairs (framed in red)", loc="left")
+    lines = [f"{'true class':<26}  {'predicted as':<26} n"]
+    lines += [f"{p.true_index:>3} {_short(p.true_name, 22):<22}  "
+              f"{p.predicted_index:>3} {_short(p.predicted_name, 22):<22} {p.count:>2}"
+              for p in pairs]
+    side.text(0.0, 1.0, "\n".join(lines) if pairs else "No errors.",
+              transform=side.transAxes, ha="left", va="top", family="DejaVu Sans Mono",
+              fontsize=9, linespacing=1.5).set_in_layout(False)
+    return save_figure(fig, path)
+
+
+def plot_per_class_accuracy(per_class_accuracy: Mapping[str, float], path: str,
+                            k: int = WORST_CLASSES, support: Mapping[str, int] | None = None,
+                            overall: float | None = None,
+                            class_names: Sequence[str] | None = None) -> str:
+  """Horizontal bars of the k least accurate classes, worst at the top."""
+  worst = worst_classes(per_class_accuracy, k)
+  names = [n for n, _ in worst]
+  values = [v for _, v in worst]
+  with _style():
+    fig = _figure(9, 1.4 + 0.3 * max(len(worst), 8))
+    ax = fig.subplots()
+    y = np.arange(len(worst))
+    ax.barh(y, values, color="#d62728", alpha=0.8)
+    index = {n: i for i, n in enumerate(class_names or [])}
+    ax.set_yticks(y, [f"{index[n]}: {_short(n, 26)}" if n in index else _short(n, 30)
+                      for n in names])
+    ax.invert_yaxis()
+    for yi, (name, v) in zip(y, worst):
+      text = f"{v:.2f}"
+      if support and support.get(name):
+        text += f" ({round(v * support[name])}/{support[name]})"
+      ax.text(v + 0.01, yi, text, va="center", fontsize=8, zorder=3,
+              bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+    title = f"The {len(worst)} least accurate classes"
+    if overall is not None:
+      ax.axvline(overall, color="0.3", linestyle="--", linewidth=1)
+      title += f" (dashed: overall accuracy {overall:.3f})"
+    ax.set_xlim(0, 1.15)
+    ax.set_xlabel("test accuracy (recall) of the class")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def hyperparameter_columns(trials: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Numeric trials.csv columns that are hyperparameters, in file order."""
+  if not trials:
+    return []
+  columns = [c for c in trials[0] if c not in TRIAL_RESULT_COLUMNS]
+  return [c for c in columns if any(_is_number(t.get(c)) for t in trials)]
+
+
+def plot_tuning(trials: Sequence[Mapping[str, Any]], path: str) -> str | None:
+  """Val accuracy against each hyperparameter, one panel each (learning rates on log x)."""
+  columns = hyperparameter_columns(trials)
+  done = [t for t in trials if _is_number(t.get("val_accuracy"))]
+  if not columns or not done:
+    return None
+  best = sort_trials(done)[0]
+  with _style():
+    fig = _figure(4.2 * len(columns), 4)
+    axes = np.atleast_1d(fig.subplots(1, len(columns), sharey=True))
+    for ax, column in zip(axes, columns):
+      points = [(t[column], t["val_accuracy"]) for t in done if _is_number(t.get(column))]
+      xs = np.array([p[0] for p in points])
+      ys = np.array([p[1] for p in points])
+      ax.scatter(xs, ys, s=30, color="#1f77b4", alpha=0.8)
+      if _is_number(best.get(column)):
+        ax.scatter([best[column]], [best["val_accuracy"]], s=160, marker="*",
+                   color="#d62728", zorder=3)
+      if "learning_rate" in column and len(xs) and (xs > 0).all():
+        ax.set_xscale("log")
+      ax.set_xlabel(column)
+      ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("val accuracy")
+    low, high = axes[0].get_ylim()
+    axes[0].set_ylim(low, high + 0.05 * (high - low))
+    fig.suptitle(f"Tuning: val accuracy of {len(done)} trials "
+                 f"(red star: the best, {best['val_accuracy']:.4f})")
+    return save_figure(fig, path)
+
+
+def write_augmented_samples(workdir: str, source: Source, config: TrainConfig,
+                            count: int = 24, columns: int = 6) -> str | None:
+  """Draws `count` augmented training images into plots/augmented_samples.png.
+
+  Best effort: the run's model is already saved when this is called, so a
+  failure is logged and None returned rather than failing the run. Also None
+  when the config has augmentation switched off (there is nothing to show).
+
+  Args:
+    workdir: the run's folder (its splits.csv and labels.txt are used).
+    source: the `flowers.data.Source` the run trained on.
+    config: the run's `flowers.train.TrainConfig` (augmentation, seed, image size).
+    count: how many images.
+    columns: images per row.
+  """
+  if not getattr(config, "augment", True):
+    return None
+  try:
+    return draw_augmented_samples(workdir, source, config, count, columns)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Could not draw augmented samples: %s: %s", type(e).__name__, e)
+    return None
+
+
+def sample_keys(keys: Sequence[str], label_of: Mapping[str, int], count: int,
+                seed: int) -> list[str]:
+  """`count` keys spread over as many classes as possible, chosen by `seed`."""
+  by_class: dict[int, list[str]] = {}
+  for key in sorted(keys):
+    by_class.setdefault(label_of[key], []).append(key)
+  rng = np.random.default_rng(seed)
+  classes = sorted(by_class)
+  classes = [classes[i] for i in rng.permutation(len(classes))]
+  for label in classes:
+    members = by_class[label]
+    by_class[label] = [members[i] for i in rng.permutation(len(members))]
+  chosen: list[str] = []
+  for round_ in range(max((len(v) for v in by_class.values()), default=0)):
+    for label in classes:
+      if len(chosen) < count and round_ < len(by_class[label]):
+        chosen.append(by_class[label][round_])
+  return chosen
+
+
+def draw_augmented_samples(workdir: str, source: Source, config: TrainConfig,
+                           count: int = 24, columns: int = 6) -> str | None:
+  """`write_augmented_samples` without its safety net (errors propagate)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  manifest = os.path.join(workdir, split_lib.MANIFEST_NAME)
+  if os.path.exists(manifest):
+    assignment, _ = split_lib.read_manifest(manifest)
+  else:
+    report_path = os.path.join(workdir, "report.json")
+    split = DEFAULT_SPLIT
+    if os.path.exists(report_path):
+      split = artifacts.read_json(report_path).get("split", DEFAULT_SPLIT)
+    assignment = data_lib.prepare_split(source, None,
+                                        split_lib.parse_split(split, config.seed))
+  label_of = source.label_of()
+  keys = sample_keys([k for k in split_lib.keys_of(assignment, "train") if k in label_of],
+                     label_of, count, config.seed)
+  if not keys:
+    return None
+  dataset = data_lib.make_dataset(source, keys, image_size=config.image_size,
+                                  batch_size=None, shuffle=False, cache="none")
+  pairs = list(dataset.as_numpy_iterator())
+  images = tf.constant(np.stack([p[0] for p in pairs]), tf.float32)
+  labels = [int(p[1]) for p in pairs]
+  for layer in config.augmentation.layers(config.seed):
+    images = layer(images, training=True)
+  images = np.clip(np.round(np.asarray(images)), 0, 255).astype(np.uint8)
+  class_names = read_labels(os.path.join(workdir, "labels.txt")) or source.class_names
+  return plot_image_grid(images, [f"{l}: {class_names[l]}" for l in labels],
+                         os.path.join(workdir, PLOTS_DIR, AUGMENTED_PNG),
+                         title=_augmentation_title(config), columns=columns)
+
+
+def _augmentation_title(config: TrainConfig) -> str:
+  a = config.augmentation
+  parts = (["flip"] if a.flip else []) + [
+      f"{name} {value:g}" for name, value in (
+          ("rotation", a.rotation_degrees), ("zoom", a.zoom),
+          ("shift", a.translation), ("contrast", a.contrast)) if value]
+  return (f"Augmented training samples ({', '.join(parts) or 'none'}; "
+          f"seed {config.seed}, {config.image_size} px)")
+
+
+def plot_image_grid(images: np.ndarray, titles: Sequence[str], path: str, title: str,
+                    columns: int = 6) -> str:
+  """uint8 images in a grid, each with its title."""
+  n = len(images)
+  rows = max(1, math.ceil(n / columns))
+  with _style():
+    fig = _figure(2.2 * columns, 2.4 * rows + 0.4)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).reshape(-1)
+    for ax in axes:
+      ax.axis("off")
+    for ax, image, text in zip(axes, images, titles):
+      ax.imshow(image, interpolation="nearest" if image.shape[0] < 96 else "antialiased")
+      ax.set_title(_short(text, 26), fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+# summary.md.
+
+
+def _cell(value: Any) -> str:
+  return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]],
+           align: Sequence[str] | None = None) -> str:
+  align = align or ["l"] * len(header)
+  rule = ["---:" if a == "r" else "---" for a in align]
+  lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
+           "| " + " | ".join(rule) + " |"]
+  lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+  """A table cell: 4 decimals for metrics, 3 significant digits for tiny values."""
+  if isinstance(value, float) and math.isfinite(value):
+    if value != 0 and abs(value) < 1e-3:
+      return f"{value:.3g}"
+    if abs(value) >= 1000:
+      return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
+    return f"{value:.4f}"
+  if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10000:
+    return f"{value:,}"
+  if isinstance(value, (dict, list)):
+    return json.dumps(value, sort_keys=True)
+  return str(value)
+
+
+def _trial_cell(column: str, value: Any) -> str:
+  """A trials.csv cell: ids as written, accuracy to 4 places, seconds whole."""
+  if not _is_number(value) or column == "trial_id":
+    return "" if value is None else _fmt(value)
+  if column.endswith("accuracy"):
+    return f"{value:.4f}"
+  if column == "seconds":
+    return f"{value:.0f}"
+  if "learning_rate" in column:
+    return f"{value:.2e}"
+  return f"{value:.3g}"
+
+
+_COMMAND_RE = re.compile(r"^## Command\n\n```sh\n(.*?)\n```", re.MULTILINE | re.DOTALL)
+
+
+def previous_command(workdir: str) -> str | None:
+  """The command recorded in an earlier summary.md, else rebuilt from flags.cfg."""
+  summary = os.path.join(workdir, SUMMARY_NAME)
+  if os.path.exists(summary):
+    with open(summary, encoding="utf-8") as f:
+      match = _COMMAND_RE.search(f.read())
+    if match and match.group(1) != NO_COMMAND:
+      return match.group(1)
+  flags_path = os.path.join(workdir, "flags.cfg")
+  if os.path.exists(flags_path):
+    with open(flags_path, encoding="utf-8") as f:
+      flags = [line.strip() for line in f if line.strip()]
+    return "flowers_main " + " ".join(flags)
+  return None
+
+
+def _image(title: str, name: str) -> str:
+  return f"![{title}]({PLOTS_DIR}/{name})"
+
+
+def summary_markdown(workdir: str, report: Mapping[str, Any], *,
+                     command: str | None = None,
+                     split_summary: Mapping[str, split_lib.SplitSummary] | None = None,
+                     plots: Mapping[str, str] | None = None,
+                     history_found: bool = True,
+                     export_report: Mapping[str, Any] | None = None,
+                     trials: Sequence[Mapping[str, Any]] | None = None,
+                     best_hparams: Any = None) -> str:
+  """The text of summary.md; `plots` maps picture names to their file names."""
+  plots = plots or {}
+  class_names = list(report.get("class_names") or [])
+  out = [f"# flowers run: {os.path.basename(os.path.abspath(workdir))}", ""]
+  out += ["## Command", "", "```sh", command or NO_COMMAND, "```", ""]
+
+  out += ["## Data", ""]
+  facts = [f"{k}: {_fmt(report[k])}" for k in ("source", "split", "seed")
+           if report.get(k) is not None]
+  if facts:
+    out += ["; ".join(facts) + ".", ""]
+  if split_summary:
+    total = sum(s.images for s in split_summary.values()) or 1
+    out += [_table(
+        ("split", "images", "share", "classes", "smallest class", "largest class"),
+        [(name, s.images, f"{s.images / total:.1%}", s.classes, s.smallest_class,
+          s.largest_class) for name, s in split_summary.items()],
+        ("l", "r", "r", "r", "r", "r")), ""]
+  else:
+    out += ["splits.csv not found: no split sizes.", ""]
+  if "class_distribution" in plots:
+    out += [_image("class distribution", plots["class_distribution"]), ""]
+  if "augmented_samples" in plots:
+    out += ["Augmented training samples:", "",
+            _image("augmented samples", plots["augmented_samples"]), ""]
+
+  out += ["## Results", ""]
+  rows = []
+  for key, label in (("test_accuracy", "Test accuracy"),
+                     ("test_top5_accuracy", "Test top-5 accuracy"),
+                     ("test_macro_f1", "Test macro F1"),
+                     ("num_test_examples", "Test images"),
+                     ("val_accuracy", "Val accuracy"),
+                     ("val_top5_accuracy", "Val top-5 accuracy"),
+                     ("val_macro_f1", "Val macro F1"),
+                     ("num_val_examples", "Val images"),
+                     ("num_train_examples", "Train images"),
+                     ("train_seconds", "Train seconds")):
+    if report.get(key) is not None:
+      rows.append((label, _fmt(report[key])))
+  out += [_table(("metric", "value"), rows, ("l", "r")), ""]
+
+  if export_report:
+    out += ["## Export", ""]
+    rows = []
+    for key, label in EXPORT_ROWS:
+      value = export_report.get(key)
+      if value is None:
+        continue
+      if key.endswith("size_bytes") and _is_number(value):
+        rows.append((label, f"{value / 2**20:.2f} MiB ({int(value):,} bytes)"))
+      else:
+        rows.append((label, _fmt(value)))
+    out += [_table(("", "value"), rows, ("l", "r")), ""]
+
+  if trials:
+    out += ["## Tuning", ""]
+    columns = [c for c in trials[0] if any(t.get(c) not in (None, "") for t in trials)]
+    numeric = {c for c in columns
+               if c != "trial_id" and any(_is_number(t.get(c)) for t in trials)}
+    out += [_table(columns, [[_trial_cell(c, t.get(c)) for c in columns]
+                             for t in sort_trials(trials)],
+                   ["r" if c in numeric else "l" for c in columns]), ""]
+    if best_hparams:
+      if isinstance(best_hparams, Mapping):
+        out += ["Best hyperparameters: " + ", ".join(
+            f"{k}={_trial_cell(k, v)}" for k, v in sorted(best_hparams.items())) + ".", ""]
+      else:
+        out += [f"Best hyperparameters: {_fmt(best_hparams)}.", ""]
+    if "tuning" in plots:
+      out += [_image("tuning", plots["tuning"]), ""]
+
+  out += ["## Training history", ""]
+  if "history" in plots:
+    out += [_image("history", plots["history"]), ""]
+  elif history_found:
+    out += ["history.json holds no epochs: no training curves.", ""]
+  else:
+    out += ["history.json not found (--mode=train and --mode=tune write it): "
+            "no training curves.", ""]
+
+  cm = report.get("confusion_matrix")
+  if cm and class_names:
+    m = np.asarray(cm, np.int64)
+    support = m.sum(axis=1)
+    out += ["## Confusion", ""]
+    if "confusion" in plots:
+      out += [_image("confusion matrix", plots["confusion"]), ""]
+    pairs = most_confused(m, class_names, TOP_CONFUSED)
+    out += [f"The {len(pairs)} most confused pairs (test images of the true class "
+            "predicted as the other):", ""]
+    out += [_table(("#", "true class", "predicted as", "images", "share of true class"),
+                   [(r, f"{p.true_index}: {p.true_name}",
+                     f"{p.predicted_index}: {p.predicted_name}", p.count,
+                     f"{p.count / max(int(support[p.true_index]), 1):.0%}")
+                    for r, p in enumerate(pairs, 1)],
+                   ("r", "l", "l", "r", "r")) if pairs else "No errors.", ""]
+
+  per_class = report.get("per_class_accuracy") or {}
+  if per_class:
+    index = {n: i for i, n in enumerate(class_names)}
+    m = np.asarray(cm, np.int64) if cm else None
+    out += ["## Worst classes", ""]
+    if "per_class_accuracy" in plots:
+      out += [_image("per-class accuracy", plots["per_class_accuracy"]), ""]
+    rows = []
+    for rank, (name, acc) in enumerate(worst_classes(per_class, WORST_CLASSES), 1):
+      i = index.get(name)
+      images, mistaken = "", ""
+      if m is not None and i is not None:
+        images = int(m[i].sum())
+        row = m[i].copy()
+        row[i] = 0
+        if row.any():
+          j = int(row.argmax())
+          mistaken = f"{j}: {class_names[j]} ({int(row[j])})"
+      rows.append((rank, f"{i}: {name}" if i is not None else name, f"{acc:.3f}",
+                   images, mistaken))
+    out += [_table(("#", "class", "accuracy", "test images", "most often predicted as"),
+                   rows, ("r", "l", "r", "r", "l")), ""]
+
+  config = report.get("config")
+  if isinstance(config, Mapping) and config:
+    out += ["## Configuration", "",
+            _table(("setting", "value"), [(k, _fmt(v)) for k, v in sorted(config.items())]),
+            ""]
+  return "\n".join(out).rstrip("\n") + "\n"
+
+
+# The whole report.
+
+
+def write_report(workdir: str, command: str | None = None) -> str:
+  """Draws every plot the workdir's artifacts allow and writes summary.md.
+
+  Needs report.json (from --mode=train, tune or evaluate); the rest is used
+  when present. An existing augmented_samples.png (drawn by training, from
+  the images) is kept and linked. Returns the path of summary.md.
+  """
+  report_path = os.path.join(workdir, "report.json")
+  if not os.path.exists(report_path):
+    raise UserError(f"{report_path} not found (run --mode=train or --mode=tune first).")
+  report = artifacts.read_json(report_path)
+  plots_dir = os.path.join(workdir, PLOTS_DIR)
+  os.makedirs(plots_dir, exist_ok=True)
+  plots: dict[str, str] = {}
+
+  def made(name: str, file_name: str, path: str | None) -> None:
+    if path:
+      plots[name] = file_name
+
+  class_names = list(report.get("class_names") or
+                     read_labels(os.path.join(workdir, "labels.txt")) or [])
+  report = {**report, "class_names": class_names}
+
+  history_path = os.path.join(workdir, "history.json")
+  history_found = os.path.exists(history_path)
+  if history_found:
+    made("history", HISTORY_PNG,
+         plot_history(artifacts.read_json(history_path), os.path.join(plots_dir, HISTORY_PNG)))
+
+  split_summary = None
+  manifest = os.path.join(workdir, split_lib.MANIFEST_NAME)
+  if os.path.exists(manifest):
+    assignment, labels = split_lib.read_manifest(manifest)
+    num_classes = max(len(class_names), max(labels.values(), default=-1) + 1)
+    split_summary = split_lib.summarize(assignment, labels, num_classes)
+    if num_classes:
+      made("class_distribution", DISTRIBUTION_PNG, plot_class_distribution(
+          class_counts(assignment, labels, num_classes),
+          os.path.join(plots_dir, DISTRIBUTION_PNG)))
+
+  if os.path.exists(os.path.join(plots_dir, AUGMENTED_PNG)):
+    plots["augmented_samples"] = AUGMENTED_PNG
+
+  cm = report.get("confusion_matrix")
+  if cm and class_names:
+    made("confusion", CONFUSION_PNG,
+         plot_confusion(cm, class_names, os.path.join(plots_dir, CONFUSION_PNG)))
+  per_class = report.get("per_class_accuracy") or {}
+  if per_class:
+    support = None
+    if cm and class_names:
+      rows = np.asarray(cm, np.int64).sum(axis=1)
+      support = {n: int(rows[i]) for i, n in enumerate(class_names)}
+    made("per_class_accuracy", PER_CLASS_PNG, plot_per_class_accuracy(
+        per_class, os.path.join(plots_dir, PER_CLASS_PNG), support=support,
+        overall=report.get("test_accuracy"), class_names=class_names))
+
+  export_path = os.path.join(workdir, "export_report.json")
+  export_report = artifacts.read_json(export_path) if os.path.exists(export_path) else None
+
+  trials = None
+  trials_path = os.path.join(workdir, "trials.csv")
+  if os.path.exists(trials_path):
+    trials = read_trials(trials_path)
+    made("tuning", TUNING_PNG, plot_tuning(trials, os.path.join(plots_dir, TUNING_PNG)))
+  best_path = os.path.join(workdir, "best_hparams.json")
+  best_hparams = artifacts.read_json(best_path) if os.path.exists(best_path) else None
+
+  text = summary_markdown(
+      workdir, report, command=command or previous_command(workdir),
+      split_summary=split_summary, plots=plots, history_found=history_found,
+      export_report=export_report, trials=trials, best_hparams=best_hparams)
+  path = os.path.join(workdir, SUMMARY_NAME)
+  artifacts.write_text(path, text)
+  return path

@@ -1,0 +1,277 @@
+"""TFLite export on tiny mock data: interface, labels, report, drop check, fidelity.
+
+`ExportTest` uses a MobileNetV2 with random weights (weights=None, 32 px): its
+features vanish, so its accuracy means nothing and only the mechanics are
+tested. `FidelityTest` uses the ImageNet weights from ../shared (skipped where
+absent) on 64 px images, where the int8 model can be held to the float one.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import keras
+import numpy as np
+import pytest
+
+import fake_data
+import shared_data
+from flowers import data
+from flowers import evaluate
+from flowers import export
+from flowers import model as model_lib
+from flowers import train
+from flowers.errors import UserError
+
+COUNTS = fake_data.uniform_counts(4, train=10, val=3, test=5)
+SPLIT = "64,16,20"
+SEED = 42
+# The random-weight model's accuracy is meaningless; only the drop test trips.
+ANY_DROP = 100.0
+REPORT_KEYS = (
+    "float_test_accuracy", "tflite_test_accuracy", "int8_test_accuracy", "top1_agreement",
+    "size_bytes", "quantization", "io_dtype", "input_dtype", "input_shape", "output_dtype",
+    "output_shape", "num_test_examples", "accuracy_drop_points", "path", "passed")
+
+
+def interface(path):
+  """(input details, output details) of a .tflite file, through LiteRT."""
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+
+  interpreter = Interpreter(model_path=path)
+  interpreter.allocate_tensors()
+  return interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+
+def split_arrays(splits):
+  """The test split as (uint8 images, labels) arrays."""
+  batches = list(splits.test.as_numpy_iterator())
+  return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+class WorkdirTestCase(parameterized.TestCase):
+  """A workdir with splits.csv, labels.txt and model.keras, made once per class."""
+
+  image_size = 32
+  weights = None
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.enterClassContext(fake_data.mock_flowers(COUNTS))
+    cls.root = tempfile.mkdtemp()
+    cls.addClassCleanup(shutil.rmtree, cls.root, ignore_errors=True)
+    cls.workdir = os.path.join(cls.root, "workdir")
+    cls.source = data.load_tfds()
+    cls.splits = data.load_splits(cls.source, workdir=cls.workdir, split=SPLIT, seed=SEED,
+                                  image_size=cls.image_size, batch_size=8)
+    cls.model = model_lib.build_model(len(cls.splits.class_names),
+                                      image_size=cls.image_size, weights=cls.weights,
+                                      seed=SEED)
+    cls.prepare_model()
+    cls.model_path = os.path.join(cls.workdir, train.MODEL_NAME)
+    train.save_model(cls.model, cls.model_path)
+    train.write_labels(os.path.join(cls.workdir, train.LABELS_NAME), cls.splits.class_names)
+
+  @classmethod
+  def prepare_model(cls):
+    """Trains the model, where a subclass needs it to have learnt something."""
+
+  def copy_workdir(self, labels: bool = True) -> str:
+    """A fresh workdir with the same model, split and (optionally) labels."""
+    workdir = self.create_tempdir().full_path
+    names = ["model.keras", "splits.csv"] + (["labels.txt"] if labels else [])
+    for name in names:
+      shutil.copy(os.path.join(self.workdir, name), workdir)
+    return workdir
+
+  def export(self, workdir=None, **options):
+    workdir = workdir or self.workdir
+    return export.export_from_workdir(
+        os.path.join(workdir, train.MODEL_NAME), workdir, self.source, SPLIT, SEED,
+        export.ExportOptions(**options))
+
+
+class ExportTest(WorkdirTestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.report = export.export_from_workdir(
+        cls.model_path, cls.workdir, cls.source, SPLIT, SEED,
+        export.ExportOptions(max_accuracy_drop=ANY_DROP))
+    cls.int8_path = os.path.join(cls.workdir, "model_int8.tflite")
+
+  def test_int8_takes_raw_uint8_pixels_and_gives_uint8(self):
+    inp, out = interface(self.int8_path)
+    self.assertEqual(inp["dtype"], np.uint8)
+    self.assertEqual(list(inp["shape"]), [1, 32, 32, 3])
+    # Not quantized at all: the pixels go in as they are and are cast inside.
+    self.assertIn(tuple(inp["quantization"]), [(0.0, 0), (1.0, 0)])
+    self.assertEqual(out["dtype"], np.uint8)
+    self.assertEqual(list(out["shape"]), [1, len(self.splits.class_names)])
+    self.assertGreater(out["quantization"][0], 0)
+
+  def test_report_has_every_key_and_matches_the_file(self):
+    with open(os.path.join(self.workdir, export.REPORT_NAME)) as f:
+      report = json.load(f)
+    for key in REPORT_KEYS:
+      self.assertIn(key, report)
+    self.assertTrue(report["passed"])
+    self.assertEqual(report["path"], self.int8_path)
+    self.assertEqual(report["size_bytes"], os.path.getsize(self.int8_path))
+    self.assertEqual((report["quantization"], report["io_dtype"]), ("int8", "uint8"))
+    self.assertEqual(report["input_shape"], [1, 32, 32, 3])
+    self.assertEqual(report["int8_test_accuracy"], report["tflite_test_accuracy"])
+    self.assertAlmostEqual(report["accuracy_drop_points"], 100 * (
+        report["float_test_accuracy"] - report["tflite_test_accuracy"]), places=3)
+    self.assertEqual(report["num_test_examples"], len(self.splits.keys("test")))
+    self.assertEqual(report["calibration_examples"], len(self.splits.keys("train")))
+    self.assertEqual(report, json.loads(json.dumps(self.report)))
+
+  def test_labels_beside_the_tflite_are_in_class_index_order(self):
+    labels = train.read_labels(os.path.join(self.workdir, train.LABELS_NAME))
+    self.assertEqual(labels, self.source.class_names)
+
+  def test_int8_io_dtype_gives_int8_input_and_output(self):
+    images, _ = split_arrays(self.splits)
+    options = export.ExportOptions(io_dtype="int8")
+    path = os.path.join(self.create_tempdir().full_path, "model.tflite")
+    with open(path, "wb") as f:
+      f.write(export.convert(self.model, options, list(images)))
+    details = export.check_interface(path, 32, len(self.splits.class_names), options)
+    self.assertEqual((details["input_dtype"], details["output_dtype"]), ("int8", "int8"))
+    self.assertGreater(details["input_quantization"][0], 0)
+
+  def test_accuracy_drop_over_the_limit_writes_no_model(self):
+    workdir = self.copy_workdir()
+    with self.assertRaisesRegex(UserError, "max_accuracy_drop"):
+      self.export(workdir, quantization="dynamic", max_accuracy_drop=-1.0)
+    self.assertFalse(os.path.exists(os.path.join(workdir, "model_dynamic.tflite")))
+    self.assertEqual([n for n in os.listdir(workdir) if n.startswith(".tmp")], [])
+    with open(os.path.join(workdir, export.REPORT_NAME)) as f:
+      report = json.load(f)
+    self.assertFalse(report["passed"])
+    self.assertEqual(report["quantization"], "dynamic")
+
+  def test_float16_export_is_loadable_and_writes_missing_labels(self):
+    workdir = self.copy_workdir(labels=False)
+    report = self.export(workdir, quantization="float16", max_accuracy_drop=ANY_DROP)
+    path = os.path.join(workdir, "model_float16.tflite")
+    inp, out = interface(path)
+    self.assertEqual((inp["dtype"], out["dtype"]), (np.uint8, np.float32))
+    self.assertEqual(report["io_dtype"], "float32")
+    self.assertNotIn("int8_test_accuracy", report)
+    self.assertLess(report["max_abs_probability_diff"], 1e-3)
+    self.assertEqual(train.read_labels(os.path.join(workdir, train.LABELS_NAME)),
+                     self.source.class_names)
+
+  def test_dynamic_conversion_is_loadable(self):
+    options = export.ExportOptions(quantization="dynamic")
+    path = os.path.join(self.create_tempdir().full_path, "model_dynamic.tflite")
+    with open(path, "wb") as f:
+      f.write(export.convert(self.model, options))
+    details = export.check_interface(path, 32, len(self.splits.class_names), options)
+    self.assertEqual((details["input_dtype"], details["output_dtype"]), ("uint8", "float32"))
+
+  @parameterized.named_parameters(
+      ("missing", "nowhere/model.keras", "does not exist"),
+      ("not_keras", "model_int8.tflite", "export converts a .keras model"),
+      ("corrupt", "corrupt.keras", "could not be loaded"))
+  def test_bad_model_path_is_a_user_error(self, name, message):
+    path = os.path.join(self.workdir, name)
+    if name == "corrupt.keras":
+      with open(path, "wb") as f:
+        f.write(b"not a zip file")
+    with self.assertRaisesRegex(UserError, message):
+      export.export_from_workdir(path, self.workdir, self.source, SPLIT, SEED,
+                                 export.ExportOptions())
+
+  def test_bad_options_are_user_errors(self):
+    for options in (export.ExportOptions(quantization="int4"),
+                    export.ExportOptions(io_dtype="float32"),
+                    export.ExportOptions(calibration_examples=0)):
+      with self.assertRaises(UserError):
+        export.convert(self.model, options, [])
+    with self.assertRaisesRegex(UserError, "representative images"):
+      export.convert(self.model, export.ExportOptions(), [])
+
+
+@pytest.mark.real_data
+@shared_data.requires_weights
+class FidelityTest(WorkdirTestCase):
+  """int8 against float on a model that has learnt the mock classes."""
+
+  image_size = 64
+  weights = shared_data.WEIGHTS
+
+  @classmethod
+  def prepare_model(cls):
+    # The head alone, on pooled features computed once: seconds, not minutes.
+    features = keras.Model(cls.model.input, cls.model.get_layer(model_lib.POOL_NAME).output)
+    images, labels = [], []
+    for batch_images, batch_labels in cls.splits.train.as_numpy_iterator():
+      images.append(batch_images)
+      labels.append(batch_labels)
+    x = features.predict(np.concatenate(images), verbose=0)
+    y = keras.utils.to_categorical(np.concatenate(labels), len(cls.splits.class_names))
+    head = train.head_model(cls.model, x.shape[1])
+    head.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    keras.utils.set_random_seed(SEED)
+    head.fit(x, y, batch_size=len(x), epochs=40, verbose=0)
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    # One image in the ~20-image test split is 5 points: allow two.
+    cls.report = export.export_from_workdir(
+        cls.model_path, cls.workdir, cls.source, SPLIT, SEED,
+        export.ExportOptions(max_accuracy_drop=10.0))
+    cls.int8_path = os.path.join(cls.workdir, "model_int8.tflite")
+    cls.images, cls.labels = split_arrays(cls.splits)
+    cls.float_probs = evaluate.keras_predictor(cls.model)(cls.images)
+
+  def test_float_model_has_learnt(self):
+    self.assertGreaterEqual((self.float_probs.argmax(1) == self.labels).mean(), 0.8)
+
+  def assert_close_to_float(self, int8_probs):
+    agree = (int8_probs.argmax(1) == self.float_probs.argmax(1)).mean()
+    self.assertGreaterEqual(agree, 0.9)
+    # Measured on 16 images: per-image max |p_int8 - p_float| median 0.004,
+    # largest 0.04 (uint8 I/O), 0.07 (int8 I/O).
+    gap = np.abs(int8_probs - self.float_probs).max(axis=1)
+    self.assertLess(np.median(gap), 0.02)
+    self.assertLess(gap.max(), 0.2)
+
+  def test_int8_export_agrees_with_float(self):
+    self.assertTrue(self.report["passed"])
+    self.assertGreaterEqual(self.report["top1_agreement"], 0.9)
+    self.assertGreaterEqual(self.report["int8_test_accuracy"], 0.8)
+    self.assert_close_to_float(evaluate.tflite_predictor(self.int8_path)(self.images))
+
+  def test_int8_io_agrees_with_float(self):
+    options = export.ExportOptions(io_dtype="int8")
+    path = os.path.join(self.create_tempdir().full_path, "model_int8.tflite")
+    with open(path, "wb") as f:
+      f.write(export.convert(self.model, options, export.calibration_images(
+          self.splits, 300, SEED, self.image_size)))
+    inp, _ = interface(path)
+    self.assertEqual(inp["dtype"], np.int8)
+    # Raw pixels 0..255 as int8: normally pixel - 128.
+    self.assertAlmostEqual(inp["quantization"][0], 1.0, delta=0.05)
+    self.assert_close_to_float(evaluate.tflite_predictor(path)(self.images))
+
+  def test_float32_tflite_matches_keras(self):
+    options = export.ExportOptions(quantization="none")
+    path = os.path.join(self.create_tempdir().full_path, "model_float32.tflite")
+    with open(path, "wb") as f:
+      f.write(export.convert(self.model, options))
+    probs = evaluate.tflite_predictor(path)(self.images)
+    np.testing.assert_allclose(probs, self.float_probs, atol=1e-4)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,169 @@
+"""build_model, unfreezing, cut points, determinism, save/load."""
+
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import keras
+import numpy as np
+
+import shared_data
+from flowers import build_model
+from flowers import model as model_lib
+from flowers.errors import UserError
+
+SIZE = 32
+
+
+def tiny_model(num_classes=5, **kwargs):
+  return build_model(num_classes, image_size=SIZE, weights=None, seed=0, **kwargs)
+
+
+def images(n=4, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+class BuildModelTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = tiny_model()
+
+  def test_shapes_and_dtypes(self):
+    self.assertEqual(self.model.input.dtype, "uint8")
+    self.assertEqual(tuple(self.model.input.shape), (None, SIZE, SIZE, 3))
+    out = self.model(images(), training=False)
+    self.assertEqual(tuple(out.shape), (4, 5))
+    self.assertEqual(out.dtype, "float32")
+    np.testing.assert_allclose(np.sum(out, axis=1), 1.0, rtol=1e-5)
+
+  def test_dropout_sits_before_the_softmax(self):
+    names = [layer.name for layer in self.model.layers]
+    self.assertEqual(names[-2:], [model_lib.DROPOUT_NAME, model_lib.CLASSIFIER_NAME])
+    self.assertEqual(self.model.get_layer(model_lib.CLASSIFIER_NAME).get_config()["activation"],
+                     "softmax")
+
+  def test_base_frozen_and_head_trainable(self):
+    trainable = {w.path.split("/")[0] for w in self.model.trainable_weights}
+    self.assertEqual(trainable, {model_lib.CLASSIFIER_NAME})
+
+  def test_inference_is_deterministic_and_augmentation_trains_only(self):
+    x = images()
+    a = self.model(x, training=False)
+    b = self.model(x, training=False)
+    np.testing.assert_array_equal(a, b)
+    augmented = self.model.get_layer(model_lib.AUGMENT_NAME)(x.astype("float32"), training=True)
+    self.assertFalse(np.allclose(augmented, x))
+    plain = self.model.get_layer(model_lib.AUGMENT_NAME)(x.astype("float32"), training=False)
+    np.testing.assert_allclose(plain, x)
+
+  def test_inference_model_matches(self):
+    inference = model_lib.inference_model(self.model)
+    self.assertNotIn(model_lib.AUGMENT_NAME, [l.name for l in inference.layers])
+    np.testing.assert_allclose(inference(images(), training=False),
+                               self.model(images(), training=False), rtol=1e-5, atol=1e-6)
+
+  def test_save_load_round_trip(self):
+    path = os.path.join(self.create_tempdir().full_path, "m.keras")
+    self.model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded(images(), training=False),
+                               self.model(images(), training=False), rtol=1e-5, atol=1e-6)
+
+  def test_usable_from_plain_keras(self):
+    model = tiny_model(num_classes=3, augment=False)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(images(8), np.arange(8) % 3, epochs=1, verbose=0)
+    self.assertIn("accuracy", history.history)
+
+  @parameterized.parameters((1, "classes"), (-0.1, "dropout"), (1.0, "dropout"))
+  def test_bad_arguments(self, value, what):
+    with self.assertRaisesRegex(UserError, what):
+      if what == "classes":
+        tiny_model(num_classes=value)
+      else:
+        tiny_model(dropout=value)
+
+  def test_missing_weights_file(self):
+    with self.assertRaisesRegex(UserError, "not a file"):
+      build_model(3, image_size=SIZE, weights="/no/such/weights.h5")
+
+
+class UnfreezeTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = tiny_model()
+    cls.base = model_lib.base_of(cls.model)
+
+  def trainable_layers(self):
+    return [l for l in self.base.layers if l.trainable and l.weights]
+
+  def test_batchnorm_never_trains(self):
+    for ratio in (0.2, 0.5, 1.0):
+      model_lib.unfreeze(self.model, ratio)
+      self.assertNotEmpty(self.trainable_layers())
+      for layer in self.base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+          self.assertFalse(layer.trainable, f"{layer.name} at ratio {ratio}")
+    model_lib.freeze_base(self.model)
+
+  def test_reference_ratio_unfreezes_block_13_on(self):
+    model_lib.unfreeze(self.model, 0.2)
+    names = {l.name for l in self.trainable_layers()}
+    self.assertIn("block_13_expand", names)
+    self.assertIn("Conv_1", names)
+    self.assertNotIn("block_12_project", names)
+    model_lib.freeze_base(self.model)
+
+  def test_at_least_the_asked_fraction_trains(self):
+    n = len(self.base.layers)
+    for ratio in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8):
+      cut = model_lib.cut_index(self.base, ratio)
+      self.assertGreaterEqual(n - 1 - cut, int(np.ceil(ratio * n)) - 1, ratio)
+
+  def test_zero_ratio_trains_nothing_in_the_base(self):
+    model_lib.unfreeze(self.model, 0.0)
+    self.assertEmpty(self.trainable_layers())
+    model_lib.freeze_base(self.model)
+
+  def test_compiled_trainable_weights_follow_unfreeze(self):
+    model = tiny_model(num_classes=3)
+    before = len(model.trainable_weights)
+    model_lib.unfreeze(model, 0.2)
+    after = len(model.trainable_weights)
+    self.assertGreater(after, before)
+    self.assertFalse(any("_bn" in w.path.lower() or "bn/" in w.path.lower()
+                         for w in model.trainable_weights))
+
+  def test_cut_points_split_the_base_exactly(self):
+    x = np.random.default_rng(1).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype("float32")
+    full = self.base(x, training=False)
+    points = model_lib.cut_points(self.base)
+    self.assertGreater(len(points), 15)
+    for cut in points[1:-1:3]:
+      prefix = keras.Model(self.base.input, self.base.layers[cut].output)
+      suffix = keras.Model(self.base.layers[cut].output, self.base.output)
+      np.testing.assert_allclose(suffix(prefix(x)), full, rtol=1e-4, atol=1e-4,
+                                 err_msg=self.base.layers[cut].name)
+
+  def test_bad_ratio(self):
+    with self.assertRaisesRegex(UserError, "unfreeze_ratio"):
+      model_lib.cut_index(self.base, 1.5)
+
+
+@shared_data.requires_weights
+class RealWeightsTest(absltest.TestCase):
+
+  def test_loads_imagenet_weights_by_path(self):
+    model = build_model(102, weights=shared_data.WEIGHTS, image_size=96)
+    random_init = build_model(102, weights=None, image_size=96)
+    first = model_lib.base_of(model).layers[1].get_weights()[0]
+    other = model_lib.base_of(random_init).layers[1].get_weights()[0]
+    self.assertFalse(np.allclose(first, other))
+
+
+if __name__ == "__main__":
+  absltest.main()

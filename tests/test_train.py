@@ -1,0 +1,152 @@
+"""Two-stage training end to end on tiny mock data; resume; evaluate; predict."""
+
+import json
+import os
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import keras
+import numpy as np
+
+import fake_data
+import shared_data
+from flowers import modes
+from flowers import train
+from flowers.errors import UserError
+
+COUNTS = fake_data.uniform_counts(4, train=8, val=3, test=4)
+
+
+def tiny_config(**overrides):
+  config = dict(image_size=32, batch_size=8, epochs=2, fine_tune_epochs=2, weights=None,
+                cache_views=2, early_stopping_patience=0, verbose=0, learning_rate=1e-2,
+                optimizer="adam")
+  config.update(overrides)
+  return train.TrainConfig(**config)
+
+
+class Interrupt(keras.callbacks.Callback):
+  """Stops a run like a kill would, after a given epoch of a given stage."""
+
+  def __init__(self, epoch):
+    super().__init__()
+    self.epoch = epoch
+
+  def on_epoch_end(self, epoch, logs=None):
+    if epoch == self.epoch:
+      raise KeyboardInterrupt
+
+
+class TrainTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(("cached", "on"), ("plain", "off"))
+  def test_train_writes_every_artifact(self, feature_cache):
+    workdir = self.create_tempdir().full_path
+    with fake_data.mock_flowers(COUNTS):
+      from flowers import data  # pylint: disable=g-import-not-at-top
+      source = data.load_tfds()
+      report = train.train_and_evaluate(tiny_config(feature_cache=feature_cache), workdir,
+                                        source)
+    for name in ("model.keras", "labels.txt", "history.json", "report.json", "splits.csv"):
+      self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
+    self.assertEqual(report["feature_cache"], feature_cache == "on")
+    for key in ("test_accuracy", "test_top5_accuracy", "num_test_examples",
+                "per_class_accuracy", "confusion_matrix", "test_macro_f1"):
+      self.assertIn(key, report)
+    self.assertEqual(report["num_test_examples"], len(
+        [1 for line in open(os.path.join(workdir, "splits.csv")) if line.endswith(",test\n")]))
+    with open(os.path.join(workdir, "history.json")) as f:
+      history = json.load(f)
+    self.assertLen(history["stage1"]["accuracy"], 2)
+    self.assertLen(history["stage2"]["val_accuracy"], 2)
+    model = keras.models.load_model(os.path.join(workdir, "model.keras"))
+    self.assertEqual(tuple(model.output.shape), (None, 102))
+    # No temporary files left behind.
+    self.assertEmpty([f for f in os.listdir(workdir) if f.startswith(".tmp")])
+
+  @shared_data.requires_weights
+  def test_cached_training_learns(self):
+    workdir = self.create_tempdir().full_path
+    with fake_data.mock_flowers(fake_data.uniform_counts(3, 10, 3, 5), size=64):
+      from flowers import data  # pylint: disable=g-import-not-at-top
+      report = train.train_and_evaluate(
+          tiny_config(image_size=64, epochs=8, fine_tune_epochs=1, learning_rate=1e-2,
+                      fine_tune_learning_rate=1e-5, weights=shared_data.WEIGHTS),
+          workdir, data.load_tfds())
+    # Colour-coded classes: ImageNet features + a trained head beat chance (1/3).
+    history = train.read_history(workdir, "stage1")
+    self.assertGreater(max(history["val_accuracy"]), 0.6, history)
+    self.assertGreater(report["val_accuracy"], 0.6)
+
+  def test_resume_after_interruption(self):
+    workdir = self.create_tempdir().full_path
+    original = train._callbacks
+
+    def interrupting(workdir_, stage, config, validate):
+      callbacks = original(workdir_, stage, config, validate)
+      return callbacks + [Interrupt(1)] if stage == "stage2" else callbacks
+
+    config = tiny_config(fine_tune_epochs=4)
+    with fake_data.mock_flowers(COUNTS):
+      from flowers import data  # pylint: disable=g-import-not-at-top
+      source = data.load_tfds()
+      with mock.patch.object(train, "_callbacks", interrupting):
+        with self.assertRaises(KeyboardInterrupt):
+          train.train_and_evaluate(config, workdir, source)
+      self.assertTrue(os.path.exists(os.path.join(workdir, train.STAGE1_WEIGHTS)))
+      self.assertFalse(os.path.exists(os.path.join(workdir, "model.keras")))
+      self.assertLen(train.read_history(workdir, "stage2")["accuracy"], 2)
+      stage1_rows = len(train.read_history(workdir, "stage1")["accuracy"])
+      report = train.train_and_evaluate(config, workdir, source)
+    history = train.read_history(workdir, "stage2")
+    # Epochs 0-1 from the first run, 2-3 from the resumed one; stage 1 not redone.
+    self.assertLen(history["accuracy"], 4)
+    self.assertLen(train.read_history(workdir, "stage1")["accuracy"], stage1_rows)
+    self.assertIn("test_accuracy", report)
+    with open(os.path.join(workdir, "history_stage2.csv")) as f:
+      epochs = [int(line.split(",")[0]) for line in f.readlines()[1:]]
+    self.assertEqual(sorted(set(epochs)), [0, 1, 2, 3])
+
+  def test_flag_validation(self):
+    with self.assertRaisesRegex(UserError, "feature_cache"):
+      tiny_config(feature_cache="sometimes").use_cache()
+    with self.assertRaisesRegex(UserError, "optimizer"):
+      train.make_optimizer("adagrad-ish", 1e-3)
+
+
+class EvaluatePredictTest(absltest.TestCase):
+
+  def test_evaluate_and_predict_from_a_trained_workdir(self):
+    workdir = self.create_tempdir().full_path
+    with fake_data.mock_flowers(COUNTS) as examples:
+      from flowers import data  # pylint: disable=g-import-not-at-top
+      source = data.load_tfds()
+      trained = train.train_and_evaluate(tiny_config(), workdir, source)
+      os.remove(os.path.join(workdir, "report.json"))
+      evaluated = modes.evaluate(os.path.join(workdir, "model.keras"), workdir, source,
+                                 "64,16,20", 42, 8)
+    self.assertAlmostEqual(evaluated["test_accuracy"], trained["test_accuracy"], places=6)
+    self.assertTrue(os.path.exists(os.path.join(workdir, "report.json")))
+
+    image_dir = self.create_tempdir().full_path
+    for i, (name, label, jpeg) in enumerate(examples["test"][:3]):
+      with open(os.path.join(image_dir, f"{i}_{name}"), "wb") as f:
+        f.write(jpeg)
+    with open(os.path.join(image_dir, "not_an_image.jpg"), "wb") as f:
+      f.write(b"nope")
+    results = modes.predict(os.path.join(workdir, "model.keras"), [image_dir], top_k=3,
+                            output="json")
+    self.assertLen(results, 3)
+    for r in results:
+      self.assertLen(r["top_k"], 3)
+      probs = [e["probability"] for e in r["top_k"]]
+      self.assertEqual(probs, sorted(probs, reverse=True))
+
+  def test_predict_missing_inputs(self):
+    with self.assertRaisesRegex(UserError, "does not exist"):
+      modes.predict("/no/model.keras", ["x.jpg"])
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,280 @@
+"""The KerasTuner search: its space, trials, resumption, strategies and workers.
+
+Searches run on mock TFDS data (4 classes, 32 px, random weights, one epoch per
+stage), so trials take seconds and the accuracies mean nothing.
+"""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import keras_tuner
+import pytest
+
+import fake_data
+import tune_worker
+from flowers import data
+from flowers import tune
+from flowers.errors import UserError
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
+def search(workdir, config=None, space=None, **kwargs):
+  """A search on the mock data, in this process."""
+  with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
+    source = data.load_tfds()
+    return tune.run_search(config or tune_worker.small_config(),
+                           space or tune_worker.small_space(), str(workdir), source,
+                           **kwargs)
+
+
+def read_trials(workdir):
+  with open(os.path.join(workdir, tune.TRIALS_NAME), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def read_json(*path):
+  with open(os.path.join(*path)) as f:
+    return json.load(f)
+
+
+def trial_file(workdir, trial_id, name):
+  return os.path.join(workdir, tune.PROJECT_NAME, f"trial_{trial_id}", name)
+
+
+# The search space.
+
+
+def test_search_space_parses_flag_lists():
+  space = tune.SearchSpace.from_strings(["0.1", "0.3"], "0,1", [" 1e-4", "1e-2"])
+  assert space == tune.SearchSpace((0.1, 0.3), (0.0, 1.0), (1e-4, 1e-2))
+  assert tune.SearchSpace() == tune.SearchSpace.from_strings(
+      ["0.0", "0.5"], ["0.0", "0.5"], ["1e-5", "1e-3"])
+
+
+@pytest.mark.parametrize("dropout, unfreeze, lr, flag, why", [
+    (["0.5", "0.1"], ["0", "0.5"], ["1e-5", "1e-3"], "--dropout_range=0.5,0.1", "min is above max"),
+    (["0", "0.5"], ["0.6", "0.2"], ["1e-5", "1e-3"], "--unfreeze_ratio_range=0.6,0.2",
+     "--unfreeze_ratio_range=0.2,0.6"),
+    (["0", "0.5"], ["0", "1.5"], ["1e-5", "1e-3"], "--unfreeze_ratio_range", r"\[0, 1\]"),
+    (["0", "0.5"], ["-0.1", "0.5"], ["1e-5", "1e-3"], "--unfreeze_ratio_range", r"\[0, 1\]"),
+    (["0", "1"], ["0", "0.5"], ["1e-5", "1e-3"], "--dropout_range", r"\[0, 1\)"),
+    (["0", "0.5"], ["0", "0.5"], ["0", "1e-3"], "--fine_tune_learning_rate_range", "> 0"),
+    (["0", "0.5"], ["0", "0.5"], ["-1", "-0.5"], "--fine_tune_learning_rate_range", "> 0"),
+    (["0.1"], ["0", "0.5"], ["1e-5", "1e-3"], "--dropout_range", "exactly two"),
+    (["0", "0.5"], ["0", "0.2", "0.4"], ["1e-5", "1e-3"], "--unfreeze_ratio_range",
+     "exactly two"),
+    (["0", "0.5"], ["0", "0.5"], ["fast", "slow"], "--fine_tune_learning_rate_range",
+     "two numbers"),
+    (["0", "nan"], ["0", "0.5"], ["1e-5", "1e-3"], "--dropout_range", "exactly two"),
+])
+def test_search_space_rejects_bad_ranges(dropout, unfreeze, lr, flag, why):
+  with pytest.raises(UserError, match=why) as error:
+    tune.SearchSpace.from_strings(dropout, unfreeze, lr)
+  assert str(error.value).startswith(flag)
+  assert "\n" not in str(error.value)
+
+
+def test_declared_hyperparameters_fix_empty_ranges_and_log_scale_the_rate():
+  hp = keras_tuner.HyperParameters()
+  values = tune.declare_hyperparameters(
+      hp, tune.SearchSpace(dropout=(0.2, 0.2), unfreeze_ratio=(0.0, 0.5)))
+  assert values["dropout"] == 0.2
+  kinds = {p.name: p for p in hp.space}
+  assert type(kinds["dropout"]).__name__ == "Fixed"
+  assert kinds["fine_tune_learning_rate"].sampling == "log"
+  assert kinds["unfreeze_ratio"].sampling == "linear"
+
+
+def test_main_rejects_a_bad_range_in_one_line_before_reading_data(tmp_path):
+  # --tfds_data_dir does not exist: reading data first would fail differently.
+  proc = subprocess.run(
+      [sys.executable, "-m", "flowers.main", "--mode=tune", f"--workdir={tmp_path}",
+       "--unfreeze_ratio_range=0.6,0.2", "--tfds_data_dir=/nonexistent/tfds"],
+      capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert proc.returncode == 2, proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("flowers_main: error:")]
+  assert len(errors) == 1, proc.stderr
+  assert "--unfreeze_ratio_range=0.6,0.2" in errors[0]
+  assert "min is above max" in errors[0]
+
+
+# Searches.
+
+
+def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
+  """One trial; then two (the second killed midway); then the same command again."""
+  workdir = str(tmp_path)
+  fits = []  # (trial folder, stage) of every stage that started.
+  kill = {"trial": None}
+  fit_stage = tune._fit_stage
+
+  def spy(*args, trial_dir, stage, **kwargs):
+    fits.append((os.path.basename(trial_dir), stage))
+    if stage == "stage2" and os.path.basename(trial_dir) == kill["trial"]:
+      raise KeyboardInterrupt  # As if the process were stopped in stage 2.
+    return fit_stage(*args, trial_dir=trial_dir, stage=stage, **kwargs)
+
+  monkeypatch.setattr(tune, "_fit_stage", spy)
+
+  report = search(workdir, tuner="bayesian", max_trials=1)
+  assert fits == [("trial_0", "stage1"), ("trial_0", "stage2")]
+  assert report["is_chief"] and report["num_trials"] == 1
+  first = read_json(trial_file(workdir, "0", tune.RESULT_NAME))
+
+  fits.clear()
+  kill["trial"] = "trial_1"
+  with pytest.raises(KeyboardInterrupt):
+    search(workdir, tuner="bayesian", max_trials=2)
+  assert fits == [("trial_1", "stage1"), ("trial_1", "stage2")]
+  killed = read_json(trial_file(workdir, "1", "trial.json"))
+  assert killed["status"] == "RUNNING"
+
+  fits.clear()
+  kill["trial"] = None
+  report = search(workdir, tuner="bayesian", max_trials=2)
+  # Only the killed trial ran again, with the same hyperparameters.
+  assert fits == [("trial_1", "stage1"), ("trial_1", "stage2")]
+  assert read_json(trial_file(workdir, "0", tune.RESULT_NAME)) == first
+  redone = read_json(trial_file(workdir, "1", "trial.json"))
+  assert redone["status"] == "COMPLETED"
+  assert redone["hyperparameters"]["values"] == killed["hyperparameters"]["values"]
+
+  rows = read_trials(workdir)
+  assert [r["trial_id"] for r in rows] in (["0", "1"], ["1", "0"])
+  assert list(rows[0]) == list(tune.TRIAL_COLUMNS)
+  accuracies = [float(r["val_accuracy"]) for r in rows]
+  assert accuracies == sorted(accuracies, reverse=True)
+  by_id = {r["trial_id"]: r for r in rows}
+  assert float(by_id["0"]["val_accuracy"]) == pytest.approx(first["val_accuracy"])
+  assert all(float(r["seconds"]) > 0 and r["status"] == "COMPLETED" for r in rows)
+
+  best = read_json(workdir, tune.BEST_HPARAMS_NAME)
+  assert set(best) == set(tune.HPARAMS)
+  assert best["dropout"] == pytest.approx(float(rows[0]["dropout"]))
+  saved = read_json(workdir, "report.json")
+  for key in ("test_accuracy", "test_top5_accuracy", "num_test_examples", "val_accuracy",
+              "per_class_accuracy", "confusion_matrix", "class_names", "source", "split",
+              "seed", "search_seconds"):
+    assert key in saved, key
+  assert saved["num_trials"] == 2 and saved["best_hparams"] == best
+  assert saved["best_trial_id"] == rows[0]["trial_id"]
+  assert saved["config"]["unfreeze_ratio"] == best["unfreeze_ratio"]
+  history = read_json(workdir, "history.json")
+  assert len(history["stage1"]["val_accuracy"]) == 1
+  assert len(history["stage2"]["val_accuracy"]) == 1
+  with open(os.path.join(workdir, "labels.txt")) as f:
+    assert len(f.read().splitlines()) == len(saved["class_names"])
+  model = keras.models.load_model(os.path.join(workdir, "model.keras"))
+  assert model.get_layer("head_dropout").rate == pytest.approx(best["dropout"])
+
+  # Resuming with another search space is refused, naming what changed.
+  with pytest.raises(UserError, match="search_space.*--overwrite"):
+    search(workdir, space=tune.SearchSpace(dropout=(0.1, 0.2)), tuner="bayesian",
+           max_trials=2)
+
+
+@pytest.mark.slow
+def test_hyperband_continues_the_best_trial_from_its_weights(tmp_path):
+  # max_epochs 3, factor 3: three 1-epoch trials, then the best one for 3 epochs.
+  config = tune_worker.small_config(fine_tune_epochs=3)
+  report = search(tmp_path, config=config, tuner="hyperband", max_trials=4, overwrite=True)
+  assert report["num_trials"] == 4
+  results = [read_json(trial_file(tmp_path, i, tune.RESULT_NAME)) for i in "0123"]
+  assert [r["stage2_epochs"] for r in results] == [[0, 1], [0, 1], [0, 1], [1, 3]]
+  parent = results[3]["continues_trial"]
+  assert parent in ("0", "1", "2")
+  assert results[3]["hyperparameters"] == results[int(parent)]["hyperparameters"]
+  with open(trial_file(tmp_path, "3", "history_stage2.csv")) as f:
+    assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
+  with open(trial_file(tmp_path, "3", "history_stage1.csv")) as f:
+    assert len(list(csv.DictReader(f))) == 1  # Copied from the parent, not rerun.
+
+
+@pytest.mark.slow
+def test_plain_path_trains_the_full_model(tmp_path):
+  config = tune_worker.small_config(feature_cache="off")
+  space = tune.SearchSpace(unfreeze_ratio=(0.1, 0.1))
+  report = search(tmp_path, config=config, space=space, tuner="random", max_trials=1)
+  assert report["feature_cache"] is False and report["num_trials"] == 1
+  assert not os.path.exists(os.path.join(tmp_path, "cache"))
+  history = read_json(tmp_path, "history.json")
+  assert history["stage1"] and history["stage2"]
+  assert not os.path.exists(os.path.join(tmp_path, "stage1.weights.h5"))
+
+  # The finished search again, its best weights gone (as on a chief whose
+  # workers wrote to their own disks): no new trial, the best one retrained.
+  os.remove(trial_file(tmp_path, "0", "checkpoint.weights.h5"))
+  again = search(tmp_path, config=config, space=space, tuner="random", max_trials=1)
+  assert again["num_trials"] == 1 and again["best_hparams"] == report["best_hparams"]
+  assert os.path.exists(os.path.join(tmp_path, tune.PROJECT_NAME, "best_retrained",
+                                     "checkpoint.weights.h5"))
+
+
+def run_workers(options_list, envs, timeout=420):
+  """Starts tune_worker.py processes; returns their RESULT summaries."""
+  procs = []
+  for options, env in zip(options_list, envs):
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(TESTS, "tune_worker.py"), json.dumps(options)],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, cwd=REPO))
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=timeout)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+  results = []
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0, out[-5000:]
+    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
+    results.append(json.loads(line[len("RESULT "):]))
+  return results
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+  [result] = run_workers([{"workdir": str(tmp_path), "max_trials": 1,
+                           "distribution_strategy": "mirrored", "logical_cpus": 2}], [{}])
+  assert result["replicas"] == 2
+  assert result["is_chief"] and result["num_trials"] == 1
+  assert os.path.exists(os.path.join(tmp_path, "model.keras"))
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_search_shares_trials_between_workers(tmp_path):
+  workdir = str(tmp_path / "work")
+  oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
+  common = {"workdir": workdir, "max_trials": 2, "chief_poll_s": 1}
+  barrier = [str(tmp_path / "barrier"), 2]
+  chief, *workers = run_workers(
+      [common, {**common, "barrier": barrier}, {**common, "barrier": barrier}],
+      [{**oracle, "KERASTUNER_TUNER_ID": "chief"},
+       {**oracle, "KERASTUNER_TUNER_ID": "tuner0"},
+       {**oracle, "KERASTUNER_TUNER_ID": "tuner1"}])
+  assert chief["is_chief"] and chief["distributed"] and chief["num_trials"] == 2
+  assert [w["is_chief"] for w in workers] == [False, False]
+  assert [w["tuner_id"] for w in workers] == ["tuner0", "tuner1"]
+  # Both workers asked at once (the barrier): each ran one of the two trials.
+  ran = [w["trials_run"] for w in workers]
+  assert sorted(ran) == [["0"], ["1"]], ran
+  rows = read_trials(workdir)
+  assert len(rows) == 2 and {r["tuner_id"] for r in rows} == {"tuner0", "tuner1"}
+  for name in ("model.keras", "report.json", "best_hparams.json", "labels.txt"):
+    assert os.path.exists(os.path.join(workdir, name)), name
