@@ -80,7 +80,12 @@ def load_tfds(name: str = TFDS_NAME, data_dir: str | None = None,
     if not download:
       raise UserError(f"{name} is not prepared under {builder.data_dir}; set "
                       "--tfds_data_dir to a prepared copy, or allow --download.")
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(
+          f"Could not download and prepare {name} ({type(e).__name__}); check the "
+          "network, or pass --tfds_data_dir=<folder with a prepared copy>.") from e
   features = builder.info.features
   for feature in ("image", "label", "file_name"):
     if feature not in features:

@@ -163,8 +163,45 @@ def write_flagfile() -> None:
   artifacts.write_text(os.path.join(_WORKDIR.value, "flags.cfg"), "\n".join(keep) + "\n")
 
 
+def check_flags(mode: str) -> None:
+  """Rejects bad flag values in one line, before any data or model is loaded."""
+  from flowers import split as split_lib  # pylint: disable=g-import-not-at-top
+  from flowers.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  split_lib.parse_split(_SPLIT.value, _SEED.value)
+  checks = [
+      (_IMAGE_SIZE.value >= 32, "--image_size must be >= 32"),
+      (_BATCH_SIZE.value >= 1, "--batch_size must be >= 1"),
+      (_EPOCHS.value >= 0 and _FINE_TUNE_EPOCHS.value >= 0, "epochs must be >= 0"),
+      (0.0 <= _DROPOUT.value < 1.0, "--dropout must be in [0, 1)"),
+      (0.0 <= _UNFREEZE_RATIO.value <= 1.0, "--unfreeze_ratio must be in [0, 1]"),
+      (_LEARNING_RATE.value > 0, "--learning_rate must be > 0"),
+      (_FINE_TUNE_LEARNING_RATE.value is None or _FINE_TUNE_LEARNING_RATE.value > 0,
+       "--fine_tune_learning_rate must be > 0"),
+      (0.0 <= _LABEL_SMOOTHING.value < 1.0, "--label_smoothing must be in [0, 1)"),
+      (_CACHE_VIEWS.value >= 1, "--cache_views must be >= 1"),
+      (_TOP_K.value >= 1, "--top_k must be >= 1"),
+      (_MAX_TRIALS.value >= 1, "--max_trials must be >= 1"),
+      (_CALIBRATION.value >= 1, "--calibration_examples must be >= 1"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise UserError(f"{message}.")
+  if _IMAGE_DIR.value and not os.path.isdir(_IMAGE_DIR.value):
+    raise UserError(f"--image_dir={_IMAGE_DIR.value} is not a folder; give a folder "
+                    "with one subfolder of images per class.")
+  if mode == "tune":
+    search_space()
+  if mode == "predict" and not _IMAGES.value:
+    raise UserError("--mode=predict needs --images=FILE_OR_DIR[,...].")
+  if mode in ("evaluate", "predict", "export") and not os.path.isfile(model_path()):
+    raise UserError(f"--model={model_path()} does not exist; train one first "
+                    "(--mode=train) or pass --model=PATH.")
+
+
 def run(mode: str) -> None:
   """Dispatches one mode to the library."""
+  check_flags(mode)  # Before TensorFlow is even imported.
   from flowers import modes  # pylint: disable=g-import-not-at-top
 
   workdir = _WORKDIR.value
@@ -183,6 +220,9 @@ def run(mode: str) -> None:
   elif mode == "tune":
     os.makedirs(workdir, exist_ok=True)
     write_flagfile()
+    from flowers import tune  # pylint: disable=g-import-not-at-top
+    # A multi-worker strategy must exist before TensorFlow runs its first op.
+    tune.make_strategy(_DISTRIBUTION.value)
     modes.tune(train_config(), search_space(), workdir, source(), _SPLIT.value,
                tuner=_TUNER.value, max_trials=_MAX_TRIALS.value,
                executions_per_trial=_EXECUTIONS.value, overwrite=_OVERWRITE.value,

@@ -29,6 +29,7 @@ one it retrains the best hyperparameters itself.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import dataclasses
 import io
@@ -182,6 +183,17 @@ class _TrialUserError(UserError, keras_tuner.errors.FatalError):
   """A `UserError` inside a trial: stops the search instead of failing the trial."""
 
 
+@contextlib.contextmanager
+def _user_errors_stop_the_search():
+  """KerasTuner counts other exceptions as failed trials and carries on."""
+  try:
+    yield
+  except _TrialUserError:
+    raise
+  except UserError as e:
+    raise _TrialUserError(str(e)) from e
+
+
 def build_prefix_cache(model: keras.Model, splits: data_lib.Splits,
                        config: train_lib.TrainConfig, workdir: str,
                        unfreeze_ratio: float) -> prefix_cache.PrefixCache:
@@ -260,7 +272,8 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
 
   def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
     values = declare_hyperparameters(hp, self.search)
-    self.template()
+    with _user_errors_stop_the_search():  # A missing --weights file, say.
+      self.template()
     # A random base, then the template's weights: no weight file is read per trial.
     model = self._new_model(values["dropout"], weights=None)
     model_lib.base_of(model).set_weights(self._base_weights)
@@ -297,7 +310,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     trial_dir = trial_dir or os.path.join(self.workdir, PROJECT_NAME, f"trial_{trial_id}")
     checkpoint = checkpoint or os.path.join(trial_dir, "checkpoint.weights.h5")
     values = {name: float(hp.get(name)) for name in HPARAMS}
-    try:
+    with _user_errors_stop_the_search():
       cached = self._prepare_cache() if self.config.use_cache() else None
       start = time.time()
       execution = self._executions[trial_id]
@@ -312,8 +325,6 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
         run = self._fit_cached if cached else self._fit_plain
         metrics = run(model, values, seed, stage2_epochs, int(initial_epoch or 0),
                       run_stage1=not parent, trial_dir=trial_dir)
-    except UserError as e:
-      raise _TrialUserError(str(e)) from e
     with artifacts.atomic_path(checkpoint) as tmp:
       model.save_weights(tmp)
     seconds = time.time() - start
@@ -542,8 +553,13 @@ def trial_rows(tuner: keras_tuner.Tuner) -> list[dict[str, Any]]:
         "status": trial.status,
         "tuner_id": result.get("tuner_id") if done else None,
     })
+  # Ties go to the earlier trial, whatever order KerasTuner reloaded them in.
   return sorted(rows, key=lambda r: (r["val_accuracy"] is None, -(r["val_accuracy"] or 0.0),
-                                     r["trial_id"]))
+                                     _trial_order(r["trial_id"])))
+
+
+def _trial_order(trial_id: str) -> tuple[int, str]:
+  return (int(trial_id), "") if trial_id.isdigit() else (1 << 62, trial_id)
 
 
 def write_trials(path: str, rows: Sequence[dict[str, Any]]) -> None:
@@ -608,7 +624,7 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
     messages = [t.message for t in tuner.oracle.trials.values() if t.message]
     raise RuntimeError("No trial of the search finished"
                        + (f"; the last error:\n{messages[-1]}" if messages else "."))
-  best = tuner.oracle.get_best_trials(1)[0]
+  best = tuner.oracle.get_trial(rows[0]["trial_id"])  # The table's first: same tie-break.
   best_hparams = {name: float(best.hyperparameters.get(name)) for name in HPARAMS}
   artifacts.write_json(os.path.join(workdir, BEST_HPARAMS_NAME), best_hparams)
 

@@ -108,6 +108,13 @@ def test_main_rejects_a_bad_range_in_one_line_before_reading_data(tmp_path):
 # Searches.
 
 
+def test_a_user_error_in_a_trial_stops_the_search(tmp_path):
+  # KerasTuner would count it as a failed trial and go on to the next.
+  config = tune_worker.small_config(weights=str(tmp_path / "missing.h5"))
+  with pytest.raises(UserError, match="missing.h5 is not a file"):
+    search(tmp_path, config=config, tuner="random", max_trials=3)
+
+
 def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
   """One trial; then two (the second killed midway); then the same command again."""
   workdir = str(tmp_path)
