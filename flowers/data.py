@@ -24,6 +24,7 @@ from flowers.errors import UserError
 TFDS_NAME = "oxford_flowers102"
 TFDS_SPLITS = ("train", "validation", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+SHUFFLE_BUFFER_ON_DISK = 2048
 
 
 @dataclasses.dataclass
@@ -291,7 +292,11 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
     os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
     ds = ds.cache(cache)
   if shuffle:
-    ds = ds.shuffle(max(len(keys), 1), seed=seed, reshuffle_each_iteration=True)
+    # A full-size buffer is free when the cache is in memory (it holds references
+    # to cached images); with a file cache it would pull every image back into
+    # RAM, so it is bounded there.
+    buffer = len(keys) if cache == "memory" else min(len(keys), SHUFFLE_BUFFER_ON_DISK)
+    ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
   if repeat:
     ds = ds.repeat()
   if batch_size:

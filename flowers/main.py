@@ -249,6 +249,9 @@ def main(argv: list[str]) -> None:
   from flowers.errors import UserError  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.INFO)
+  # Our progress messages are INFO; TFDS's per-split INFO lines are noise here.
+  logging.get_absl_handler().addFilter(
+      lambda record: "tensorflow_datasets" not in record.pathname)
   try:
     run(_MODE.value)
   except UserError as e:
