@@ -66,6 +66,8 @@ _FINE_TUNE_LEARNING_RATE = flags.DEFINE_float(
 _EPOCHS = flags.DEFINE_integer("epochs", 10, "Stage 1 epochs (frozen base).")
 _FINE_TUNE_EPOCHS = flags.DEFINE_integer("fine_tune_epochs", 10, "Stage 2 epochs.")
 _LABEL_SMOOTHING = flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing.")
+_LR_SCHEDULE = flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"],
+                                 "Learning rate over each stage: constant, or cosine to 0.")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "Weight decay (adamw).")
 _PATIENCE = flags.DEFINE_integer(
     "early_stopping_patience", 3, "Epochs without val gain before stopping (0: off).")
@@ -125,6 +127,7 @@ def train_config():
       fine_tune_learning_rate=_FINE_TUNE_LEARNING_RATE.value,
       epochs=_EPOCHS.value, fine_tune_epochs=_FINE_TUNE_EPOCHS.value,
       label_smoothing=_LABEL_SMOOTHING.value, weight_decay=_WEIGHT_DECAY.value,
+      lr_schedule=_LR_SCHEDULE.value,
       early_stopping_patience=_PATIENCE.value, feature_cache=_FEATURE_CACHE.value,
       cache_views=_CACHE_VIEWS.value, augment=_AUGMENT.value,
       augmentation=model_lib.Augmentation(

@@ -14,7 +14,6 @@ import sys
 import time
 from typing import Sequence
 
-import numpy as np
 
 from flowers import data as data_lib
 from flowers import split as split_lib
@@ -49,7 +48,14 @@ def _write_plots(workdir: str, enabled: bool) -> None:
     return
   from flowers import report  # pylint: disable=g-import-not-at-top
 
-  path = report.write_report(workdir, command=" ".join(sys.argv))
+  try:
+    path = report.write_report(workdir, command=" ".join(sys.argv))
+  except Exception as e:  # pylint: disable=broad-except
+    # The run's model and numbers are already saved; a plotting failure must not
+    # turn it into an error. `--mode=report` retries.
+    print(f"flowers_main: warning: the report failed ({type(e).__name__}: {e}); "
+          f"run --mode=report --workdir={workdir} to retry.", file=sys.stderr)
+    return
   print(f"Report: {path}")
 
 

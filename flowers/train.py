@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -32,7 +33,6 @@ from flowers import data as data_lib
 from flowers import evaluate as evaluate_lib
 from flowers import model as model_lib
 from flowers import prefix_cache
-from flowers import split as split_lib
 from flowers.errors import UserError
 
 MODEL_NAME = "model.keras"
@@ -58,6 +58,7 @@ class TrainConfig:
   label_smoothing: float = 0.0
   weight_decay: float = 0.0
   early_stopping_patience: int = 3
+  lr_schedule: str = "constant"  # constant | cosine (decays to 0 over each stage)
   feature_cache: str = "auto"  # auto | on | off
   cache_views: int = 4
   augmentation: model_lib.Augmentation = dataclasses.field(
@@ -95,13 +96,34 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0):
   raise UserError(f"--optimizer={name} is not one of rmsprop, adam, adamw, sgd.")
 
 
-def compile_model(model: keras.Model, config: TrainConfig, learning_rate: float) -> None:
-  """Compiles with one-hot labels (for label smoothing), accuracy and top-5."""
+def learning_rate_schedule(config: TrainConfig, learning_rate: float,
+                           decay_steps: int | None):
+  """A constant rate, or cosine decay to 0 over `decay_steps` (one stage)."""
+  if config.lr_schedule == "constant" or not decay_steps:
+    return learning_rate
+  if config.lr_schedule != "cosine":
+    raise UserError(f"--lr_schedule={config.lr_schedule} must be constant or cosine.")
+  return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=decay_steps)
+
+
+def compile_model(model: keras.Model, config: TrainConfig, learning_rate: float,
+                  decay_steps: int | None = None) -> None:
+  """Compiles with one-hot labels (for label smoothing), accuracy and top-5.
+
+  `decay_steps` (epochs x steps per epoch of the stage) enables the cosine
+  schedule when `config.lr_schedule` asks for it.
+  """
   model.compile(
-      optimizer=make_optimizer(config.optimizer, learning_rate, config.weight_decay),
+      optimizer=make_optimizer(config.optimizer,
+                               learning_rate_schedule(config, learning_rate, decay_steps),
+                               config.weight_decay),
       loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy")])
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  return max(1, math.ceil(num_examples / batch_size))
 
 
 def _callbacks(workdir: str, stage: str, config: TrainConfig,
@@ -195,36 +217,43 @@ def train_stages(model: keras.Model, splits: data_lib.Splits, config: TrainConfi
 def _train_plain(model, splits, config, workdir, num_classes) -> None:
   train = splits.train.map(one_hot(num_classes))
   val = splits.val.map(one_hot(num_classes)) if splits.keys("val") else None
+  steps = steps_per_epoch(len(splits.keys("train")), config.batch_size)
   if not _stage1_done(workdir, model):
     model_lib.freeze_base(model)
-    compile_model(model, config, config.learning_rate)
+    compile_model(model, config, config.learning_rate, steps * config.epochs)
     _fit(model, train, val, config.epochs, workdir, "stage1", config)
     _finish_stage1(workdir, model)
   if config.fine_tune_epochs > 0 and config.unfreeze_ratio > 0:
     model_lib.unfreeze(model, config.unfreeze_ratio)
-    compile_model(model, config, config.stage2_learning_rate)
+    compile_model(model, config, config.stage2_learning_rate, steps * config.fine_tune_epochs)
     _fit(model, train, val, config.fine_tune_epochs, workdir, "stage2", config)
 
 
-def _train_cached(model, splits, config, workdir, num_classes) -> None:
-  base = model_lib.base_of(model)
-  cut = model_lib.cut_index(base, config.unfreeze_ratio if config.fine_tune_epochs else 0.0)
+def build_prefix_cache(model: keras.Model, splits: data_lib.Splits, config: TrainConfig,
+                       workdir: str, unfreeze_ratio: float) -> prefix_cache.PrefixCache:
+  """The frozen-prefix cache of `model`, cut for `unfreeze_ratio`, kept in WORKDIR/cache."""
+  cut = model_lib.cut_index(model_lib.base_of(model), unfreeze_ratio)
   ordered = {name: data_lib.make_dataset(
       splits.source, splits.keys(name), image_size=config.image_size,
       batch_size=64, shuffle=False, cache="none") for name in ("train", "val")}
-  cache = prefix_cache.PrefixCache.build(
+  return prefix_cache.PrefixCache.build(
       model, cut, ordered["train"], ordered["val"], views=max(config.cache_views, 1),
       seed=config.seed, cache_dir=os.path.join(workdir, "cache"),
       split_keys={n: splits.keys(n) for n in ("train", "val")})
+
+
+def _train_cached(model, splits, config, workdir, num_classes) -> None:
+  cache = build_prefix_cache(model, splits, config, workdir,
+                             config.unfreeze_ratio if config.fine_tune_epochs else 0.0)
   has_val = len(cache.val_labels) > 0
   val_y = keras.utils.to_categorical(cache.val_labels, num_classes) if has_val else None
 
   if not _stage1_done(workdir, model):
     train_features, val_features = cache.pooled()
     head = head_model(model, train_features.shape[-1])
-    compile_model(head, config, config.learning_rate)
     sampler = prefix_cache.ViewSampler(train_features, cache.train_labels, num_classes,
                                        config.batch_size, config.seed)
+    compile_model(head, config, config.learning_rate, len(sampler) * config.epochs)
     val = (val_features, val_y) if has_val else None
     _fit(head, sampler, val, config.epochs, workdir, "stage1", config)
     _finish_stage1(workdir, model)
@@ -232,9 +261,10 @@ def _train_cached(model, splits, config, workdir, num_classes) -> None:
   if config.fine_tune_epochs > 0 and config.unfreeze_ratio > 0:
     model_lib.unfreeze(model, config.unfreeze_ratio)
     top = top_model(model, cache)
-    compile_model(top, config, config.stage2_learning_rate)
     sampler = prefix_cache.ViewSampler(cache.train_views, cache.train_labels, num_classes,
                                        config.batch_size, config.seed + 1)
+    compile_model(top, config, config.stage2_learning_rate,
+                  len(sampler) * config.fine_tune_epochs)
     val = (np.asarray(cache.val, np.float32), val_y) if has_val else None
     _fit(top, sampler, val, config.fine_tune_epochs, workdir, "stage2", config)
 
@@ -289,18 +319,26 @@ def train_and_evaluate(config: TrainConfig, workdir: str, source: data_lib.Sourc
   history = {"stage1": read_history(workdir, "stage1"),
              "stage2": read_history(workdir, "stage2")}
   artifacts.write_json(os.path.join(workdir, HISTORY_NAME), history)
+  report = evaluation_report(model, splits, config, split,
+                             train_seconds=round(time.time() - start, 1))
+  artifacts.write_json(os.path.join(workdir, REPORT_NAME), report)
+  return report
+
+
+def evaluation_report(model: keras.Model, splits: data_lib.Splits, config: TrainConfig,
+                      split: str, **extra: Any) -> dict[str, Any]:
+  """`report.json`'s content: test (and val) metrics plus what the run was."""
   report = evaluate_split(model, splits, "test")
   if splits.keys("val"):
     val = evaluate_split(model, splits, "val")
     report.update({k: v for k, v in val.items() if k.startswith(("val_", "num_val"))})
   report.update({
-      "source": source.name,
+      "source": splits.source.name,
       "split": split,
       "seed": config.seed,
       "num_train_examples": len(splits.keys("train")),
       "feature_cache": config.use_cache(),
-      "train_seconds": round(time.time() - start, 1),
       "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
   })
-  artifacts.write_json(os.path.join(workdir, REPORT_NAME), report)
+  report.update(extra)
   return report

@@ -194,20 +194,6 @@ def _user_errors_stop_the_search():
     raise _TrialUserError(str(e)) from e
 
 
-def build_prefix_cache(model: keras.Model, splits: data_lib.Splits,
-                       config: train_lib.TrainConfig, workdir: str,
-                       unfreeze_ratio: float) -> prefix_cache.PrefixCache:
-  """The frozen-prefix cache of `model`, cut for `unfreeze_ratio`, kept in WORKDIR/cache."""
-  cut = model_lib.cut_index(model_lib.base_of(model), unfreeze_ratio)
-  ordered = {name: data_lib.make_dataset(
-      splits.source, splits.keys(name), image_size=config.image_size,
-      batch_size=64, shuffle=False, cache="none") for name in ("train", "val")}
-  return prefix_cache.PrefixCache.build(
-      model, cut, ordered["train"], ordered["val"], views=max(config.cache_views, 1),
-      seed=config.seed, cache_dir=os.path.join(workdir, "cache"),
-      split_keys={n: splits.keys(n) for n in ("train", "val")})
-
-
 @dataclasses.dataclass
 class _Cached:
   """The cache and the arrays derived from it, shared by every trial."""
@@ -286,8 +272,8 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     """The cache at the cut of the space's largest unfreeze ratio, and its features."""
     if self._cached is None:
       top_ratio = self.search.unfreeze_ratio[1] if self.config.fine_tune_epochs > 0 else 0.0
-      cache = build_prefix_cache(self.template(), self.splits, self.config, self.workdir,
-                                 top_ratio)
+      cache = train_lib.build_prefix_cache(self.template(), self.splits, self.config,
+                                           self.workdir, top_ratio)
       train_features, val_features = cache.pooled()
       self._cached = _Cached(
           cache, train_features, val_features, np.asarray(cache.val, np.float32),
@@ -342,7 +328,9 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
                   run_stage1, trial_dir) -> dict[str, float]:
     c, config, n = self._prepare_cache(), self.config, self.num_classes
     head = train_lib.head_model(model, c.train_features.shape[-1])
-    train_lib.compile_model(head, config, config.learning_rate)
+    train_lib.compile_model(head, config, config.learning_rate, config.epochs *
+                            train_lib.steps_per_epoch(len(c.cache.train_labels),
+                                                      config.batch_size))
     if run_stage1:
       sampler = prefix_cache.ViewSampler(c.train_features, c.cache.train_labels, n,
                                          config.batch_size, seed)
@@ -357,9 +345,10 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     cache = prefix_cache.PrefixCache(model, c.cache.cut, c.cache.train_views,
                                      c.cache.train_labels, c.cache.val, c.cache.val_labels)
     top = train_lib.top_model(model, cache)
-    train_lib.compile_model(top, config, values["fine_tune_learning_rate"])
     sampler = prefix_cache.ViewSampler(c.cache.train_views, c.cache.train_labels, n,
                                        config.batch_size, seed + 1)
+    train_lib.compile_model(top, config, values["fine_tune_learning_rate"],
+                            len(sampler) * config.fine_tune_epochs)
     _fit_stage(top, sampler, (c.val_acts, c.val_y), epochs=stage2_epochs,
                initial_epoch=initial_epoch, trial_dir=trial_dir, stage="stage2", config=config)
     return top.evaluate(c.val_acts, c.val_y, verbose=0, return_dict=True)
@@ -635,22 +624,14 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
   history = {stage: train_lib.read_history(trial_dir, stage) for stage in ("stage1", "stage2")}
   artifacts.write_json(os.path.join(workdir, train_lib.HISTORY_NAME), history)
 
-  report = train_lib.evaluate_split(model, splits, "test")
-  val = train_lib.evaluate_split(model, splits, "val")
-  report.update({k: v for k, v in val.items() if k.startswith(("val_", "num_val"))})
   best_config = dataclasses.replace(config, **best_hparams)
+  report = train_lib.evaluation_report(model, splits, best_config, split)
   report.update({
-      "source": source.name,
-      "split": split,
-      "seed": config.seed,
-      "num_train_examples": len(splits.keys("train")),
-      "feature_cache": config.use_cache(),
       "best_trial_id": best.trial_id,
       "best_trial_val_accuracy": float(best.score),
       "best_hparams": best_hparams,
       "num_trials": len(completed),
       "search_seconds": round(time.time() - start, 1),
-      "config": json.loads(json.dumps(dataclasses.asdict(best_config), default=str)),
   })
   print(f"Best trial {best.trial_id} of {len(completed)}: "
         + ", ".join(f"{k}={v:.4g}" for k, v in best_hparams.items())

@@ -7,7 +7,6 @@ from unittest import mock
 from absl.testing import absltest
 from absl.testing import parameterized
 import keras
-import numpy as np
 
 import fake_data
 import shared_data
