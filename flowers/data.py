@@ -244,6 +244,21 @@ def decode_image(data: tf.Tensor, decoder: str = "tf") -> tuple[tf.Tensor, tf.Te
   return image, tf.constant(True)
 
 
+def _clear_unfinished_file_cache(prefix: str) -> None:
+  """Removes what an interrupted run left of a file cache, so it is rebuilt.
+
+  tf.data writes the `.index` file last; without it the cache is incomplete,
+  and its lock file would otherwise make the next run fail.
+  """
+  folder = os.path.dirname(os.path.abspath(prefix))
+  os.makedirs(folder, exist_ok=True)
+  name = os.path.basename(prefix)
+  files = [f for f in os.listdir(folder) if f.startswith(name + ".") or f.startswith(name + "_")]
+  if not any(f.endswith(".index") for f in files):
+    for f in files:
+      os.remove(os.path.join(folder, f))
+
+
 def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
                  batch_size: int | None = 32, shuffle: bool = False, seed: int = 0,
                  cache: str = "memory", repeat: bool = False) -> tf.data.Dataset:
@@ -289,7 +304,7 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
   if cache == "memory":
     ds = ds.cache()
   elif cache and cache != "none":
-    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    _clear_unfinished_file_cache(cache)
     ds = ds.cache(cache)
   if shuffle:
     # A full-size buffer is free when the cache is in memory (it holds references

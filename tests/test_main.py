@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -39,7 +40,7 @@ class EveryModeTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.root = absltest.get_default_test_tmpdir()
+    cls.root = tempfile.mkdtemp(prefix="flowers_main_test_")
     cls.image_dir = os.path.join(cls.root, "images")
     fake_data.write_image_dir(cls.image_dir, [8, 8, 8], size=40)
     cls.workdir = os.path.join(cls.root, "run")
