@@ -107,6 +107,19 @@ def run_extract(args: argparse.Namespace) -> None:
   emit({"images": len(source.keys)})
 
 
+def iterate_epochs(ds, epochs: int) -> tuple[int, list[float]]:
+  """Reads `ds` for `epochs` epochs: (uint8 images seen, seconds per epoch)."""
+  images = 0
+  epoch_seconds = []
+  for _ in range(epochs):
+    epoch_start = time.perf_counter()
+    for batch, _ in ds:
+      assert batch.dtype.name == "uint8", batch.dtype
+      images += int(batch.shape[0])
+    epoch_seconds.append(time.perf_counter() - epoch_start)
+  return images, epoch_seconds
+
+
 def run_ours(args: argparse.Namespace) -> None:
   """Our tf.data pipeline over the first `limit` images (all by default)."""
   import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
@@ -119,14 +132,7 @@ def run_ours(args: argparse.Namespace) -> None:
   ds = data_lib.make_dataset(source, keys, image_size=args.image_size,
                              batch_size=args.batch_size, shuffle=True,
                              seed=args.seed, cache="memory")
-  images = 0
-  epoch_seconds = []
-  for _ in range(args.epochs):
-    epoch_start = time.perf_counter()
-    for batch, _ in ds:
-      assert batch.dtype.name == "uint8", batch.dtype
-      images += int(batch.shape[0])
-    epoch_seconds.append(time.perf_counter() - epoch_start)
+  images, epoch_seconds = iterate_epochs(ds, args.epochs)
   seconds = time.perf_counter() - start
   emit({"images": images, "seconds": seconds, "epoch_seconds": epoch_seconds,
         "import_rss_mib": import_rss, "self_peak_rss_mib": peak_rss_mib(),
@@ -149,13 +155,7 @@ def run_ours_train(args: argparse.Namespace) -> None:
     splits = data_lib.load_splits(source, workdir=workdir, split="64,16,20",
                                   seed=args.seed, image_size=args.image_size,
                                   batch_size=args.batch_size)
-    images = 0
-    epoch_seconds = []
-    for _ in range(args.epochs):
-      epoch_start = time.perf_counter()
-      for batch, _ in splits.train:
-        images += int(batch.shape[0])
-      epoch_seconds.append(time.perf_counter() - epoch_start)
+    images, epoch_seconds = iterate_epochs(splits.train, args.epochs)
     seconds = time.perf_counter() - start
   emit({"images": images, "seconds": seconds, "epoch_seconds": epoch_seconds,
         "import_rss_mib": import_rss, "self_peak_rss_mib": peak_rss_mib(),

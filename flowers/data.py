@@ -360,9 +360,9 @@ def load_splits(source: Source | None = None, *, workdir: str | None = None,
   assignment = prepare_split(source, workdir, spec)
 
   def cache_for(name: str) -> str:
-    if cache in ("memory", "none") or workdir is None:
-      return cache if cache in ("memory", "none") else "memory"
-    return os.path.join(workdir, "cache", f"{name}_{image_size}")
+    if cache == "disk" and workdir is not None:
+      return os.path.join(workdir, "cache", f"{name}_{image_size}")
+    return "none" if cache == "none" else "memory"
 
   datasets = {
       name: make_dataset(source, split_lib.keys_of(assignment, name),

@@ -64,8 +64,7 @@ def train(config, workdir: str, source: data_lib.Source, split: str, cache: str,
   """Two-stage training, test evaluation and artifacts (see `train.py`)."""
   from flowers import train as train_lib  # pylint: disable=g-import-not-at-top
 
-  cache_arg = "disk" if cache == "disk" else cache
-  report = train_lib.train_and_evaluate(config, workdir, source, split, cache_arg)
+  report = train_lib.train_and_evaluate(config, workdir, source, split, cache)
   print(f"test_accuracy={report['test_accuracy']:.4f} "
         f"test_top5_accuracy={report['test_top5_accuracy']:.4f} "
         f"({report['num_test_examples']} test images, {report['train_seconds']:.0f} s) "
