@@ -76,6 +76,9 @@ _FEATURE_CACHE = flags.DEFINE_enum(
     "Run the frozen base prefix once per view (auto: on without a GPU).")
 _CACHE_VIEWS = flags.DEFINE_integer(
     "cache_views", 4, "Cached views per training image (1 plain + augmented).")
+_INT8_GRID = flags.DEFINE_boolean(
+    "int8_grid_weights", True,
+    "Round trained conv kernels to the int8 export's grid, so int8 answers like float.")
 _VERBOSE = flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 bars, 2 lines.")
 
 # Evaluate / predict.
@@ -129,7 +132,8 @@ def train_config():
       label_smoothing=_LABEL_SMOOTHING.value, weight_decay=_WEIGHT_DECAY.value,
       lr_schedule=_LR_SCHEDULE.value,
       early_stopping_patience=_PATIENCE.value, feature_cache=_FEATURE_CACHE.value,
-      cache_views=_CACHE_VIEWS.value, augment=_AUGMENT.value,
+      cache_views=_CACHE_VIEWS.value,
+      int8_grid_weights=_INT8_GRID.value, augment=_AUGMENT.value,
       augmentation=model_lib.Augmentation(
           flip=_FLIP.value, rotation_degrees=_ROTATION.value, translation=_TRANSLATION.value,
           zoom=_ZOOM.value, contrast=_CONTRAST.value),

@@ -61,6 +61,7 @@ class TrainConfig:
   lr_schedule: str = "constant"  # constant | cosine (decays to 0 over each stage)
   feature_cache: str = "auto"  # auto | on | off
   cache_views: int = 4
+  int8_grid_weights: bool = True
   augmentation: model_lib.Augmentation = dataclasses.field(
       default_factory=model_lib.Augmentation)
   augment: bool = True
@@ -260,13 +261,20 @@ def _train_cached(model, splits, config, workdir, num_classes) -> None:
 
   if config.fine_tune_epochs > 0 and config.unfreeze_ratio > 0:
     model_lib.unfreeze(model, config.unfreeze_ratio)
-    top = top_model(model, cache)
     sampler = prefix_cache.ViewSampler(cache.train_views, cache.train_labels, num_classes,
                                        config.batch_size, config.seed + 1)
+    val = (np.asarray(cache.val, np.float32), val_y) if has_val else None
+    top = top_model(model, cache)
     compile_model(top, config, config.stage2_learning_rate,
                   len(sampler) * config.fine_tune_epochs)
-    val = (np.asarray(cache.val, np.float32), val_y) if has_val else None
     _fit(top, sampler, val, config.fine_tune_epochs, workdir, "stage2", config)
+
+
+def round_for_int8(model: keras.Model) -> None:
+  """Puts the trained conv kernels on the int8 export's grid (see
+  `model.round_kernels_to_int8_grid`), so the float and int8 models agree."""
+  changed = model_lib.round_kernels_to_int8_grid(model)
+  logging.info("Rounded %d conv kernels to their per-channel int8 grid.", changed)
 
 
 def save_model(model: keras.Model, path: str) -> None:
@@ -314,6 +322,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, source: data_lib.Sourc
       weights=config.weights, augment=config.augment,
       augmentation=config.augmentation, alpha=config.alpha, seed=config.seed)
   train_stages(model, splits, config, workdir)
+  if config.int8_grid_weights:
+    round_for_int8(model)
   save_model(model, os.path.join(workdir, MODEL_NAME))
 
   history = {"stage1": read_history(workdir, "stage1"),

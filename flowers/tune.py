@@ -344,9 +344,9 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     # between the cache's cut and the trial's own cut stay frozen.
     cache = prefix_cache.PrefixCache(model, c.cache.cut, c.cache.train_views,
                                      c.cache.train_labels, c.cache.val, c.cache.val_labels)
-    top = train_lib.top_model(model, cache)
     sampler = prefix_cache.ViewSampler(c.cache.train_views, c.cache.train_labels, n,
                                        config.batch_size, seed + 1)
+    top = train_lib.top_model(model, cache)
     train_lib.compile_model(top, config, values["fine_tune_learning_rate"],
                             len(sampler) * config.fine_tune_epochs)
     _fit_stage(top, sampler, (c.val_acts, c.val_y), epochs=stage2_epochs,
@@ -619,6 +619,8 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
 
   model, trial_dir = _best_model(tuner, hypermodel, best)
   splits, config = hypermodel.splits, hypermodel.config
+  if config.int8_grid_weights:
+    train_lib.round_for_int8(model)
   train_lib.save_model(model, os.path.join(workdir, train_lib.MODEL_NAME))
   train_lib.write_labels(os.path.join(workdir, train_lib.LABELS_NAME), splits.class_names)
   history = {stage: train_lib.read_history(trial_dir, stage) for stage in ("stage1", "stage2")}

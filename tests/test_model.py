@@ -154,6 +154,40 @@ class UnfreezeTest(parameterized.TestCase):
       model_lib.cut_index(self.base, 1.5)
 
 
+class Int8GridTest(absltest.TestCase):
+
+  def conv_layers(self, model):
+    return [l for l in model_lib.base_of(model).layers
+            if isinstance(l, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
+
+  def test_kernels_land_on_the_per_channel_grid(self):
+    model = tiny_model()
+    classifier_before = model.get_layer(model_lib.CLASSIFIER_NAME).kernel.numpy().copy()
+    changed = model_lib.round_kernels_to_int8_grid(model)
+    self.assertEqual(changed, len(self.conv_layers(model)))  # Random init: all off-grid.
+    for layer in self.conv_layers(model):
+      kernel = layer.kernel.numpy()
+      # One scale per output channel: the last axis ([h, w, in, out]), or
+      # in * multiplier for a depthwise kernel.
+      depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+      channels = kernel.reshape(kernel.shape[:2] + (1, -1)) if depthwise else kernel
+      step = np.abs(channels).max(axis=(0, 1, 2)) / 127.0
+      steps = channels / np.where(step > 0, step, 1.0)  # All-zero channels stay 0.
+      np.testing.assert_allclose(steps, np.round(steps), atol=1e-3, err_msg=layer.name)
+      self.assertLessEqual(np.abs(steps).max(), 127.0 + 1e-3)
+    # Idempotent, and the classifier is left alone.
+    self.assertEqual(model_lib.round_kernels_to_int8_grid(model), 0)
+    np.testing.assert_array_equal(
+        model.get_layer(model_lib.CLASSIFIER_NAME).kernel.numpy(), classifier_before)
+
+  def test_rounding_moves_each_weight_by_at_most_half_a_step(self):
+    weights = np.random.default_rng(0).normal(size=(3, 3, 4, 8)).astype(np.float32)
+    rounded = model_lib.int8_grid(weights, channel_axis=3)
+    step = np.abs(weights).max(axis=(0, 1, 2)) / 127.0
+    self.assertTrue(np.all(np.abs(rounded - weights) <= step / 2 + 1e-7))
+    self.assertFalse(np.array_equal(rounded, weights))
+
+
 @shared_data.requires_weights
 class RealWeightsTest(absltest.TestCase):
 

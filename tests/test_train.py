@@ -10,6 +10,7 @@ import keras
 
 import fake_data
 import shared_data
+from flowers import model as model_lib
 from flowers import modes
 from flowers import train
 from flowers.errors import UserError
@@ -45,8 +46,8 @@ class TrainTest(parameterized.TestCase):
     with fake_data.mock_flowers(COUNTS):
       from flowers import data  # pylint: disable=g-import-not-at-top
       source = data.load_tfds()
-      report = train.train_and_evaluate(tiny_config(feature_cache=feature_cache), workdir,
-                                        source)
+      report = train.train_and_evaluate(
+          tiny_config(feature_cache=feature_cache), workdir, source)
     for name in ("model.keras", "labels.txt", "history.json", "report.json", "splits.csv"):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
     self.assertEqual(report["feature_cache"], feature_cache == "on")
@@ -61,6 +62,8 @@ class TrainTest(parameterized.TestCase):
     self.assertLen(history["stage2"]["val_accuracy"], 2)
     model = keras.models.load_model(os.path.join(workdir, "model.keras"))
     self.assertEqual(tuple(model.output.shape), (None, 102))
+    # Conv kernels already on the int8 export's grid.
+    self.assertEqual(model_lib.round_kernels_to_int8_grid(model), 0)
     # No temporary files left behind.
     self.assertEmpty([f for f in os.listdir(workdir) if f.startswith(".tmp")])
 
