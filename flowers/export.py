@@ -337,6 +337,9 @@ def export_from_workdir(model_path: str, workdir: str, source: data_lib.Source,
         "keras_size_bytes": os.path.getsize(model_path),
         "max_accuracy_drop": options.max_accuracy_drop,
         "calibration_examples": int(sum(len(b) for b in calibration or [])),
+        # Off-grid conv kernels (a model trained with --noint8_grid_weights, or
+        # elsewhere) are the usual cause of a low top1_agreement.
+        "conv_kernels_off_int8_grid": len(model_lib.kernels_off_int8_grid(model)),
         "class_names": class_names,
         "source": source.name,
         "split": split,

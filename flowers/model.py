@@ -225,12 +225,26 @@ def round_kernels_to_int8_grid(model: keras.Model) -> int:
   ones move by at most half a step. After this the float model holds exactly
   the weights the int8 model will, and the two differ only by activation
   rounding: on the cpu.cfg model, top-1 agreement with the int8 export rose
-  from 0.977 to 0.991 with the same float test accuracy.
+  from 0.977 to 0.991 (test accuracy 0.9554 before and after; val 0.9534 ->
+  0.9435, where the int8 model scores 0.9443 either way).
 
   Returns:
     The number of kernels that changed.
   """
   changed = 0
+  for layer, rounded in _int8_grid_kernels(model):
+    layer.kernel.assign(rounded)
+    changed += 1
+  return changed
+
+
+def kernels_off_int8_grid(model: keras.Model) -> list[str]:
+  """Names of the base's conv layers whose kernels are not on the int8 grid."""
+  return [layer.name for layer, _ in _int8_grid_kernels(model)]
+
+
+def _int8_grid_kernels(model: keras.Model):
+  """(layer, kernel rounded to the int8 grid) for each base conv off the grid."""
   for layer in base_of(model).layers:
     if isinstance(layer, keras.layers.DepthwiseConv2D):
       kernel = np.asarray(layer.kernel.numpy())
@@ -242,11 +256,9 @@ def round_kernels_to_int8_grid(model: keras.Model) -> int:
       rounded = int8_grid(kernel, channel_axis=3)  # [h, w, in, out].
     else:
       continue
-    # Kernels on the grid up to float32 round-off are left as they are.
+    # Kernels on the grid up to float32 round-off count as on it.
     if not np.allclose(rounded, kernel, rtol=1e-5, atol=0.0):
-      layer.kernel.assign(rounded)
-      changed += 1
-  return changed
+      yield layer, rounded
 
 
 def int8_grid(weights: np.ndarray, channel_axis: int) -> np.ndarray:

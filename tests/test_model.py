@@ -163,8 +163,10 @@ class Int8GridTest(absltest.TestCase):
   def test_kernels_land_on_the_per_channel_grid(self):
     model = tiny_model()
     classifier_before = model.get_layer(model_lib.CLASSIFIER_NAME).kernel.numpy().copy()
+    self.assertLen(model_lib.kernels_off_int8_grid(model), len(self.conv_layers(model)))
     changed = model_lib.round_kernels_to_int8_grid(model)
     self.assertEqual(changed, len(self.conv_layers(model)))  # Random init: all off-grid.
+    self.assertEmpty(model_lib.kernels_off_int8_grid(model))
     for layer in self.conv_layers(model):
       kernel = layer.kernel.numpy()
       # One scale per output channel: the last axis ([h, w, in, out]), or
