@@ -246,16 +246,16 @@ def kernels_off_int8_grid(model: keras.Model) -> list[str]:
 def _int8_grid_kernels(model: keras.Model):
   """(layer, kernel rounded to the int8 grid) for each base conv off the grid."""
   for layer in base_of(model).layers:
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-      kernel = np.asarray(layer.kernel.numpy())
-      # [h, w, in, multiplier]: in * multiplier output channels.
-      channels = kernel.reshape(kernel.shape[:2] + (1, -1))
-      rounded = int8_grid(channels, channel_axis=3).reshape(kernel.shape)
-    elif isinstance(layer, keras.layers.Conv2D):
-      kernel = np.asarray(layer.kernel.numpy())
-      rounded = int8_grid(kernel, channel_axis=3)  # [h, w, in, out].
-    else:
+    if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
       continue
+    kernel = np.asarray(layer.kernel.numpy())
+    # Output channels: the last axis of a conv kernel [h, w, in, out]; the
+    # in * multiplier channels of a depthwise kernel [h, w, in, multiplier].
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+      channels = kernel.reshape(kernel.shape[:2] + (1, -1))
+    else:
+      channels = kernel
+    rounded = int8_grid(channels, channel_axis=3).reshape(kernel.shape)
     # Kernels on the grid up to float32 round-off count as on it.
     if not np.allclose(rounded, kernel, rtol=1e-5, atol=0.0):
       yield layer, rounded

@@ -14,7 +14,6 @@ import sys
 import time
 from typing import Sequence
 
-
 from flowers import data as data_lib
 from flowers import split as split_lib
 from flowers.errors import UserError

@@ -270,9 +270,11 @@ def _train_cached(model, splits, config, workdir, num_classes) -> None:
     _fit(top, sampler, val, config.fine_tune_epochs, workdir, "stage2", config)
 
 
-def round_for_int8(model: keras.Model) -> None:
+def round_for_int8(model: keras.Model, config: TrainConfig) -> None:
   """Puts the trained conv kernels on the int8 export's grid (see
-  `model.round_kernels_to_int8_grid`), so the float and int8 models agree."""
+  `model.round_kernels_to_int8_grid`) unless `config.int8_grid_weights` is off."""
+  if not config.int8_grid_weights:
+    return
   changed = model_lib.round_kernels_to_int8_grid(model)
   logging.info("Rounded %d conv kernels to their per-channel int8 grid.", changed)
 
@@ -322,8 +324,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, source: data_lib.Sourc
       weights=config.weights, augment=config.augment,
       augmentation=config.augmentation, alpha=config.alpha, seed=config.seed)
   train_stages(model, splits, config, workdir)
-  if config.int8_grid_weights:
-    round_for_int8(model)
+  round_for_int8(model, config)
   save_model(model, os.path.join(workdir, MODEL_NAME))
 
   history = {"stage1": read_history(workdir, "stage1"),

@@ -619,8 +619,7 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
 
   model, trial_dir = _best_model(tuner, hypermodel, best)
   splits, config = hypermodel.splits, hypermodel.config
-  if config.int8_grid_weights:
-    train_lib.round_for_int8(model)
+  train_lib.round_for_int8(model, config)
   train_lib.save_model(model, os.path.join(workdir, train_lib.MODEL_NAME))
   train_lib.write_labels(os.path.join(workdir, train_lib.LABELS_NAME), splits.class_names)
   history = {stage: train_lib.read_history(trial_dir, stage) for stage in ("stage1", "stage2")}
