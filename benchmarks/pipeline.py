@@ -143,6 +143,7 @@ def run_ours_train(args: argparse.Namespace) -> None:
   """Our pipeline exactly as training builds it: the train split of load_splits."""
   import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
   from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
+  from flowers.config import DataConfig  # pylint: disable=g-import-not-at-top
 
   import_rss = peak_rss_mib()
   with tempfile.TemporaryDirectory() as workdir:
@@ -152,9 +153,9 @@ def run_ours_train(args: argparse.Namespace) -> None:
       source.keys = source.keys[:args.limit]
       source.labels = source.labels[:args.limit]
       source.source_splits = source.source_splits[:args.limit]
-    splits = data_lib.load_splits(source, workdir=workdir, split="64,16,20",
-                                  seed=args.seed, image_size=args.image_size,
-                                  batch_size=args.batch_size)
+    data = DataConfig(seed=args.seed, image_size=args.image_size,
+                      batch_size=args.batch_size)
+    splits = data_lib.load_splits(data, source=source, workdir=workdir)
     images, epoch_seconds = iterate_epochs(splits.train, args.epochs)
     seconds = time.perf_counter() - start
   emit({"images": images, "seconds": seconds, "epoch_seconds": epoch_seconds,

@@ -6,24 +6,39 @@
 
 Names are imported lazily, so `import flowers` (and the split logic in
 `flowers.split`) does not load TensorFlow until a TensorFlow name is used.
+
+Importing flowers before TensorFlow switches on TensorFlow's oneDNN CPU kernels
+(`TF_ENABLE_ONEDNN_OPTS=1`), which run MobileNetV2 about 3x faster on x86 CPUs
+(22.5 -> 76 img/s forward on a 2-core machine). TensorFlow reads the variable
+once, when it loads: a value you set yourself wins, and importing TensorFlow
+first leaves its own default.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
+
+if "tensorflow" not in sys.modules:
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "build_model": "flowers.model",
     "unfreeze": "flowers.model",
-    "Augmentation": "flowers.model",
+    "Augmentation": "flowers.config",
     "load_splits": "flowers.data",
     "load_source": "flowers.data",
     "make_dataset": "flowers.data",
     "stratified_split": "flowers.split",
-    "TrainConfig": "flowers.train",
+    "DataConfig": "flowers.config",
+    "TrainConfig": "flowers.config",
+    "SearchConfig": "flowers.config",
+    "ExportOptions": "flowers.config",
+    "RunConfig": "flowers.config",
     "train_and_evaluate": "flowers.train",
     "UserError": "flowers.errors",
 }

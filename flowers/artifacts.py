@@ -1,7 +1,8 @@
-"""Atomic artifact writes: a file appears at its final path only when complete.
+"""The workdir's files: their names, and atomic writes.
 
-Every file a mode leaves in the workdir goes through here, so an interrupted
-run never leaves a half-written `model.keras`, `report.json` or `.tflite`.
+Every file a mode leaves in the workdir is named here and written through
+here, so an interrupted run never leaves a half-written `model.keras`,
+`report.json` or `.tflite`, and no module spells a file name of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +12,45 @@ import json
 import os
 import tempfile
 from typing import Any, Iterator
+
+# What a run writes to WORKDIR.
+SPLITS = "splits.csv"  # file_name,label,split: the split the run was made with.
+FLAGS = "flags.cfg"  # The resolved flags, reusable as a --flagfile.
+MODEL = "model.keras"
+LABELS = "labels.txt"  # One class name a line, beside every model.
+HISTORY = "history.json"  # Per-epoch metrics of both stages.
+REPORT = "report.json"  # Test (and val) metrics of the model.
+TFLITE_REPORT = "report_tflite.json"  # --mode=evaluate of a .tflite model.
+EXPORT_REPORT = "export_report.json"
+TFLITE_NAMES = {"int8": "model_int8.tflite", "float16": "model_float16.tflite",
+                "dynamic": "model_dynamic.tflite", "none": "model_float32.tflite"}
+TRIALS = "trials.csv"  # One row per tuning trial, best first.
+BEST_HPARAMS = "best_hparams.json"
+SUMMARY = "summary.md"
+PLOTS_DIR = "plots"
+HISTORY_PNG = "history.png"
+DISTRIBUTION_PNG = "class_distribution.png"
+AUGMENTED_PNG = "augmented_samples.png"
+CONFUSION_PNG = "confusion_matrix.png"
+PER_CLASS_PNG = "per_class_accuracy.png"
+TUNING_PNG = "tuning.png"
+
+# Training state, per run folder (WORKDIR, or a tuning trial's folder).
+STAGE1_WEIGHTS = "stage1.weights.h5"  # Marks a finished stage 1.
+BACKUP_DIR = "backup"  # keras.callbacks.BackupAndRestore, per stage.
+LOGS_DIR = "logs"  # TensorBoard, per stage.
+CACHE_DIR = "cache"  # Frozen-prefix activations; the disk pipeline cache.
+
+# The search, under WORKDIR/tuner (KerasTuner's project).
+TUNER_DIR = "tuner"
+SEARCH_SETTINGS = "flowers_search.json"  # What the search was made with.
+TRIAL_RESULT = "result.json"  # Per trial, beside KerasTuner's trial.json.
+TRIAL_WEIGHTS = "checkpoint.weights.h5"  # KerasTuner's name for a trial's weights.
+
+
+def stage_history(stage: str) -> str:
+  """The CSV log of one stage's epochs ("stage1" or "stage2")."""
+  return f"history_{stage}.csv"
 
 
 @contextlib.contextmanager
@@ -42,13 +82,6 @@ def write_text(path: str, text: str) -> None:
       f.write(text)
 
 
-def write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` atomically."""
-  with atomic_path(path) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(data)
-
-
 def write_json(path: str, obj: Any) -> None:
   """Writes `obj` as indented JSON to `path` atomically."""
   write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -63,3 +96,32 @@ def read_json(path: str, made_by: str | None = None) -> Any:
     raise UserError(f"{path} not found{hint}.")
   with open(path, encoding="utf-8") as f:
     return json.load(f)
+
+
+def labels_beside(model_path: str) -> str:
+  """The `labels.txt` that belongs to a model: the one in the model's folder."""
+  return os.path.join(os.path.dirname(os.path.abspath(model_path)), LABELS)
+
+
+def model_labels(model_path: str, fallback: list[str] | None = None) -> list[str]:
+  """A model's class names: its `labels.txt`, else `fallback` (else a `UserError`)."""
+  path = labels_beside(model_path)
+  if fallback is not None and not os.path.exists(path):
+    return list(fallback)
+  return read_labels(path)
+
+
+def write_labels(path: str, class_names: list[str]) -> None:
+  """`labels.txt`: one class name a line, in class-index order."""
+  write_text(path, "".join(f"{name}\n" for name in class_names))
+
+
+def read_labels(path: str) -> list[str]:
+  """The class names of a `labels.txt`; a missing file is a `UserError`."""
+  from flowers.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  if not os.path.exists(path):
+    raise UserError(f"{path} not found: it is written beside the model by "
+                    "--mode=train, --mode=tune and --mode=export.")
+  with open(path, encoding="utf-8") as f:
+    return [line.rstrip("\n") for line in f if line.strip()]

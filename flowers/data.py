@@ -18,10 +18,12 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from flowers import artifacts
 from flowers import split as split_lib
+from flowers.config import DataConfig
+from flowers.config import PipelineCache
 from flowers.errors import UserError
 
-TFDS_NAME = "oxford_flowers102"
 TFDS_SPLITS = ("train", "validation", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 SHUFFLE_BUFFER_ON_DISK = 2048
@@ -58,7 +60,7 @@ class Source:
     return dict(zip(self.keys, self.labels))
 
 
-def load_tfds(name: str = TFDS_NAME, data_dir: str | None = None,
+def load_tfds(name: str = DataConfig.tfds_name, data_dir: str | None = None,
               download: bool = True) -> Source:
   """Lists a TFDS image classification dataset, all official splits merged.
 
@@ -190,13 +192,11 @@ def load_image_dir(path: str, strict: bool = False) -> Source:
                 decoder="pil")
 
 
-def load_source(image_dir: str | None = None, tfds_name: str = TFDS_NAME,
-                tfds_data_dir: str | None = None, download: bool = True,
-                strict: bool = False) -> Source:
-  """An image folder if `image_dir` is given, else the TFDS dataset."""
-  if image_dir:
-    return load_image_dir(image_dir, strict=strict)
-  return load_tfds(tfds_name, tfds_data_dir, download)
+def load_source(data: DataConfig = DataConfig()) -> Source:
+  """The images `data` names: its image folder if given, else its TFDS dataset."""
+  if data.image_dir:
+    return load_image_dir(data.image_dir, strict=data.strict)
+  return load_tfds(data.tfds_name, data.tfds_data_dir, data.download)
 
 
 def resize(images: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -261,7 +261,7 @@ def _clear_unfinished_file_cache(prefix: str) -> None:
 
 def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
                  batch_size: int | None = 32, shuffle: bool = False, seed: int = 0,
-                 cache: str = "memory", repeat: bool = False) -> tf.data.Dataset:
+                 cache: str = "memory") -> tf.data.Dataset:
   """The input pipeline for the images in `keys`: (uint8 images, int32 labels).
 
   Args:
@@ -273,7 +273,6 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
     seed: the shuffle seed.
     cache: "memory", a file path prefix (for when memory is short), or "none".
       Images are decoded and resized once; later epochs read the cache.
-    repeat: repeat forever (for step-based loops).
   """
   label_of = source.label_of()
   key_tensor = tf.constant(list(keys) or [""], dtype=tf.string)
@@ -312,8 +311,6 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
     # RAM, so it is bounded there.
     buffer = len(keys) if cache == "memory" else min(len(keys), SHUFFLE_BUFFER_ON_DISK)
     ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
-  if repeat:
-    ds = ds.repeat()
   if batch_size:
     ds = ds.batch(batch_size)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
@@ -344,30 +341,29 @@ def prepare_split(source: Source, workdir: str | None,
                                   source.source_splits, spec)
 
 
-def load_splits(source: Source | None = None, *, workdir: str | None = None,
-                split: str = "64,16,20", seed: int = 42, image_size: int = 224,
-                batch_size: int = 32, cache: str = "memory",
-                tfds_data_dir: str | None = None) -> Splits:
+def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None,
+                workdir: str | None = None) -> Splits:
   """Train/val/test datasets of (uint8 images, labels), stratified and seeded.
 
-  Usable from any code: `flowers.load_splits(tfds_data_dir=...)` gives the
-  default oxford_flowers102 64/16/20 split. Train is shuffled (by `seed`),
-  val and test are in key order.
+  Usable from any code: `flowers.load_splits(DataConfig(tfds_data_dir=...))`
+  gives the default oxford_flowers102 64/16/20 split. Train is shuffled (by
+  `data.seed`), val and test are in key order. With a `workdir`, its
+  `splits.csv` is reused (or written), and the disk cache lives there.
   """
   if source is None:
-    source = load_tfds(data_dir=tfds_data_dir)
-  spec = split_lib.parse_split(split, seed)
+    source = load_source(data)
+  spec = split_lib.parse_split(data.split, data.seed)
   assignment = prepare_split(source, workdir, spec)
 
   def cache_for(name: str) -> str:
-    if cache == "disk" and workdir is not None:
-      return os.path.join(workdir, "cache", f"{name}_{image_size}")
-    return "none" if cache == "none" else "memory"
+    if data.cache is PipelineCache.DISK and workdir is not None:
+      return os.path.join(workdir, artifacts.CACHE_DIR, f"{name}_{data.image_size}")
+    return "none" if data.cache is PipelineCache.NONE else "memory"
 
   datasets = {
       name: make_dataset(source, split_lib.keys_of(assignment, name),
-                         image_size=image_size, batch_size=batch_size,
-                         shuffle=name == "train", seed=seed, cache=cache_for(name))
+                         image_size=data.image_size, batch_size=data.batch_size,
+                         shuffle=name == "train", seed=data.seed, cache=cache_for(name))
       for name in split_lib.SPLITS
   }
   return Splits(datasets["train"], datasets["val"], datasets["test"],

@@ -36,58 +36,14 @@ from flowers import data as data_lib
 from flowers import evaluate as evaluate_lib
 from flowers import model as model_lib
 from flowers import split as split_lib
-from flowers import train as train_lib
+from flowers.config import ExportOptions
+from flowers.config import IoDtype
+from flowers.config import Quantization
+from flowers.config import RunConfig
 from flowers.errors import UserError
 
-QUANTIZATIONS = ("int8", "float16", "dynamic", "none")
-IO_DTYPES = ("uint8", "int8")
-FILE_NAMES = {
-    "int8": "model_int8.tflite",
-    "float16": "model_float16.tflite",
-    "dynamic": "model_dynamic.tflite",
-    "none": "model_float32.tflite",
-}
-REPORT_NAME = "export_report.json"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
-
-
-@dataclasses.dataclass
-class ExportOptions:
-  """How to convert, and how much accuracy the conversion may cost.
-
-  Attributes:
-    quantization: "int8" (full integer, calibrated), "float16" (float16
-      weights), "dynamic" (int8 weights, float activations) or "none".
-    io_dtype: the input/output type of the int8 model, "uint8" or "int8".
-    calibration_examples: training images used to calibrate int8 ranges.
-    max_accuracy_drop: the largest allowed test accuracy drop, in points.
-  """
-
-  quantization: str = "int8"
-  io_dtype: str = "uint8"
-  calibration_examples: int = 300
-  max_accuracy_drop: float = 1.0
-
-  def validate(self) -> None:
-    """Raises `UserError` on an unknown setting."""
-    if self.quantization not in QUANTIZATIONS:
-      raise UserError(f"--quantization={self.quantization} is not one of "
-                      f"{', '.join(QUANTIZATIONS)}.")
-    if self.io_dtype not in IO_DTYPES:
-      raise UserError(f"--io_dtype={self.io_dtype} is not one of {', '.join(IO_DTYPES)}.")
-    if self.quantization == "int8" and self.calibration_examples < 1:
-      raise UserError(f"--calibration_examples={self.calibration_examples}: int8 "
-                      "export needs at least 1 calibration image (300 is typical).")
-
-  @property
-  def file_name(self) -> str:
-    """The `.tflite` file name for this quantization."""
-    return FILE_NAMES[self.quantization]
-
-  @property
-  def is_int8(self) -> bool:
-    return self.quantization == "int8"
 
 
 def _image_batches(images: Iterable[np.ndarray]) -> list[np.ndarray]:
@@ -114,7 +70,6 @@ def convert(model: keras.Model, options: ExportOptions,
   Returns:
     The `.tflite` flatbuffer, input [1, S, S, 3] of raw pixels.
   """
-  options.validate()
   calibration = _image_batches(representative_images or []) if options.is_int8 else []
   if options.is_int8 and not calibration:
     raise UserError("int8 export needs representative images for calibration, and "
@@ -123,7 +78,7 @@ def convert(model: keras.Model, options: ExportOptions,
   size = int(inference.input.shape[1])
   # int8 I/O needs a float input for the converter to quantize; pixels are
   # whole numbers, so the cast back to uint8 inside the graph is exact.
-  float_input = options.is_int8 and options.io_dtype == "int8"
+  float_input = options.is_int8 and options.io_dtype is IoDtype.INT8
   input_dtype = tf.float32 if float_input else tf.uint8
 
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], input_dtype,
@@ -147,13 +102,13 @@ def convert(model: keras.Model, options: ExportOptions,
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative_dataset
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    io_type = tf.int8 if options.io_dtype == "int8" else tf.uint8
+    io_type = tf.int8 if options.io_dtype is IoDtype.INT8 else tf.uint8
     converter.inference_input_type = io_type
     converter.inference_output_type = io_type
-  elif options.quantization == "float16":
+  elif options.quantization is Quantization.FLOAT16:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_types = [tf.float16]
-  elif options.quantization == "dynamic":
+  elif options.quantization is Quantization.DYNAMIC:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
   logger = tf.get_logger()
   level = logger.level
@@ -224,7 +179,7 @@ def check_interface(path: str, image_size: int, num_classes: int,
   inp, out = _details(interpreter)
   in_dtype = np.dtype(inp["dtype"]).name
   out_dtype = np.dtype(out["dtype"]).name
-  io = options.io_dtype if options.is_int8 else None
+  io = options.io_dtype.value if options.is_int8 else None
   want_in = io or "uint8"
   want_out = io or "float32"
   problems = []
@@ -269,10 +224,7 @@ def compare(float_probs: np.ndarray, tflite_probs: np.ndarray,
 
 def _class_names(model_path: str, splits: data_lib.Splits, num_outputs: int) -> list[str]:
   """Class names beside the model (its labels.txt), else the source's."""
-  labels_path = os.path.join(os.path.dirname(os.path.abspath(model_path)),
-                             train_lib.LABELS_NAME)
-  names = (train_lib.read_labels(labels_path) if os.path.exists(labels_path)
-           else list(splits.class_names))
+  names = artifacts.model_labels(model_path, splits.class_names)
   if len(names) != num_outputs or len(names) != len(splits.class_names):
     raise UserError(f"{model_path} has {num_outputs} outputs and {len(names)} labels, "
                     f"but the data has {len(splits.class_names)} classes; export "
@@ -280,37 +232,39 @@ def _class_names(model_path: str, splits: data_lib.Splits, num_outputs: int) -> 
   return names
 
 
-def export_from_workdir(model_path: str, workdir: str, source: data_lib.Source,
-                        split: str, seed: int, options: ExportOptions) -> dict:
+def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
+                        source: data_lib.Source | None = None) -> dict:
   """Converts `model_path`, verifies it on the test split, and writes it.
 
-  The `.tflite` (name per quantization) and `labels.txt` go beside the model;
-  `export_report.json` goes to `workdir`. The `.tflite` reaches its final path
-  only if it loads, has the expected interface and loses at most
-  `options.max_accuracy_drop` points of test accuracy; otherwise the report is
-  written with `"passed": false` and a `UserError` is raised.
+  The `.tflite` (name per `config.export.quantization`) and `labels.txt` go
+  beside the model; `export_report.json` goes to `workdir`. The `.tflite`
+  reaches its final path only if it loads, has the expected interface and
+  loses at most `config.export.max_accuracy_drop` points of test accuracy;
+  otherwise the report is written with `"passed": false` and a `UserError` is
+  raised.
 
   Returns:
     The report.
   """
-  options.validate()
+  options = config.export
   start = time.time()
   model = load_keras_model(model_path)
   image_size = int(model.input.shape[1])
   num_outputs = int(model.output.shape[-1])
-  splits = data_lib.load_splits(source, workdir=workdir, split=split, seed=seed,
-                                image_size=image_size, batch_size=32)
+  data = dataclasses.replace(config.data, image_size=image_size)
+  source = source or data_lib.load_source(data)
+  splits = data_lib.load_splits(data, source=source, workdir=workdir)
   class_names = _class_names(model_path, splits, num_outputs)
   if not splits.keys("test"):
     raise UserError("The test split is empty, so the export cannot be verified; "
                     "check --split.")
-  calibration = (calibration_images(splits, options.calibration_examples, seed, image_size)
-                 if options.is_int8 else None)
+  calibration = (calibration_images(splits, options.calibration_examples, data.seed,
+                                    image_size) if options.is_int8 else None)
   tflite_model = convert(model, options, calibration)
 
   model_dir = os.path.dirname(os.path.abspath(model_path))
   final_path = os.path.join(model_dir, options.file_name)
-  report_path = os.path.join(workdir, REPORT_NAME)
+  report_path = os.path.join(workdir, artifacts.EXPORT_REPORT)
   with artifacts.atomic_path(final_path) as tmp:
     with open(tmp, "wb") as f:
       f.write(tflite_model)
@@ -331,8 +285,8 @@ def export_from_workdir(model_path: str, workdir: str, source: data_lib.Source,
         "passed": passed,
         "path": final_path,
         "model": os.path.abspath(model_path),
-        "quantization": options.quantization,
-        "io_dtype": options.io_dtype if options.is_int8 else "float32",
+        "quantization": options.quantization.value,
+        "io_dtype": options.io_dtype.value if options.is_int8 else "float32",
         "size_bytes": len(tflite_model),
         "keras_size_bytes": os.path.getsize(model_path),
         "max_accuracy_drop": options.max_accuracy_drop,
@@ -342,8 +296,8 @@ def export_from_workdir(model_path: str, workdir: str, source: data_lib.Source,
         "conv_kernels_off_int8_grid": len(model_lib.kernels_off_int8_grid(model)),
         "class_names": class_names,
         "source": source.name,
-        "split": split,
-        "seed": seed,
+        "split": data.split,
+        "seed": data.seed,
         "export_seconds": round(time.time() - start, 1),
     })
     artifacts.write_json(report_path, report)
@@ -353,7 +307,7 @@ def export_from_workdir(model_path: str, workdir: str, source: data_lib.Source,
           f"test accuracy ({report['float_test_accuracy']:.4f} -> "
           f"{report['tflite_test_accuracy']:.4f}), more than --max_accuracy_drop="
           f"{options.max_accuracy_drop:g}; not written (see {report_path}).")
-  train_lib.write_labels(os.path.join(model_dir, train_lib.LABELS_NAME), class_names)
+  artifacts.write_labels(os.path.join(model_dir, artifacts.LABELS), class_names)
   print(f"{options.file_name}: {len(tflite_model) / 1e6:.2f} MB, test_accuracy="
         f"{report['tflite_test_accuracy']:.4f} (float {report['float_test_accuracy']:.4f}, "
         f"drop {report['accuracy_drop_points']:.2f} points, top-1 agreement "

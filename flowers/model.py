@@ -11,13 +11,13 @@ ImageNet statistics in every stage; fine-tuning also keeps them frozen
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
 import keras
 import numpy as np
 
+from flowers.config import Augmentation
 from flowers.errors import UserError
 
 BASE_NAME = "mobilenetv2"
@@ -28,41 +28,29 @@ DROPOUT_NAME = "head_dropout"
 CLASSIFIER_NAME = "classifier"
 
 
-@dataclasses.dataclass(frozen=True)
-class Augmentation:
-  """Training-time augmentation; defaults are near the reference's generator.
+def augmentation_layers(augmentation: Augmentation,
+                        seed: int | None = None) -> list[keras.layers.Layer]:
+  """The Keras preprocessing layers that apply `augmentation`, seeded."""
+  def layer_seed(i: int) -> int | None:
+    return None if seed is None else seed + i
 
-  The reference used rotation 20 degrees, shifts 0.2, zoom 0.2 and shear 0.1;
-  Keras has no shear layer, so a random contrast stands in.
-  """
-
-  flip: bool = True
-  rotation_degrees: float = 20.0
-  translation: float = 0.2
-  zoom: float = 0.2
-  contrast: float = 0.1
-
-  def layers(self, seed: int | None = None) -> list[keras.layers.Layer]:
-    """The Keras preprocessing layers that apply this augmentation."""
-    def layer_seed(i: int) -> int | None:
-      return None if seed is None else seed + i
-
-    layers: list[keras.layers.Layer] = []
-    if self.flip:
-      layers.append(keras.layers.RandomFlip("horizontal", seed=layer_seed(0)))
-    if self.rotation_degrees:
-      layers.append(keras.layers.RandomRotation(
-          self.rotation_degrees / 360.0, fill_mode="reflect", seed=layer_seed(1)))
-    if self.zoom:
-      layers.append(keras.layers.RandomZoom(
-          (-self.zoom, self.zoom), fill_mode="reflect", seed=layer_seed(2)))
-    if self.translation:
-      layers.append(keras.layers.RandomTranslation(
-          self.translation, self.translation, fill_mode="reflect", seed=layer_seed(3)))
-    if self.contrast:
-      layers.append(keras.layers.RandomContrast(
-          self.contrast, value_range=(0, 255), seed=layer_seed(4)))
-    return layers
+  a = augmentation
+  layers: list[keras.layers.Layer] = []
+  if a.flip:
+    layers.append(keras.layers.RandomFlip("horizontal", seed=layer_seed(0)))
+  if a.rotation:
+    layers.append(keras.layers.RandomRotation(
+        a.rotation / 360.0, fill_mode="reflect", seed=layer_seed(1)))
+  if a.zoom:
+    layers.append(keras.layers.RandomZoom(
+        (-a.zoom, a.zoom), fill_mode="reflect", seed=layer_seed(2)))
+  if a.translation:
+    layers.append(keras.layers.RandomTranslation(
+        a.translation, a.translation, fill_mode="reflect", seed=layer_seed(3)))
+  if a.contrast:
+    layers.append(keras.layers.RandomContrast(
+        a.contrast, value_range=(0, 255), seed=layer_seed(4)))
+  return layers
 
 
 def load_base(image_size: int = 224, weights: str | None = "imagenet",
@@ -112,12 +100,10 @@ def build_model(num_classes: int, *, image_size: int = 224, dropout: float = 0.2
   """
   if num_classes < 2:
     raise UserError(f"Need at least 2 classes to train a classifier, got {num_classes}.")
-  if not 0.0 <= dropout < 1.0:
-    raise UserError(f"--dropout={dropout} must be in [0, 1).")
   inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
   x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)
   if augment:
-    x = keras.Sequential(augmentation.layers(seed), name=AUGMENT_NAME)(x)
+    x = keras.Sequential(augmentation_layers(augmentation, seed), name=AUGMENT_NAME)(x)
   # MobileNetV2 expects pixels in [-1, 1].
   x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name=PREPROCESS_NAME)(x)
   base = load_base(image_size, weights, alpha)

@@ -7,7 +7,8 @@ is the plain image, later views are random augmentations drawn by the model's
 own augmentation layers), and the activations at the cut point are kept as
 float16. Stage 1 trains the head on pooled features computed from them; stage 2
 trains the unfrozen top of the base on them. Each epoch sees one random view
-per image. Val and test are cached once, un-augmented.
+per image. Val is cached once, un-augmented. Test is never cached: it is
+evaluated through the full model, as users run it.
 
 The cache is saved under `WORKDIR/cache/` so a resumed run skips this pass.
 """
@@ -103,15 +104,9 @@ class PrefixCache:
             np.save(f, array)
     return cache
 
-  def suffix(self) -> keras.Model:
-    """The base from the cut point on, sharing the full model's layers."""
-    base = model_lib.base_of(self.model)
-    return keras.Model(base.layers[self.cut].output, base.output,
-                       name="mobilenetv2_top")
-
   def pooled(self, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Pooled base features of every train view and of val (for stage 1)."""
-    suffix = self.suffix()
+    suffix = suffix_model(self.model, self.cut)
     pool = self.model.get_layer(model_lib.POOL_NAME)
 
     @tf.function(reduce_retracing=True)
@@ -125,6 +120,12 @@ class PrefixCache:
 
     train = np.stack([run(self.train_views[v]) for v in range(self.num_views)])
     return train, run(self.val)
+
+
+def suffix_model(model: keras.Model, cut: int) -> keras.Model:
+  """The base from layer `cut` on, sharing `model`'s layers."""
+  base = model_lib.base_of(model)
+  return keras.Model(base.layers[cut].output, base.output, name="mobilenetv2_top")
 
 
 def _prefix_fn(model: keras.Model, cut: int, seed: int):
@@ -163,23 +164,21 @@ class ViewSampler(keras.utils.PyDataset):
   """
 
   def __init__(self, views: np.ndarray, labels: np.ndarray, num_classes: int,
-               batch_size: int, seed: int, shuffle: bool = True):
+               batch_size: int, seed: int):
     super().__init__(workers=1, use_multiprocessing=False, max_queue_size=4)
     self.views = views
     self.labels = labels
     self.num_classes = num_classes
     self.batch_size = batch_size
     self.seed = seed
-    self.shuffle = shuffle
     self.epoch = 0
     self._draw()
 
   def _draw(self) -> None:
     n = len(self.labels)
     rng = np.random.default_rng([self.seed, self.epoch])
-    self.order = rng.permutation(n) if self.shuffle else np.arange(n)
-    self.view_of = rng.integers(0, self.views.shape[0], n) if self.shuffle \
-        else np.zeros(n, np.int64)
+    self.order = rng.permutation(n)
+    self.view_of = rng.integers(0, self.views.shape[0], n)
 
   def __len__(self) -> int:
     return math.ceil(len(self.labels) / self.batch_size)

@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import math
 import os
 from typing import Iterable, Mapping, Sequence
 
@@ -25,7 +26,7 @@ from flowers.errors import UserError
 
 SPLITS = ("train", "val", "test")
 OFFICIAL = "official"
-MANIFEST_NAME = "splits.csv"
+MANIFEST_NAME = artifacts.SPLITS
 MANIFEST_HEADER = ("file_name", "label", "split")
 
 
@@ -50,7 +51,7 @@ def parse_split(text: str, seed: int = 42) -> SplitSpec:
     parts = [float(p) for p in text.split(",")]
   except ValueError:
     parts = []
-  if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+  if len(parts) != 3 or any(not math.isfinite(p) or p < 0 for p in parts) or sum(parts) <= 0:
     raise UserError(
         f"--split={text!r} is not understood: give three train,val,test "
         "percentages such as --split=64,16,20, or --split=official.")

@@ -1,28 +1,35 @@
-"""Two-stage transfer learning: train the head on a frozen base, then fine-tune.
+"""Two-stage transfer learning: the one training loop of `flowers`.
 
-`train_and_evaluate` is the whole job of `--mode=train`: split, pipeline,
-model, stage 1, stage 2, test evaluation, artifacts. Each stage resumes after an
-interruption (`keras.callbacks.BackupAndRestore`), and a finished stage 1 is
-never run again: its weights are kept in the workdir.
+    stage 1: the base frozen, the head (dropout + classifier) trains
+    stage 2: the top `unfreeze_ratio` of the base trains too, BatchNorm frozen
 
-Two ways to run the stages, with the same model and artifacts as a result:
-  * plain: the full model, augmentation included, runs every step. Right on an
-    accelerator.
-  * cached (`feature_cache`): the frozen prefix of the base runs once per
-    augmented view of each image (see `prefix_cache`). Right on a CPU, where the
-    frozen layers would otherwise dominate every epoch.
+`fit_stages` is that loop. `--mode=train` (`train_and_evaluate`) runs it once;
+each `--mode=tune` trial runs it with the trial's hyperparameters
+(`dataclasses.replace(config.train, dropout=..., ...)`), so both get the same
+callbacks (resume, CSV history, TensorBoard, early stopping), schedules and
+seeds. Each stage resumes after an interruption (`BackupAndRestore`), and a
+finished stage 1 is never run again: its weights are kept in the run folder.
+
+The stages read their inputs from one of two sources with the same interface
+(`Inputs.stage`), the model's weights being the same either way:
+  * `PlainInputs`: the full model, augmentation included, on the tf.data
+    pipeline every step. Right on an accelerator.
+  * `CachedInputs`: the frozen prefix of the base ran once per augmented view
+    of each training image (`prefix_cache`); stage 1 trains the head on pooled
+    features, stage 2 the unfrozen top on the cut-point activations. Right on a
+    CPU, where the frozen layers would otherwise dominate every step.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import functools
 import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import keras
 import numpy as np
@@ -30,89 +37,44 @@ import tensorflow as tf
 
 from flowers import artifacts
 from flowers import data as data_lib
+from flowers import distribute
 from flowers import evaluate as evaluate_lib
 from flowers import model as model_lib
 from flowers import prefix_cache
+from flowers.config import FeatureCache
+from flowers.config import LrSchedule
+from flowers.config import Optimizer
+from flowers.config import RunConfig
+from flowers.config import TrainConfig
 from flowers.errors import UserError
 
-MODEL_NAME = "model.keras"
-LABELS_NAME = "labels.txt"
-HISTORY_NAME = "history.json"
-REPORT_NAME = "report.json"
-STAGE1_WEIGHTS = "stage1.weights.h5"
+STAGES = ("stage1", "stage2")
 
 
-@dataclasses.dataclass
-class TrainConfig:
-  """Everything a training run depends on (besides the data)."""
-
-  image_size: int = 224
-  batch_size: int = 32
-  dropout: float = 0.2
-  unfreeze_ratio: float = 0.2
-  optimizer: str = "rmsprop"
-  learning_rate: float = 1e-3
-  fine_tune_learning_rate: float | None = None  # None: learning_rate / 10.
-  epochs: int = 10
-  fine_tune_epochs: int = 10
-  label_smoothing: float = 0.0
-  weight_decay: float = 0.0
-  early_stopping_patience: int = 3
-  lr_schedule: str = "constant"  # constant | cosine (decays to 0 over each stage)
-  feature_cache: str = "auto"  # auto | on | off
-  cache_views: int = 4
-  int8_grid_weights: bool = True
-  augmentation: model_lib.Augmentation = dataclasses.field(
-      default_factory=model_lib.Augmentation)
-  augment: bool = True
-  weights: str | None = "imagenet"
-  alpha: float = 1.0
-  seed: int = 42
-  verbose: int = 1
-
-  @property
-  def stage2_learning_rate(self) -> float:
-    return self.fine_tune_learning_rate or self.learning_rate / 10.0
-
-  def use_cache(self) -> bool:
-    """Whether to train on the frozen-prefix cache (auto: when there is no GPU)."""
-    if self.feature_cache == "auto":
-      return not tf.config.list_physical_devices("GPU")
-    if self.feature_cache not in ("on", "off"):
-      raise UserError(f"--feature_cache={self.feature_cache} must be auto, on or off.")
-    return self.feature_cache == "on"
-
-
-def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0):
-  """RMSprop (the reference's), Adam or AdamW, by name."""
-  name = name.lower()
-  if name == "rmsprop":
+def make_optimizer(name: Optimizer, learning_rate, weight_decay: float = 0.0):
+  """RMSprop (the reference's), Adam, AdamW (with `weight_decay`) or SGD."""
+  if name is Optimizer.RMSPROP:
     return keras.optimizers.RMSprop(learning_rate)
-  if name == "adam":
+  if name is Optimizer.ADAM:
     return keras.optimizers.Adam(learning_rate)
-  if name == "adamw":
-    return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay or 1e-4)
-  if name == "sgd":
-    return keras.optimizers.SGD(learning_rate, momentum=0.9)
-  raise UserError(f"--optimizer={name} is not one of rmsprop, adam, adamw, sgd.")
+  if name is Optimizer.ADAMW:
+    return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
+  return keras.optimizers.SGD(learning_rate, momentum=0.9)
 
 
-def learning_rate_schedule(config: TrainConfig, learning_rate: float,
-                           decay_steps: int | None):
+def learning_rate_schedule(config: TrainConfig, learning_rate: float, decay_steps: int):
   """A constant rate, or cosine decay to 0 over `decay_steps` (one stage)."""
-  if config.lr_schedule == "constant" or not decay_steps:
+  if config.lr_schedule is LrSchedule.CONSTANT or decay_steps <= 0:
     return learning_rate
-  if config.lr_schedule != "cosine":
-    raise UserError(f"--lr_schedule={config.lr_schedule} must be constant or cosine.")
   return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=decay_steps)
 
 
 def compile_model(model: keras.Model, config: TrainConfig, learning_rate: float,
-                  decay_steps: int | None = None) -> None:
+                  decay_steps: int) -> None:
   """Compiles with one-hot labels (for label smoothing), accuracy and top-5.
 
-  `decay_steps` (epochs x steps per epoch of the stage) enables the cosine
-  schedule when `config.lr_schedule` asks for it.
+  `decay_steps` (epochs x steps per epoch of the stage) is the length of the
+  cosine schedule when `config.lr_schedule` asks for one.
   """
   model.compile(
       optimizer=make_optimizer(config.optimizer,
@@ -127,12 +89,14 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return max(1, math.ceil(num_examples / batch_size))
 
 
-def _callbacks(workdir: str, stage: str, config: TrainConfig,
-               validate: bool) -> list[keras.callbacks.Callback]:
+def stage_callbacks(run_dir: str, stage: str, config: TrainConfig,
+                    validate: bool) -> list[keras.callbacks.Callback]:
+  """Resume, CSV history, TensorBoard and (with val data) early stopping."""
   callbacks: list[keras.callbacks.Callback] = [
-      keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup", stage)),
-      keras.callbacks.CSVLogger(os.path.join(workdir, f"history_{stage}.csv"), append=True),
-      keras.callbacks.TensorBoard(os.path.join(workdir, "logs", stage),
+      keras.callbacks.BackupAndRestore(os.path.join(run_dir, artifacts.BACKUP_DIR, stage)),
+      keras.callbacks.CSVLogger(os.path.join(run_dir, artifacts.stage_history(stage)),
+                                append=True),
+      keras.callbacks.TensorBoard(os.path.join(run_dir, artifacts.LOGS_DIR, stage),
                                   write_graph=False, profile_batch=0),
   ]
   if validate and config.early_stopping_patience > 0:
@@ -142,9 +106,9 @@ def _callbacks(workdir: str, stage: str, config: TrainConfig,
   return callbacks
 
 
-def read_history(workdir: str, stage: str) -> dict[str, list[float]]:
+def read_history(run_dir: str, stage: str) -> dict[str, list[float]]:
   """One stage's per-epoch metrics from its CSV log (the last row per epoch wins)."""
-  path = os.path.join(workdir, f"history_{stage}.csv")
+  path = os.path.join(run_dir, artifacts.stage_history(stage))
   if not os.path.exists(path):
     return {}
   rows: dict[int, dict[str, str]] = {}
@@ -163,12 +127,91 @@ def one_hot(num_classes: int):
   return lambda images, labels: (images, tf.one_hot(labels, num_classes))
 
 
-def _fit(model: keras.Model, train, val, epochs: int, workdir: str, stage: str,
-         config: TrainConfig) -> None:
-  if epochs <= 0:
-    return
-  model.fit(train, validation_data=val, epochs=epochs, verbose=config.verbose,
-            callbacks=_callbacks(workdir, stage, config, validate=val is not None))
+@dataclasses.dataclass
+class Stage:
+  """What one stage fits: a model sharing the full model's layers, and its data.
+
+  Attributes:
+    model: the full model (plain inputs) or a sub-model of it (cached inputs).
+    train: training batches of (inputs, one-hot labels).
+    val: val batches, an (inputs, one-hot labels) pair, or None without a val split.
+    steps: training steps per epoch.
+  """
+
+  model: keras.Model
+  train: Any
+  val: Any
+  steps: int
+
+  def evaluate(self) -> dict[str, float]:
+    """Loss and metrics of `model` on the val data, as `fit` reports them."""
+    if isinstance(self.val, tuple):
+      return self.model.evaluate(*self.val, verbose=0, return_dict=True)
+    return self.model.evaluate(self.val, verbose=0, return_dict=True)
+
+
+class Inputs(Protocol):
+  """Where a stage's data comes from: `stage(model, 1 or 2, seed)` -> `Stage`."""
+
+  def stage(self, model: keras.Model, stage: int, seed: int) -> Stage:
+    ...
+
+
+class PlainInputs:
+  """The full model on the tf.data pipeline: augmentation runs every step."""
+
+  def __init__(self, splits: data_lib.Splits, batch_size: int):
+    num_classes = len(splits.class_names)
+    self.train = splits.train.map(one_hot(num_classes))
+    self.val = splits.val.map(one_hot(num_classes)) if splits.keys("val") else None
+    self.steps = steps_per_epoch(len(splits.keys("train")), batch_size)
+
+  def stage(self, model: keras.Model, stage: int, seed: int) -> Stage:
+    del stage, seed  # The train dataset shuffles with the data seed.
+    return Stage(model, self.train, self.val, self.steps)
+
+
+class CachedInputs:
+  """The frozen-prefix cache: stage 1 on pooled features, stage 2 on activations.
+
+  One cache serves any model whose unfrozen top starts at or after its cut
+  (tune cuts it for the largest unfreeze ratio of the search): the layers
+  between the cache's cut and the model's own cut run frozen in stage 2.
+  """
+
+  def __init__(self, cache: prefix_cache.PrefixCache, num_classes: int, batch_size: int):
+    self.cache = cache
+    self.num_classes = num_classes
+    self.batch_size = batch_size
+    has_val = len(cache.val_labels) > 0
+    self.val_y = keras.utils.to_categorical(cache.val_labels, num_classes) if has_val else None
+
+  @functools.cached_property
+  def _pooled(self) -> tuple[np.ndarray, np.ndarray]:
+    return self.cache.pooled()
+
+  @functools.cached_property
+  def _val_activations(self) -> np.ndarray:
+    return np.asarray(self.cache.val, np.float32)
+
+  def _sampler(self, views: np.ndarray, seed: int) -> prefix_cache.ViewSampler:
+    return prefix_cache.ViewSampler(views, self.cache.train_labels, self.num_classes,
+                                    self.batch_size, seed)
+
+  def stage(self, model: keras.Model, stage: int, seed: int) -> Stage:
+    if stage == 1:
+      train_features, val_features = self._pooled
+      sampler = self._sampler(train_features, seed)
+      val = (val_features, self.val_y) if self.val_y is not None else None
+      return Stage(head_model(model, train_features.shape[-1]), sampler, val, len(sampler))
+    base = model_lib.base_of(model)
+    below = [l.name for l in base.layers[:self.cache.cut + 1] if l.trainable and l.weights]
+    if base.trainable and below:
+      raise ValueError(f"{below[0]} trains but lies below the cache's cut; build the "
+                       "cache for a larger unfreeze ratio.")
+    sampler = self._sampler(self.cache.train_views, seed + 1)
+    val = (self._val_activations, self.val_y) if self.val_y is not None else None
+    return Stage(top_model(model, self.cache.cut), sampler, val, len(sampler))
 
 
 def head_model(model: keras.Model, feature_dim: int) -> keras.Model:
@@ -179,9 +222,9 @@ def head_model(model: keras.Model, feature_dim: int) -> keras.Model:
   return keras.Model(inputs, outputs, name="head")
 
 
-def top_model(model: keras.Model, cache: prefix_cache.PrefixCache) -> keras.Model:
-  """Cut-point activations -> unfrozen top of the base -> head."""
-  suffix = cache.suffix()
+def top_model(model: keras.Model, cut: int) -> keras.Model:
+  """Cut-point activations -> the base from `cut` on -> head, sharing the layers."""
+  suffix = prefix_cache.suffix_model(model, cut)
   inputs = keras.Input(suffix.input.shape[1:], name="activations")
   x = suffix(inputs)
   x = model.get_layer(model_lib.POOL_NAME)(x)
@@ -190,84 +233,102 @@ def top_model(model: keras.Model, cache: prefix_cache.PrefixCache) -> keras.Mode
   return keras.Model(inputs, outputs, name="top")
 
 
-def _stage1_done(workdir: str, model: keras.Model) -> bool:
-  path = os.path.join(workdir, STAGE1_WEIGHTS)
-  if os.path.exists(path):
-    model.load_weights(path)
-    logging.info("Stage 1 already finished; loaded %s.", path)
-    return True
-  return False
+def uses_feature_cache(config: TrainConfig) -> bool:
+  """Whether the stages train on the frozen-prefix cache (auto: without a GPU)."""
+  if config.feature_cache is FeatureCache.AUTO:
+    return not tf.config.list_physical_devices("GPU")
+  return config.feature_cache is FeatureCache.ON
 
 
-def _finish_stage1(workdir: str, model: keras.Model) -> None:
-  with artifacts.atomic_path(os.path.join(workdir, STAGE1_WEIGHTS)) as tmp:
-    model.save_weights(tmp)
+def make_inputs(model: keras.Model, splits: data_lib.Splits, config: RunConfig,
+                workdir: str, largest_unfreeze_ratio: float) -> Inputs:
+  """The stages' inputs for `config`: plain, or a cache cut for the largest ratio.
 
-
-def train_stages(model: keras.Model, splits: data_lib.Splits, config: TrainConfig,
-                 workdir: str) -> None:
-  """Runs stage 1 (frozen base) and stage 2 (top of the base unfrozen) in place."""
-  num_classes = len(splits.class_names)
-  keras.utils.set_random_seed(config.seed)
-  if config.use_cache():
-    _train_cached(model, splits, config, workdir, num_classes)
-  else:
-    _train_plain(model, splits, config, workdir, num_classes)
-
-
-def _train_plain(model, splits, config, workdir, num_classes) -> None:
-  train = splits.train.map(one_hot(num_classes))
-  val = splits.val.map(one_hot(num_classes)) if splits.keys("val") else None
-  steps = steps_per_epoch(len(splits.keys("train")), config.batch_size)
-  if not _stage1_done(workdir, model):
-    model_lib.freeze_base(model)
-    compile_model(model, config, config.learning_rate, steps * config.epochs)
-    _fit(model, train, val, config.epochs, workdir, "stage1", config)
-    _finish_stage1(workdir, model)
-  if config.fine_tune_epochs > 0 and config.unfreeze_ratio > 0:
-    model_lib.unfreeze(model, config.unfreeze_ratio)
-    compile_model(model, config, config.stage2_learning_rate, steps * config.fine_tune_epochs)
-    _fit(model, train, val, config.fine_tune_epochs, workdir, "stage2", config)
-
-
-def build_prefix_cache(model: keras.Model, splits: data_lib.Splits, config: TrainConfig,
-                       workdir: str, unfreeze_ratio: float) -> prefix_cache.PrefixCache:
-  """The frozen-prefix cache of `model`, cut for `unfreeze_ratio`, kept in WORKDIR/cache."""
-  cut = model_lib.cut_index(model_lib.base_of(model), unfreeze_ratio)
+  The cache (kept in WORKDIR/cache, reused by a resumed run) is computed with
+  `model`, which must still hold its initial weights.
+  """
+  if not uses_feature_cache(config.train):
+    return PlainInputs(splits, config.data.batch_size)
+  ratio = largest_unfreeze_ratio if config.train.fine_tune_epochs > 0 else 0.0
+  cut = model_lib.cut_index(model_lib.base_of(model), ratio)
   ordered = {name: data_lib.make_dataset(
-      splits.source, splits.keys(name), image_size=config.image_size,
+      splits.source, splits.keys(name), image_size=config.data.image_size,
       batch_size=64, shuffle=False, cache="none") for name in ("train", "val")}
-  return prefix_cache.PrefixCache.build(
-      model, cut, ordered["train"], ordered["val"], views=max(config.cache_views, 1),
-      seed=config.seed, cache_dir=os.path.join(workdir, "cache"),
+  cache = prefix_cache.PrefixCache.build(
+      model, cut, ordered["train"], ordered["val"], views=config.train.cache_views,
+      seed=config.data.seed, cache_dir=os.path.join(workdir, artifacts.CACHE_DIR),
       split_keys={n: splits.keys(n) for n in ("train", "val")})
+  return CachedInputs(cache, len(splits.class_names), config.data.batch_size)
 
 
-def _train_cached(model, splits, config, workdir, num_classes) -> None:
-  cache = build_prefix_cache(model, splits, config, workdir,
-                             config.unfreeze_ratio if config.fine_tune_epochs else 0.0)
-  has_val = len(cache.val_labels) > 0
-  val_y = keras.utils.to_categorical(cache.val_labels, num_classes) if has_val else None
+def fit_stages(model: keras.Model, inputs: Inputs, config: TrainConfig, run_dir: str, *,
+               seed: int, run_stage1: bool = True, stage2_epochs: int | None = None,
+               initial_epoch: int = 0) -> Stage:
+  """Trains `model` in place: stage 1 (frozen base), then stage 2 (top unfrozen).
 
-  if not _stage1_done(workdir, model):
-    train_features, val_features = cache.pooled()
-    head = head_model(model, train_features.shape[-1])
-    sampler = prefix_cache.ViewSampler(train_features, cache.train_labels, num_classes,
-                                       config.batch_size, config.seed)
-    compile_model(head, config, config.learning_rate, len(sampler) * config.epochs)
-    val = (val_features, val_y) if has_val else None
-    _fit(head, sampler, val, config.epochs, workdir, "stage1", config)
-    _finish_stage1(workdir, model)
+  Args:
+    model: a `build_model` model; trained in place.
+    inputs: where each stage's data comes from (plain or cached).
+    config: the training settings (a tune trial's hyperparameters included).
+    run_dir: this run's folder: stage 1's weights, backups, CSV history, logs.
+    seed: seeds Python, NumPy, TensorFlow and the cached-view sampling.
+    run_stage1: False to start stage 2 from the weights `model` holds (a
+      Hyperband trial continuing an earlier one).
+    stage2_epochs: train stage 2 up to this epoch (Hyperband's budget); its
+      schedule still spans `config.fine_tune_epochs`.
+    initial_epoch: the stage 2 epoch to start from (Hyperband).
 
-  if config.fine_tune_epochs > 0 and config.unfreeze_ratio > 0:
-    model_lib.unfreeze(model, config.unfreeze_ratio)
-    sampler = prefix_cache.ViewSampler(cache.train_views, cache.train_labels, num_classes,
-                                       config.batch_size, config.seed + 1)
-    val = (np.asarray(cache.val, np.float32), val_y) if has_val else None
-    top = top_model(model, cache)
-    compile_model(top, config, config.stage2_learning_rate,
-                  len(sampler) * config.fine_tune_epochs)
-    _fit(top, sampler, val, config.fine_tune_epochs, workdir, "stage2", config)
+  Returns:
+    The last stage fitted, for its val metrics (`Stage.evaluate`).
+  """
+  keras.utils.set_random_seed(seed)
+  os.makedirs(run_dir, exist_ok=True)
+  model_lib.freeze_base(model)
+  stage = inputs.stage(model, 1, seed)
+  compile_model(stage.model, config, config.learning_rate, stage.steps * config.epochs)
+  done_path = os.path.join(run_dir, artifacts.STAGE1_WEIGHTS)
+  if not run_stage1:
+    pass
+  elif os.path.exists(done_path):
+    model.load_weights(done_path)
+    logging.info("Stage 1 already finished; loaded %s.", done_path)
+  else:
+    _fit(stage, config.epochs, 0, run_dir, "stage1", config)
+    with artifacts.atomic_path(done_path) as tmp:
+      model.save_weights(tmp)
+
+  if not config.fine_tunes:
+    return stage
+  model_lib.unfreeze(model, config.unfreeze_ratio)
+  stage = inputs.stage(model, 2, seed)
+  compile_model(stage.model, config, config.stage2_learning_rate,
+                stage.steps * config.fine_tune_epochs)
+  epochs = config.fine_tune_epochs if stage2_epochs is None else stage2_epochs
+  _fit(stage, epochs, initial_epoch, run_dir, "stage2", config)
+  return stage
+
+
+def _fit(stage: Stage, epochs: int, initial_epoch: int, run_dir: str, name: str,
+         config: TrainConfig) -> None:
+  if epochs <= initial_epoch:
+    return
+  stage.model.fit(stage.train, validation_data=stage.val, epochs=epochs,
+                  initial_epoch=initial_epoch, verbose=config.verbose,
+                  callbacks=stage_callbacks(run_dir, name, config, stage.val is not None))
+
+
+def new_model(config: RunConfig, num_classes: int, *, random_base: bool = False) -> keras.Model:
+  """`build_model` for a run, seeded before the build so every build is the same.
+
+  `random_base` skips reading `config.train.weights` (tune copies the weights
+  it read once into each trial's model).
+  """
+  t = config.train
+  keras.utils.set_random_seed(config.data.seed)
+  return model_lib.build_model(
+      num_classes, image_size=config.data.image_size, dropout=t.dropout,
+      weights=None if random_base else t.weights, augment=t.augment,
+      augmentation=t.augmentation, alpha=t.alpha, seed=config.data.seed)
 
 
 def round_for_int8(model: keras.Model, config: TrainConfig) -> None:
@@ -285,19 +346,6 @@ def save_model(model: keras.Model, path: str) -> None:
     model.save(tmp)
 
 
-def write_labels(path: str, class_names: list[str]) -> None:
-  """`labels.txt`: one class name a line, in class-index order."""
-  artifacts.write_text(path, "".join(f"{name}\n" for name in class_names))
-
-
-def read_labels(path: str) -> list[str]:
-  if not os.path.exists(path):
-    raise UserError(f"{path} not found: it is written beside the model by "
-                    "--mode=train, --mode=tune and --mode=export.")
-  with open(path, encoding="utf-8") as f:
-    return [line.rstrip("\n") for line in f if line.strip()]
-
-
 def evaluate_split(model: keras.Model, splits: data_lib.Splits, split: str = "test") -> dict:
   """Metrics of `model` on one split, through the real input pipeline."""
   dataset = splits.test if split == "test" else splits.val
@@ -305,51 +353,69 @@ def evaluate_split(model: keras.Model, splits: data_lib.Splits, split: str = "te
   return evaluate_lib.metrics(probs, labels, splits.class_names, prefix=split)
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str, source: data_lib.Source,
-                       split: str = "64,16,20", cache: str = "memory") -> dict[str, Any]:
-  """Trains both stages, evaluates on test, writes all artifacts to `workdir`.
+def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, workdir: str,
+             run_dir: str, **extra: Any) -> dict[str, Any]:
+  """Rounds, saves and evaluates a trained model; writes every artifact of a run.
 
-  Returns the report (also written to `report.json`).
+  `model.keras`, `labels.txt`, `history.json` (from `run_dir`'s CSV logs) and
+  `report.json` (test and val metrics, what the run was, `extra`) go to
+  `workdir`. Returns the report.
   """
-  os.makedirs(workdir, exist_ok=True)
-  start = time.time()
-  splits = data_lib.load_splits(
-      source, workdir=workdir, split=split, seed=config.seed,
-      image_size=config.image_size, batch_size=config.batch_size, cache=cache)
-  if not splits.keys("train"):
-    raise UserError("The train split is empty; check --split.")
-  write_labels(os.path.join(workdir, LABELS_NAME), splits.class_names)
-  model = model_lib.build_model(
-      len(splits.class_names), image_size=config.image_size, dropout=config.dropout,
-      weights=config.weights, augment=config.augment,
-      augmentation=config.augmentation, alpha=config.alpha, seed=config.seed)
-  train_stages(model, splits, config, workdir)
-  round_for_int8(model, config)
-  save_model(model, os.path.join(workdir, MODEL_NAME))
-
-  history = {"stage1": read_history(workdir, "stage1"),
-             "stage2": read_history(workdir, "stage2")}
-  artifacts.write_json(os.path.join(workdir, HISTORY_NAME), history)
-  report = evaluation_report(model, splits, config, split,
-                             train_seconds=round(time.time() - start, 1))
-  artifacts.write_json(os.path.join(workdir, REPORT_NAME), report)
-  return report
-
-
-def evaluation_report(model: keras.Model, splits: data_lib.Splits, config: TrainConfig,
-                      split: str, **extra: Any) -> dict[str, Any]:
-  """`report.json`'s content: test (and val) metrics plus what the run was."""
+  round_for_int8(model, config.train)
+  save_model(model, os.path.join(workdir, artifacts.MODEL))
+  artifacts.write_labels(os.path.join(workdir, artifacts.LABELS), splits.class_names)
+  artifacts.write_json(os.path.join(workdir, artifacts.HISTORY),
+                       {stage: read_history(run_dir, stage) for stage in STAGES})
   report = evaluate_split(model, splits, "test")
   if splits.keys("val"):
     val = evaluate_split(model, splits, "val")
     report.update({k: v for k, v in val.items() if k.startswith(("val_", "num_val"))})
   report.update({
       "source": splits.source.name,
-      "split": split,
-      "seed": config.seed,
+      "split": config.data.split,
+      "seed": config.data.seed,
       "num_train_examples": len(splits.keys("train")),
-      "feature_cache": config.use_cache(),
-      "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+      "feature_cache": uses_feature_cache(config.train),
+      "config": config.to_json(),
   })
   report.update(extra)
+  artifacts.write_json(os.path.join(workdir, artifacts.REPORT), report)
   return report
+
+
+def load_splits_seeded(config: RunConfig, source: data_lib.Source,
+                       workdir: str) -> data_lib.Splits:
+  """`data.load_splits` with every seed set first, so the training shuffle order
+  is the same whatever ran before in this process (tf.data combines its own
+  seed with TensorFlow's global one)."""
+  keras.utils.set_random_seed(config.data.seed)
+  return data_lib.load_splits(config.data, source=source, workdir=workdir)
+
+
+def train_and_evaluate(config: RunConfig, workdir: str,
+                       source: data_lib.Source | None = None) -> dict[str, Any]:
+  """The whole `--mode=train` job: split, both stages, test evaluation, artifacts.
+
+  Args:
+    config: the run's settings (`config.data` and `config.train` are used).
+    workdir: where every artifact goes; a rerun in it resumes.
+    source: the images; default: the one `config.data` names.
+
+  Returns:
+    The report (also written to `report.json`).
+  """
+  start = time.time()
+  strategy = distribute.make_strategy(config.train.distribution_strategy)
+  source = source or data_lib.load_source(config.data)
+  splits = load_splits_seeded(config, source, workdir)
+  if not splits.keys("train"):
+    raise UserError("The train split is empty; check --split.")
+  num_classes = len(splits.class_names)
+  with strategy.scope():
+    model = new_model(config, num_classes)
+    inputs = make_inputs(model, splits, config, workdir, config.train.unfreeze_ratio)
+    fit_stages(model, inputs, config.train, workdir, seed=config.data.seed)
+  if not distribute.is_chief(strategy):
+    return {"is_chief": False}
+  return save_run(model, splits, config, workdir, workdir,
+                  train_seconds=round(time.time() - start, 1))

@@ -11,6 +11,7 @@ import fake_data
 import shared_data
 from flowers import data
 from flowers import split as split_lib
+from flowers.config import DataConfig
 from flowers.errors import UserError
 
 COUNTS = {"train": [4, 5, 6, 3], "validation": [3, 4, 2, 5], "test": [9, 8, 7, 6]}
@@ -58,8 +59,8 @@ class TfdsSourceTest(absltest.TestCase):
 
   def test_pipeline_shapes_dtypes_and_determinism(self):
     with fake_data.mock_flowers(COUNTS, size=48):
-      splits = data.load_splits(workdir=self.create_tempdir().full_path, image_size=32,
-                                batch_size=4, seed=3)
+      splits = data.load_splits(DataConfig(image_size=32, batch_size=4, seed=3),
+                                workdir=self.create_tempdir().full_path)
       batches = list(splits.train.as_numpy_iterator())
       again = list(splits.train.as_numpy_iterator())
       val_labels = np.concatenate([y for _, y in splits.val.as_numpy_iterator()])
@@ -87,11 +88,12 @@ class TfdsSourceTest(absltest.TestCase):
   def test_disk_cache(self):
     workdir = self.create_tempdir().full_path
     with fake_data.mock_flowers(COUNTS):
-      splits = data.load_splits(workdir=workdir, image_size=16, batch_size=8, cache="disk")
+      splits = data.load_splits(DataConfig(image_size=32, batch_size=8, cache="disk"),
+                                workdir=workdir)
       n = sum(len(y) for _, y in splits.test.as_numpy_iterator())
     self.assertEqual(n, len(splits.keys("test")))
     self.assertNotEmpty([f for f in os.listdir(os.path.join(workdir, "cache"))
-                         if f.startswith("test_16")])
+                         if f.startswith("test_32")])
 
 
 class ImageDirTest(absltest.TestCase):

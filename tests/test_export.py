@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -19,11 +20,15 @@ import pytest
 
 import fake_data
 import shared_data
+from flowers import artifacts
 from flowers import data
 from flowers import evaluate
 from flowers import export
 from flowers import model as model_lib
 from flowers import train
+from flowers.config import DataConfig
+from flowers.config import ExportOptions
+from flowers.config import RunConfig
 from flowers.errors import UserError
 
 COUNTS = fake_data.uniform_counts(4, train=10, val=3, test=5)
@@ -66,15 +71,16 @@ class WorkdirTestCase(parameterized.TestCase):
     cls.addClassCleanup(shutil.rmtree, cls.root, ignore_errors=True)
     cls.workdir = os.path.join(cls.root, "workdir")
     cls.source = data.load_tfds()
-    cls.splits = data.load_splits(cls.source, workdir=cls.workdir, split=SPLIT, seed=SEED,
-                                  image_size=cls.image_size, batch_size=8)
+    cls.splits = data.load_splits(
+        DataConfig(split=SPLIT, seed=SEED, image_size=cls.image_size, batch_size=8),
+        source=cls.source, workdir=cls.workdir)
     cls.model = model_lib.build_model(len(cls.splits.class_names),
                                       image_size=cls.image_size, weights=cls.weights,
                                       seed=SEED)
     cls.prepare_model()
-    cls.model_path = os.path.join(cls.workdir, train.MODEL_NAME)
+    cls.model_path = os.path.join(cls.workdir, artifacts.MODEL)
     train.save_model(cls.model, cls.model_path)
-    train.write_labels(os.path.join(cls.workdir, train.LABELS_NAME), cls.splits.class_names)
+    artifacts.write_labels(os.path.join(cls.workdir, artifacts.LABELS), cls.splits.class_names)
 
   @classmethod
   def prepare_model(cls):
@@ -88,11 +94,16 @@ class WorkdirTestCase(parameterized.TestCase):
       shutil.copy(os.path.join(self.workdir, name), workdir)
     return workdir
 
-  def export(self, workdir=None, **options):
-    workdir = workdir or self.workdir
+  @classmethod
+  def run_export(cls, workdir=None, model_path=None, **options):
+    workdir = workdir or cls.workdir
+    config = RunConfig(data=DataConfig(split=SPLIT, seed=SEED),
+                       export=ExportOptions(**options))
     return export.export_from_workdir(
-        os.path.join(workdir, train.MODEL_NAME), workdir, self.source, SPLIT, SEED,
-        export.ExportOptions(**options))
+        config, workdir, model_path or os.path.join(workdir, artifacts.MODEL), cls.source)
+
+  def export(self, workdir=None, **options):
+    return self.run_export(workdir, **options)
 
 
 class ExportTest(WorkdirTestCase):
@@ -100,9 +111,7 @@ class ExportTest(WorkdirTestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.report = export.export_from_workdir(
-        cls.model_path, cls.workdir, cls.source, SPLIT, SEED,
-        export.ExportOptions(max_accuracy_drop=ANY_DROP))
+    cls.report = cls.run_export(max_accuracy_drop=ANY_DROP)
     cls.int8_path = os.path.join(cls.workdir, "model_int8.tflite")
 
   def test_int8_takes_raw_uint8_pixels_and_gives_uint8(self):
@@ -116,7 +125,7 @@ class ExportTest(WorkdirTestCase):
     self.assertGreater(out["quantization"][0], 0)
 
   def test_report_has_every_key_and_matches_the_file(self):
-    with open(os.path.join(self.workdir, export.REPORT_NAME)) as f:
+    with open(os.path.join(self.workdir, artifacts.EXPORT_REPORT)) as f:
       report = json.load(f)
     for key in REPORT_KEYS:
       self.assertIn(key, report)
@@ -133,12 +142,12 @@ class ExportTest(WorkdirTestCase):
     self.assertEqual(report, json.loads(json.dumps(self.report)))
 
   def test_labels_beside_the_tflite_are_in_class_index_order(self):
-    labels = train.read_labels(os.path.join(self.workdir, train.LABELS_NAME))
+    labels = artifacts.read_labels(os.path.join(self.workdir, artifacts.LABELS))
     self.assertEqual(labels, self.source.class_names)
 
   def test_int8_io_dtype_gives_int8_input_and_output(self):
     images, _ = split_arrays(self.splits)
-    options = export.ExportOptions(io_dtype="int8")
+    options = ExportOptions(io_dtype="int8")
     path = os.path.join(self.create_tempdir().full_path, "model.tflite")
     with open(path, "wb") as f:
       f.write(export.convert(self.model, options, list(images)))
@@ -148,11 +157,17 @@ class ExportTest(WorkdirTestCase):
 
   def test_accuracy_drop_over_the_limit_writes_no_model(self):
     workdir = self.copy_workdir()
-    with self.assertRaisesRegex(UserError, "max_accuracy_drop"):
-      self.export(workdir, quantization="dynamic", max_accuracy_drop=-1.0)
+    compare = export.compare
+
+    def five_points_lost(*args):
+      return {**compare(*args), "accuracy_drop_points": 5.0}
+
+    with mock.patch.object(export, "compare", five_points_lost):
+      with self.assertRaisesRegex(UserError, "max_accuracy_drop=1"):
+        self.export(workdir, quantization="dynamic", max_accuracy_drop=1.0)
     self.assertFalse(os.path.exists(os.path.join(workdir, "model_dynamic.tflite")))
     self.assertEqual([n for n in os.listdir(workdir) if n.startswith(".tmp")], [])
-    with open(os.path.join(workdir, export.REPORT_NAME)) as f:
+    with open(os.path.join(workdir, artifacts.EXPORT_REPORT)) as f:
       report = json.load(f)
     self.assertFalse(report["passed"])
     self.assertEqual(report["quantization"], "dynamic")
@@ -166,11 +181,11 @@ class ExportTest(WorkdirTestCase):
     self.assertEqual(report["io_dtype"], "float32")
     self.assertNotIn("int8_test_accuracy", report)
     self.assertLess(report["max_abs_probability_diff"], 1e-3)
-    self.assertEqual(train.read_labels(os.path.join(workdir, train.LABELS_NAME)),
+    self.assertEqual(artifacts.read_labels(os.path.join(workdir, artifacts.LABELS)),
                      self.source.class_names)
 
   def test_dynamic_conversion_is_loadable(self):
-    options = export.ExportOptions(quantization="dynamic")
+    options = ExportOptions(quantization="dynamic")
     path = os.path.join(self.create_tempdir().full_path, "model_dynamic.tflite")
     with open(path, "wb") as f:
       f.write(export.convert(self.model, options))
@@ -187,17 +202,19 @@ class ExportTest(WorkdirTestCase):
       with open(path, "wb") as f:
         f.write(b"not a zip file")
     with self.assertRaisesRegex(UserError, message):
-      export.export_from_workdir(path, self.workdir, self.source, SPLIT, SEED,
-                                 export.ExportOptions())
+      self.run_export(model_path=path)
 
-  def test_bad_options_are_user_errors(self):
-    for options in (export.ExportOptions(quantization="int4"),
-                    export.ExportOptions(io_dtype="float32"),
-                    export.ExportOptions(calibration_examples=0)):
-      with self.assertRaises(UserError):
-        export.convert(self.model, options, [])
+  @parameterized.named_parameters(
+      ("quantization", {"quantization": "int4"}, "--quantization=int4 is not one of"),
+      ("io_dtype", {"io_dtype": "float32"}, "--io_dtype=float32 is not one of"),
+      ("calibration", {"calibration_examples": 0}, "--calibration_examples=0"))
+  def test_bad_options_are_user_errors(self, options, message):
+    with self.assertRaisesRegex(UserError, message):
+      ExportOptions(**options)
+
+  def test_int8_needs_representative_images(self):
     with self.assertRaisesRegex(UserError, "representative images"):
-      export.convert(self.model, export.ExportOptions(), [])
+      export.convert(self.model, ExportOptions(), [])
 
 
 @pytest.mark.real_data
@@ -227,9 +244,7 @@ class FidelityTest(WorkdirTestCase):
   def setUpClass(cls):
     super().setUpClass()
     # One image in the ~20-image test split is 5 points: allow two.
-    cls.report = export.export_from_workdir(
-        cls.model_path, cls.workdir, cls.source, SPLIT, SEED,
-        export.ExportOptions(max_accuracy_drop=10.0))
+    cls.report = cls.run_export(max_accuracy_drop=10.0)
     cls.int8_path = os.path.join(cls.workdir, "model_int8.tflite")
     cls.images, cls.labels = split_arrays(cls.splits)
     cls.float_probs = evaluate.keras_predictor(cls.model)(cls.images)
@@ -253,7 +268,7 @@ class FidelityTest(WorkdirTestCase):
     self.assert_close_to_float(evaluate.tflite_predictor(self.int8_path)(self.images))
 
   def test_int8_io_agrees_with_float(self):
-    options = export.ExportOptions(io_dtype="int8")
+    options = ExportOptions(io_dtype="int8")
     path = os.path.join(self.create_tempdir().full_path, "model_int8.tflite")
     with open(path, "wb") as f:
       f.write(export.convert(self.model, options, export.calibration_images(
@@ -265,7 +280,7 @@ class FidelityTest(WorkdirTestCase):
     self.assert_close_to_float(evaluate.tflite_predictor(path)(self.images))
 
   def test_float32_tflite_matches_keras(self):
-    options = export.ExportOptions(quantization="none")
+    options = ExportOptions(quantization="none")
     path = os.path.join(self.create_tempdir().full_path, "model_float32.tflite")
     with open(path, "wb") as f:
       f.write(export.convert(self.model, options))

@@ -7,14 +7,22 @@ must give one-line errors and exit status 2, before any data is loaded.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from absl import flags
+from absl.testing import flagsaver
+
 import fake_data
+from flowers import config as config_lib
+from flowers import main as main_lib
+from flowers.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "flags", "smoke.cfg")
@@ -97,6 +105,7 @@ class BadInputTest(parameterized.TestCase):
 
   @parameterized.parameters(
       (["--mode=prepare", "--split=64,16"], "--split"),
+      (["--mode=prepare", "--split=nan,1,1"], "--split"),
       (["--mode=train", "--dropout=1.5"], "--dropout"),
       (["--mode=train", "--image_size=8"], "--image_size"),
       (["--mode=prepare", "--image_dir=/no/such/folder"], "--image_dir"),
@@ -114,11 +123,115 @@ class BadInputTest(parameterized.TestCase):
     self.assertIn(mentions, errors[0])
     self.assertNotIn("Traceback", proc.stderr)
 
+  @parameterized.named_parameters(
+      ("choice", "--optimizer=adagrad",
+       lambda: config_lib.TrainConfig(optimizer="adagrad")),
+      ("range", "--dropout=1.5", lambda: config_lib.TrainConfig(dropout=1.5)),
+      ("split", "--split=80,30,0", lambda: config_lib.DataConfig(split="80,30,0")),
+      ("auto_choice", "--feature_cache=sometimes",
+       lambda: config_lib.TrainConfig(feature_cache="sometimes")),
+      ("export_choice", "--quantization=int4",
+       lambda: config_lib.ExportOptions(quantization="int4")),
+      ("search_range", "--dropout_range=0.5,0.1",
+       lambda: config_lib.SearchConfig(dropout_range=("0.5", "0.1"))),
+      ("size", "--image_size=8", lambda: config_lib.DataConfig(image_size=8)),
+      ("views", "--cache_views=0", lambda: config_lib.TrainConfig(cache_views=0)),
+  )
+  def test_command_line_and_library_give_the_same_one_line_error(self, flag, build):
+    with self.assertRaises(UserError) as library:
+      build()
+    proc = flowers_main("--mode=train", flag, "--tfds_data_dir=/no/such/tfds", check=False)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertEqual(error_lines(proc), [f"flowers_main: error: {library.exception}"])
+    self.assertNotIn("\n", str(library.exception))
+
   def test_unknown_mode_is_a_flag_error(self):
     proc = flowers_main("--mode=fly", check=False)
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("--mode", proc.stderr)
     self.assertNotIn("Traceback", proc.stderr)
+
+
+# A value other than the default for every settings flag, and the value the
+# library must then see in its RunConfig.
+NON_DEFAULTS = {
+    "image_dir": ("/images", "/images"), "tfds_name": ("other", "other"),
+    "tfds_data_dir": ("/tfds", "/tfds"), "download": ("false", False),
+    "strict": ("true", True), "split": ("70,10,20", "70,10,20"), "seed": ("7", 7),
+    "image_size": ("96", 96), "batch_size": ("16", 16), "cache": ("disk", "disk"),
+    "weights": ("/w.h5", "/w.h5"), "alpha": ("0.5", 0.5), "dropout": ("0.3", 0.3),
+    "augment": ("false", False), "flip": ("false", False), "rotation": ("10", 10.0),
+    "zoom": ("0.1", 0.1), "translation": ("0.05", 0.05), "contrast": ("0.05", 0.05),
+    "unfreeze_ratio": ("0.3", 0.3), "optimizer": ("adam", "adam"),
+    "learning_rate": ("0.01", 0.01), "fine_tune_learning_rate": ("1e-4", 1e-4),
+    "epochs": ("3", 3), "fine_tune_epochs": ("4", 4), "label_smoothing": ("0.1", 0.1),
+    "lr_schedule": ("cosine", "cosine"), "weight_decay": ("0.001", 0.001),
+    "early_stopping_patience": ("5", 5), "feature_cache": ("on", "on"),
+    "cache_views": ("6", 6), "int8_grid_weights": ("false", False),
+    "distribution_strategy": ("mirrored", "mirrored"), "verbose": ("2", 2),
+    "tuner": ("random", "random"), "max_trials": ("3", 3),
+    "executions_per_trial": ("2", 2), "overwrite": ("true", True),
+    "dropout_range": ("0.1,0.4", (0.1, 0.4)), "unfreeze_ratio_range": ("0.1,0.3", (0.1, 0.3)),
+    "fine_tune_learning_rate_range": ("3e-5,3e-4", (3e-5, 3e-4)), "export": ("false", False),
+    "quantization": ("float16", "float16"), "io_dtype": ("int8", "int8"),
+    "calibration_examples": ("50", 50), "max_accuracy_drop": ("2", 2.0),
+    "model": ("m.keras", "m.keras"), "images": ("a.jpg,b.jpg", ("a.jpg", "b.jpg")),
+    "top_k": ("3", 3), "output": ("json", "json"), "plots": ("false", False),
+}
+
+
+def field(config, path):
+  for name in path:
+    config = getattr(config, name)
+  return config.value if isinstance(config, config_lib.Choice) else config
+
+
+class FlagsReachTheLibraryTest(absltest.TestCase):
+
+  def test_every_settings_flag_is_in_this_test(self):
+    self.assertCountEqual(main_lib.FLAG_FIELDS, NON_DEFAULTS)
+
+  def test_every_flag_reaches_the_run_config(self):
+    default = config_lib.RunConfig()
+    with flagsaver.flagsaver():
+      for name, (text, _) in NON_DEFAULTS.items():
+        flags.FLAGS[name].parse(text)
+      config = main_lib.run_config()
+    for name, path in main_lib.FLAG_FIELDS.items():
+      expected = NON_DEFAULTS[name][1]
+      self.assertEqual(field(config, path), expected, name)
+      self.assertNotEqual(field(default, path), expected, f"{name}: pick a non-default")
+
+  def test_the_mode_gets_that_config_and_the_workdir(self):
+    seen = []
+    from flowers import modes  # pylint: disable=g-import-not-at-top
+
+    with flagsaver.flagsaver(mode="prepare", workdir="/some/workdir", dropout=0.35,
+                             split="80,10,10"):
+      with mock.patch.dict(modes.MODES, prepare=lambda c, w: seen.append((c, w))):
+        main_lib.main(["flowers_main"])
+      expected = main_lib.run_config()
+    self.assertEqual(seen, [(expected, "/some/workdir")])
+    self.assertEqual(expected.train.dropout, 0.35)
+
+
+class HelpTest(absltest.TestCase):
+
+  def test_help_lists_modes_every_flag_and_examples(self):
+    proc = flowers_main("--help")
+    text = proc.stdout
+    for mode in main_lib.MODES:
+      self.assertRegex(text, rf"\n  {mode} ")
+    for name in list(main_lib.FLAG_FIELDS) + ["mode", "workdir", "flagfile"]:
+      self.assertIn(f"--{name}", text)
+    self.assertIn("Examples:", text)
+    self.assertIn("flowers_main --mode=tune --flagfile=flags/cpu.cfg", text)
+    self.assertNotIn("Try --helpfull", text)
+    console_script = shutil.which("flowers_main")
+    if console_script:  # Installed: the console script shows the same text.
+      installed = subprocess.run([console_script, "--help"], capture_output=True, text=True,
+                                 timeout=120)
+      self.assertEqual(installed.stdout, text)
 
 
 if __name__ == "__main__":

@@ -77,13 +77,9 @@ class BuildModelTest(parameterized.TestCase):
     history = model.fit(images(8), np.arange(8) % 3, epochs=1, verbose=0)
     self.assertIn("accuracy", history.history)
 
-  @parameterized.parameters((1, "classes"), (-0.1, "dropout"), (1.0, "dropout"))
-  def test_bad_arguments(self, value, what):
-    with self.assertRaisesRegex(UserError, what):
-      if what == "classes":
-        tiny_model(num_classes=value)
-      else:
-        tiny_model(dropout=value)
+  def test_one_class_is_not_a_classifier(self):
+    with self.assertRaisesRegex(UserError, "classes"):
+      tiny_model(num_classes=1)
 
   def test_missing_weights_file(self):
     with self.assertRaisesRegex(UserError, "not a file"):

@@ -1,5 +1,6 @@
 """Two-stage training end to end on tiny mock data; resume; evaluate; predict."""
 
+import dataclasses
 import json
 import os
 from unittest import mock
@@ -9,21 +10,17 @@ from absl.testing import parameterized
 import keras
 
 import fake_data
+import run_configs
 import shared_data
+from flowers import artifacts
+from flowers import config as config_lib
 from flowers import model as model_lib
 from flowers import modes
 from flowers import train
 from flowers.errors import UserError
 
 COUNTS = fake_data.uniform_counts(4, train=8, val=3, test=4)
-
-
-def tiny_config(**overrides):
-  config = dict(image_size=32, batch_size=8, epochs=2, fine_tune_epochs=2, weights=None,
-                cache_views=2, early_stopping_patience=0, verbose=0, learning_rate=1e-2,
-                optimizer="adam")
-  config.update(overrides)
-  return train.TrainConfig(**config)
+tiny_config = run_configs.tiny
 
 
 class Interrupt(keras.callbacks.Callback):
@@ -51,6 +48,7 @@ class TrainTest(parameterized.TestCase):
     for name in ("model.keras", "labels.txt", "history.json", "report.json", "splits.csv"):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
     self.assertEqual(report["feature_cache"], feature_cache == "on")
+    self.assertEqual(report["config"]["train"]["feature_cache"], feature_cache)
     for key in ("test_accuracy", "test_top5_accuracy", "num_test_examples",
                 "per_class_accuracy", "confusion_matrix", "test_macro_f1"):
       self.assertIn(key, report)
@@ -73,8 +71,9 @@ class TrainTest(parameterized.TestCase):
     with fake_data.mock_flowers(fake_data.uniform_counts(3, 10, 3, 5), size=64):
       from flowers import data  # pylint: disable=g-import-not-at-top
       report = train.train_and_evaluate(
-          tiny_config(image_size=64, epochs=8, fine_tune_epochs=1, learning_rate=1e-2,
-                      fine_tune_learning_rate=1e-5, weights=shared_data.WEIGHTS),
+          tiny_config(data={"image_size": 64}, epochs=8, fine_tune_epochs=1,
+                      learning_rate=1e-2, fine_tune_learning_rate=1e-5,
+                      weights=shared_data.WEIGHTS),
           workdir, data.load_tfds())
     # Colour-coded classes: ImageNet features + a trained head beat chance (1/3).
     history = train.read_history(workdir, "stage1")
@@ -83,20 +82,20 @@ class TrainTest(parameterized.TestCase):
 
   def test_resume_after_interruption(self):
     workdir = self.create_tempdir().full_path
-    original = train._callbacks
+    original = train.stage_callbacks
 
-    def interrupting(workdir_, stage, config, validate):
-      callbacks = original(workdir_, stage, config, validate)
+    def interrupting(run_dir, stage, config, validate):
+      callbacks = original(run_dir, stage, config, validate)
       return callbacks + [Interrupt(1)] if stage == "stage2" else callbacks
 
     config = tiny_config(fine_tune_epochs=4)
     with fake_data.mock_flowers(COUNTS):
       from flowers import data  # pylint: disable=g-import-not-at-top
       source = data.load_tfds()
-      with mock.patch.object(train, "_callbacks", interrupting):
+      with mock.patch.object(train, "stage_callbacks", interrupting):
         with self.assertRaises(KeyboardInterrupt):
           train.train_and_evaluate(config, workdir, source)
-      self.assertTrue(os.path.exists(os.path.join(workdir, train.STAGE1_WEIGHTS)))
+      self.assertTrue(os.path.exists(os.path.join(workdir, artifacts.STAGE1_WEIGHTS)))
       self.assertFalse(os.path.exists(os.path.join(workdir, "model.keras")))
       self.assertLen(train.read_history(workdir, "stage2")["accuracy"], 2)
       stage1_rows = len(train.read_history(workdir, "stage1")["accuracy"])
@@ -110,12 +109,6 @@ class TrainTest(parameterized.TestCase):
       epochs = [int(line.split(",")[0]) for line in f.readlines()[1:]]
     self.assertEqual(sorted(set(epochs)), [0, 1, 2, 3])
 
-  def test_flag_validation(self):
-    with self.assertRaisesRegex(UserError, "feature_cache"):
-      tiny_config(feature_cache="sometimes").use_cache()
-    with self.assertRaisesRegex(UserError, "optimizer"):
-      train.make_optimizer("adagrad-ish", 1e-3)
-
 
 class EvaluatePredictTest(absltest.TestCase):
 
@@ -124,10 +117,10 @@ class EvaluatePredictTest(absltest.TestCase):
     with fake_data.mock_flowers(COUNTS) as examples:
       from flowers import data  # pylint: disable=g-import-not-at-top
       source = data.load_tfds()
-      trained = train.train_and_evaluate(tiny_config(), workdir, source)
+      config = tiny_config()
+      trained = train.train_and_evaluate(config, workdir, source)
       os.remove(os.path.join(workdir, "report.json"))
-      evaluated = modes.evaluate(os.path.join(workdir, "model.keras"), workdir, source,
-                                 "64,16,20", 42, 8)
+      evaluated = modes.evaluate(config, workdir)
     self.assertAlmostEqual(evaluated["test_accuracy"], trained["test_accuracy"], places=6)
     self.assertTrue(os.path.exists(os.path.join(workdir, "report.json")))
 
@@ -137,8 +130,9 @@ class EvaluatePredictTest(absltest.TestCase):
         f.write(jpeg)
     with open(os.path.join(image_dir, "not_an_image.jpg"), "wb") as f:
       f.write(b"nope")
-    results = modes.predict(os.path.join(workdir, "model.keras"), [image_dir], top_k=3,
-                            output="json")
+    config = dataclasses.replace(config, predict=config_lib.PredictConfig(
+        images=[image_dir], top_k=3, output="json"))
+    results = modes.predict(config, workdir)
     self.assertLen(results, 3)
     for r in results:
       self.assertLen(r["top_k"], 3)
@@ -146,8 +140,10 @@ class EvaluatePredictTest(absltest.TestCase):
       self.assertEqual(probs, sorted(probs, reverse=True))
 
   def test_predict_missing_inputs(self):
+    config = config_lib.RunConfig(predict=config_lib.PredictConfig(
+        model="/no/model.keras", images=["x.jpg"]))
     with self.assertRaisesRegex(UserError, "does not exist"):
-      modes.predict("/no/model.keras", ["x.jpg"])
+      modes.predict(config, "/no/workdir")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ stage), so trials take seconds and the accuracies mean nothing.
 """
 
 import csv
+import dataclasses
 import json
 import os
 import socket
@@ -13,11 +14,15 @@ import sys
 
 import keras
 import keras_tuner
+import numpy as np
 import pytest
 
 import fake_data
 import tune_worker
+from flowers import artifacts
+from flowers import config as config_lib
 from flowers import data
+from flowers import train
 from flowers import tune
 from flowers.errors import UserError
 
@@ -25,17 +30,19 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
 
-def search(workdir, config=None, space=None, **kwargs):
-  """A search on the mock data, in this process."""
+def search(workdir, config=None, **search_settings):
+  """A search on the mock data, in this process; `search_settings` override SearchConfig."""
+  config = config or tune_worker.small_config()
+  if search_settings:
+    config = dataclasses.replace(
+        config, search=dataclasses.replace(config.search, **search_settings))
   with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
     source = data.load_tfds()
-    return tune.run_search(config or tune_worker.small_config(),
-                           space or tune_worker.small_space(), str(workdir), source,
-                           **kwargs)
+    return tune.run_search(config, str(workdir), source)
 
 
 def read_trials(workdir):
-  with open(os.path.join(workdir, tune.TRIALS_NAME), newline="") as f:
+  with open(os.path.join(workdir, artifacts.TRIALS), newline="") as f:
     return list(csv.DictReader(f))
 
 
@@ -45,64 +52,18 @@ def read_json(*path):
 
 
 def trial_file(workdir, trial_id, name):
-  return os.path.join(workdir, tune.PROJECT_NAME, f"trial_{trial_id}", name)
-
-
-# The search space.
-
-
-def test_search_space_parses_flag_lists():
-  space = tune.SearchSpace.from_strings(["0.1", "0.3"], "0,1", [" 1e-4", "1e-2"])
-  assert space == tune.SearchSpace((0.1, 0.3), (0.0, 1.0), (1e-4, 1e-2))
-  assert tune.SearchSpace() == tune.SearchSpace.from_strings(
-      ["0.0", "0.5"], ["0.0", "0.5"], ["1e-5", "1e-3"])
-
-
-@pytest.mark.parametrize("dropout, unfreeze, lr, flag, why", [
-    (["0.5", "0.1"], ["0", "0.5"], ["1e-5", "1e-3"], "--dropout_range=0.5,0.1", "min is above max"),
-    (["0", "0.5"], ["0.6", "0.2"], ["1e-5", "1e-3"], "--unfreeze_ratio_range=0.6,0.2",
-     "--unfreeze_ratio_range=0.2,0.6"),
-    (["0", "0.5"], ["0", "1.5"], ["1e-5", "1e-3"], "--unfreeze_ratio_range", r"\[0, 1\]"),
-    (["0", "0.5"], ["-0.1", "0.5"], ["1e-5", "1e-3"], "--unfreeze_ratio_range", r"\[0, 1\]"),
-    (["0", "1"], ["0", "0.5"], ["1e-5", "1e-3"], "--dropout_range", r"\[0, 1\)"),
-    (["0", "0.5"], ["0", "0.5"], ["0", "1e-3"], "--fine_tune_learning_rate_range", "> 0"),
-    (["0", "0.5"], ["0", "0.5"], ["-1", "-0.5"], "--fine_tune_learning_rate_range", "> 0"),
-    (["0.1"], ["0", "0.5"], ["1e-5", "1e-3"], "--dropout_range", "exactly two"),
-    (["0", "0.5"], ["0", "0.2", "0.4"], ["1e-5", "1e-3"], "--unfreeze_ratio_range",
-     "exactly two"),
-    (["0", "0.5"], ["0", "0.5"], ["fast", "slow"], "--fine_tune_learning_rate_range",
-     "two numbers"),
-    (["0", "nan"], ["0", "0.5"], ["1e-5", "1e-3"], "--dropout_range", "exactly two"),
-])
-def test_search_space_rejects_bad_ranges(dropout, unfreeze, lr, flag, why):
-  with pytest.raises(UserError, match=why) as error:
-    tune.SearchSpace.from_strings(dropout, unfreeze, lr)
-  assert str(error.value).startswith(flag)
-  assert "\n" not in str(error.value)
+  return os.path.join(workdir, artifacts.TUNER_DIR, f"trial_{trial_id}", name)
 
 
 def test_declared_hyperparameters_fix_empty_ranges_and_log_scale_the_rate():
   hp = keras_tuner.HyperParameters()
   values = tune.declare_hyperparameters(
-      hp, tune.SearchSpace(dropout=(0.2, 0.2), unfreeze_ratio=(0.0, 0.5)))
+      hp, config_lib.SearchConfig(dropout_range=(0.2, 0.2), unfreeze_ratio_range=(0.0, 0.5)))
   assert values["dropout"] == 0.2
   kinds = {p.name: p for p in hp.space}
   assert type(kinds["dropout"]).__name__ == "Fixed"
   assert kinds["fine_tune_learning_rate"].sampling == "log"
   assert kinds["unfreeze_ratio"].sampling == "linear"
-
-
-def test_main_rejects_a_bad_range_in_one_line_before_reading_data(tmp_path):
-  # --tfds_data_dir does not exist: reading data first would fail differently.
-  proc = subprocess.run(
-      [sys.executable, "-m", "flowers.main", "--mode=tune", f"--workdir={tmp_path}",
-       "--unfreeze_ratio_range=0.6,0.2", "--tfds_data_dir=/nonexistent/tfds"],
-      capture_output=True, text=True, timeout=300, cwd=REPO)
-  assert proc.returncode == 2, proc.stderr
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("flowers_main: error:")]
-  assert len(errors) == 1, proc.stderr
-  assert "--unfreeze_ratio_range=0.6,0.2" in errors[0]
-  assert "min is above max" in errors[0]
 
 
 # Searches.
@@ -112,7 +73,7 @@ def test_a_user_error_in_a_trial_stops_the_search(tmp_path):
   # KerasTuner would count it as a failed trial and go on to the next.
   config = tune_worker.small_config(weights=str(tmp_path / "missing.h5"))
   with pytest.raises(UserError, match="missing.h5 is not a file"):
-    search(tmp_path, config=config, tuner="random", max_trials=3)
+    search(tmp_path, config=config, max_trials=3)
 
 
 def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
@@ -120,20 +81,20 @@ def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
   workdir = str(tmp_path)
   fits = []  # (trial folder, stage) of every stage that started.
   kill = {"trial": None}
-  fit_stage = tune._fit_stage
+  fit = train._fit
 
-  def spy(*args, trial_dir, stage, **kwargs):
-    fits.append((os.path.basename(trial_dir), stage))
-    if stage == "stage2" and os.path.basename(trial_dir) == kill["trial"]:
+  def spy(stage, epochs, initial_epoch, run_dir, name, config):
+    fits.append((os.path.basename(run_dir), name))
+    if name == "stage2" and os.path.basename(run_dir) == kill["trial"]:
       raise KeyboardInterrupt  # As if the process were stopped in stage 2.
-    return fit_stage(*args, trial_dir=trial_dir, stage=stage, **kwargs)
+    return fit(stage, epochs, initial_epoch, run_dir, name, config)
 
-  monkeypatch.setattr(tune, "_fit_stage", spy)
+  monkeypatch.setattr(train, "_fit", spy)
 
   report = search(workdir, tuner="bayesian", max_trials=1)
   assert fits == [("trial_0", "stage1"), ("trial_0", "stage2")]
   assert report["is_chief"] and report["num_trials"] == 1
-  first = read_json(trial_file(workdir, "0", tune.RESULT_NAME))
+  first = read_json(trial_file(workdir, "0", artifacts.TRIAL_RESULT))
 
   fits.clear()
   kill["trial"] = "trial_1"
@@ -146,9 +107,10 @@ def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
   fits.clear()
   kill["trial"] = None
   report = search(workdir, tuner="bayesian", max_trials=2)
-  # Only the killed trial ran again, with the same hyperparameters.
-  assert fits == [("trial_1", "stage1"), ("trial_1", "stage2")]
-  assert read_json(trial_file(workdir, "0", tune.RESULT_NAME)) == first
+  # Only the killed trial ran again, with the same hyperparameters, from its
+  # finished stage 1 (the same loop as --mode=train: it resumes).
+  assert fits == [("trial_1", "stage2")]
+  assert read_json(trial_file(workdir, "0", artifacts.TRIAL_RESULT)) == first
   redone = read_json(trial_file(workdir, "1", "trial.json"))
   assert redone["status"] == "COMPLETED"
   assert redone["hyperparameters"]["values"] == killed["hyperparameters"]["values"]
@@ -162,8 +124,8 @@ def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
   assert float(by_id["0"]["val_accuracy"]) == pytest.approx(first["val_accuracy"])
   assert all(float(r["seconds"]) > 0 and r["status"] == "COMPLETED" for r in rows)
 
-  best = read_json(workdir, tune.BEST_HPARAMS_NAME)
-  assert set(best) == set(tune.HPARAMS)
+  best = read_json(workdir, artifacts.BEST_HPARAMS)
+  assert set(best) == set(config_lib.HPARAMS)
   assert best["dropout"] == pytest.approx(float(rows[0]["dropout"]))
   saved = read_json(workdir, "report.json")
   for key in ("test_accuracy", "test_top5_accuracy", "num_test_examples", "val_accuracy",
@@ -172,19 +134,67 @@ def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
     assert key in saved, key
   assert saved["num_trials"] == 2 and saved["best_hparams"] == best
   assert saved["best_trial_id"] == rows[0]["trial_id"]
-  assert saved["config"]["unfreeze_ratio"] == best["unfreeze_ratio"]
+  assert saved["config"]["train"]["unfreeze_ratio"] == best["unfreeze_ratio"]
   history = read_json(workdir, "history.json")
   assert len(history["stage1"]["val_accuracy"]) == 1
   assert len(history["stage2"]["val_accuracy"]) == 1
-  with open(os.path.join(workdir, "labels.txt")) as f:
+  with open(os.path.join(workdir, artifacts.LABELS)) as f:
     assert len(f.read().splitlines()) == len(saved["class_names"])
   model = keras.models.load_model(os.path.join(workdir, "model.keras"))
   assert model.get_layer("head_dropout").rate == pytest.approx(best["dropout"])
 
   # Resuming with another search space is refused, naming what changed.
-  with pytest.raises(UserError, match="search_space.*--overwrite"):
-    search(workdir, space=tune.SearchSpace(dropout=(0.1, 0.2)), tuner="bayesian",
-           max_trials=2)
+  with pytest.raises(UserError, match=r"search\.dropout_range.*--overwrite"):
+    search(workdir, tuner="bayesian", max_trials=2, dropout_range=(0.1, 0.2))
+
+
+@pytest.mark.parametrize("feature_cache", ["off", "on"])
+def test_a_trial_is_the_train_job_with_its_hyperparameters(tmp_path, feature_cache):
+  hparams = {"dropout": 0.3, "unfreeze_ratio": 0.1, "fine_tune_learning_rate": 3e-3}
+  config = tune_worker.small_config(
+      feature_cache=feature_cache, lr_schedule="cosine", epochs=2, fine_tune_epochs=2,
+      early_stopping_patience=1, search={f"{k}_range": (v, v) for k, v in hparams.items()},
+      **hparams)
+  with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
+    source = data.load_tfds()
+    trained = train.train_and_evaluate(config, str(tmp_path / "train"), source)
+    tuned = tune.run_search(config, str(tmp_path / "tune"), source)
+  assert tuned["best_hparams"] == pytest.approx(hparams)
+  assert read_json(tmp_path / "tune", artifacts.HISTORY) == read_json(
+      tmp_path / "train", artifacts.HISTORY)
+  for key in ("val_accuracy", "test_accuracy", "confusion_matrix"):
+    assert tuned[key] == trained[key], key
+  models = [keras.models.load_model(tmp_path / folder / artifacts.MODEL)
+            for folder in ("train", "tune")]
+  for a, b in zip(*(m.get_weights() for m in models)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("schedule, factor", [("constant", 1.0), ("cosine", 0.0)])
+def test_learning_rate_schedule_spans_each_stage_of_a_plain_trial(
+    tmp_path, monkeypatch, schedule, factor):
+  rates = {}
+
+  class RecordRate(keras.callbacks.Callback):
+
+    def __init__(self, stage):
+      super().__init__()
+      self.stage = stage
+
+    def on_train_end(self, logs=None):
+      rates[self.stage] = float(keras.ops.convert_to_numpy(
+          self.model.optimizer.learning_rate))
+
+  original = train.stage_callbacks
+  monkeypatch.setattr(train, "stage_callbacks", lambda run_dir, stage, config, validate: (
+      original(run_dir, stage, config, validate) + [RecordRate(stage)]))
+  config = tune_worker.small_config(
+      feature_cache="off", lr_schedule=schedule, learning_rate=0.1, epochs=2,
+      fine_tune_epochs=2, search={"fine_tune_learning_rate_range": (0.01, 0.01)})
+  search(tmp_path, config=config)
+  # After the last step, cosine has decayed to 0; a constant rate stays put.
+  assert rates["stage1"] == pytest.approx(0.1 * factor)
+  assert rates["stage2"] == pytest.approx(0.01 * factor)
 
 
 @pytest.mark.slow
@@ -193,7 +203,7 @@ def test_hyperband_continues_the_best_trial_from_its_weights(tmp_path):
   config = tune_worker.small_config(fine_tune_epochs=3)
   report = search(tmp_path, config=config, tuner="hyperband", max_trials=4, overwrite=True)
   assert report["num_trials"] == 4
-  results = [read_json(trial_file(tmp_path, i, tune.RESULT_NAME)) for i in "0123"]
+  results = [read_json(trial_file(tmp_path, i, artifacts.TRIAL_RESULT)) for i in "0123"]
   assert [r["stage2_epochs"] for r in results] == [[0, 1], [0, 1], [0, 1], [1, 3]]
   parent = results[3]["continues_trial"]
   assert parent in ("0", "1", "2")
@@ -206,22 +216,22 @@ def test_hyperband_continues_the_best_trial_from_its_weights(tmp_path):
 
 @pytest.mark.slow
 def test_plain_path_trains_the_full_model(tmp_path):
-  config = tune_worker.small_config(feature_cache="off")
-  space = tune.SearchSpace(unfreeze_ratio=(0.1, 0.1))
-  report = search(tmp_path, config=config, space=space, tuner="random", max_trials=1)
+  config = tune_worker.small_config(feature_cache="off",
+                                    search={"unfreeze_ratio_range": (0.1, 0.1)})
+  report = search(tmp_path, config=config)
   assert report["feature_cache"] is False and report["num_trials"] == 1
   assert not os.path.exists(os.path.join(tmp_path, "cache"))
   history = read_json(tmp_path, "history.json")
   assert history["stage1"] and history["stage2"]
-  assert not os.path.exists(os.path.join(tmp_path, "stage1.weights.h5"))
+  assert not os.path.exists(os.path.join(tmp_path, artifacts.STAGE1_WEIGHTS))
 
   # The finished search again, its best weights gone (as on a chief whose
   # workers wrote to their own disks): no new trial, the best one retrained.
-  os.remove(trial_file(tmp_path, "0", "checkpoint.weights.h5"))
-  again = search(tmp_path, config=config, space=space, tuner="random", max_trials=1)
+  os.remove(trial_file(tmp_path, "0", artifacts.TRIAL_WEIGHTS))
+  again = search(tmp_path, config=config)
   assert again["num_trials"] == 1 and again["best_hparams"] == report["best_hparams"]
-  assert os.path.exists(os.path.join(tmp_path, tune.PROJECT_NAME, "best_retrained",
-                                     "checkpoint.weights.h5"))
+  assert os.path.exists(os.path.join(tmp_path, artifacts.TUNER_DIR, "best_retrained",
+                                     artifacts.TRIAL_WEIGHTS))
 
 
 def run_workers(options_list, envs, timeout=420):

@@ -31,23 +31,26 @@ COUNTS = {"train": [6] * 4, "validation": [2] * 4, "test": [2] * 4}
 IMAGE_SIZE = 40
 
 
-def small_config(**overrides):
-  """A TrainConfig that trains in seconds: random weights, 32 px, 1 + 1 epochs."""
-  from flowers import train  # pylint: disable=g-import-not-at-top
+def small_config(search=None, data=None, **train):
+  """A RunConfig whose search trains in seconds: random weights, 32 px, 1 + 1 epochs.
 
-  settings = dict(image_size=32, batch_size=8, epochs=1, fine_tune_epochs=1, cache_views=2,
-                  weights=None, early_stopping_patience=0, feature_cache="on", verbose=0,
-                  seed=0)
-  settings.update(overrides)
-  return train.TrainConfig(**settings)
+  `train` overrides TrainConfig fields; `search` and `data` are dicts of overrides.
+  The default space's top models are a few blocks: quick to trace.
+  """
+  from flowers import config as config_lib  # pylint: disable=g-import-not-at-top
 
-
-def small_space():
-  """A search space whose top models are a few blocks: quick to trace."""
-  from flowers import tune  # pylint: disable=g-import-not-at-top
-
-  return tune.SearchSpace(dropout=(0.0, 0.5), unfreeze_ratio=(0.05, 0.15),
-                          fine_tune_learning_rate=(1e-4, 1e-2))
+  train_settings = dict(epochs=1, fine_tune_epochs=1, cache_views=2, weights=None,
+                        early_stopping_patience=0, feature_cache="on", verbose=0)
+  train_settings.update(train)
+  search_settings = dict(dropout_range=(0.0, 0.5), unfreeze_ratio_range=(0.05, 0.15),
+                         fine_tune_learning_rate_range=(1e-4, 1e-2), tuner="random",
+                         max_trials=1, export=False)
+  search_settings.update(search or {})
+  return config_lib.RunConfig(
+      data=config_lib.DataConfig(**{"image_size": 32, "batch_size": 8, "seed": 0,
+                                    **(data or {})}),
+      train=config_lib.TrainConfig(**train_settings),
+      search=config_lib.SearchConfig(**search_settings), plots=False)
 
 
 def _wait_for_barrier(folder: str, count: int, timeout_s: float = 300.0) -> None:
@@ -69,6 +72,7 @@ def main(options: dict) -> dict:
 
   import fake_data  # pylint: disable=g-import-not-at-top
   from flowers import data  # pylint: disable=g-import-not-at-top
+  from flowers import distribute  # pylint: disable=g-import-not-at-top
   from flowers import tune  # pylint: disable=g-import-not-at-top
   from keras_tuner.src.distribute import oracle_chief  # pylint: disable=g-import-not-at-top
   from keras_tuner.src.engine import base_tuner  # pylint: disable=g-import-not-at-top
@@ -87,14 +91,14 @@ def main(options: dict) -> dict:
     oracle_chief.time = types.SimpleNamespace(sleep=lambda s: time.sleep(min(s, poll)))
 
   strategy_name = options.get("distribution_strategy", "default")
-  strategy = tune.make_strategy(strategy_name)  # Before any data, as main.py does.
-  config = small_config(feature_cache=options.get("feature_cache", "on"))
+  strategy = distribute.make_strategy(strategy_name)  # Before any data, as main.py does.
+  config = small_config(
+      feature_cache=options.get("feature_cache", "on"), distribution_strategy=strategy_name,
+      search={"tuner": options.get("tuner", "random"),
+              "max_trials": options.get("max_trials", 1)})
   with fake_data.mock_flowers(COUNTS, size=IMAGE_SIZE):
     source = data.load_tfds()
-    report = tune.run_search(
-        config, small_space(), options["workdir"], source,
-        tuner=options.get("tuner", "random"), max_trials=options.get("max_trials", 1),
-        distribution_strategy=strategy_name)
+    report = tune.run_search(config, options["workdir"], source)
   keys = ("is_chief", "tuner_id", "trials_run", "num_trials", "best_trial_id",
           "test_accuracy", "val_accuracy", "distributed")
   summary = {k: report[k] for k in keys if k in report}

@@ -1,4 +1,4 @@
-"""Tests for flowers.report: plots and summary.md from synthetic artifacts."""
+"""Tests for flowers.summary: plots and summary.md from synthetic artifacts."""
 
 from __future__ import annotations
 
@@ -9,38 +9,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from flowers import report
+from flowers import summary
 from flowers.errors import UserError
+from test_plots import check_png, class_names, confusion
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN_PLOTS = ("history.png", "class_distribution.png", "confusion_matrix.png",
                "per_class_accuracy.png", "tuning.png")
-
-
-def check_png(path: str, min_side: int = 300) -> tuple[int, int]:
-  """Asserts `path` is a decodable PNG of a sensible size; returns (width, height)."""
-  with open(path, "rb") as f:
-    assert f.read(8) == PNG_SIGNATURE, path
-  with Image.open(path) as im:
-    im.load()
-    width, height = im.size
-  assert min_side <= width <= 4000 and min_side <= height <= 4000, (path, im.size)
-  return width, height
-
-
-def class_names(num_classes: int) -> list[str]:
-  return [f"flower {i}" for i in range(num_classes)]
-
-
-def confusion(num_classes: int, per_class: int, seed: int = 0) -> np.ndarray:
-  """A plausible confusion matrix: mostly right, some errors to neighbours."""
-  rng = np.random.default_rng(seed)
-  cm = np.zeros((num_classes, num_classes), np.int64)
-  for i in range(num_classes):
-    for _ in range(per_class):
-      j = i if rng.random() < 0.8 else int((i + rng.integers(1, 3)) % num_classes)
-      cm[i, j] += 1
-  return cm
 
 
 def write_workdir(workdir, num_classes: int = 5, history: bool = True,
@@ -129,7 +103,7 @@ def run_dir(tmp_path_factory):
   os.makedirs(os.path.join(workdir, "plots"))
   Image.new("RGB", (400, 300), "white").save(
       os.path.join(workdir, "plots", "augmented_samples.png"))
-  path = report.write_report(workdir, command=COMMAND)
+  path = summary.write_report(workdir, command=COMMAND)
   return workdir, result, path, snapshot(workdir)
 
 
@@ -159,7 +133,7 @@ def test_write_report_is_idempotent(run_dir):
   workdir, _, _, first = run_dir
   # As --mode=report does: no command given, so the recorded one is kept; the
   # augmented samples (drawn from images by training) are left as they were.
-  report.write_report(workdir)
+  summary.write_report(workdir)
   second = snapshot(workdir)
   assert sorted(first) == sorted(second)
   assert first["summary.md"] == second["summary.md"]
@@ -174,7 +148,7 @@ def test_evaluate_only_workdir(tmp_path):
   write_workdir(workdir, history=False, trials=False, export=False)
   with open(os.path.join(workdir, "flags.cfg"), "w") as f:
     f.write("--mode=train\n--epochs=3\n")
-  text = open(report.write_report(workdir), encoding="utf-8").read()
+  text = open(summary.write_report(workdir), encoding="utf-8").read()
   assert "flowers_main --mode=train --epochs=3" in text
   assert not os.path.exists(os.path.join(workdir, "plots", "history.png"))
   assert not os.path.exists(os.path.join(workdir, "plots", "tuning.png"))
@@ -188,76 +162,4 @@ def test_missing_report_json_names_the_mode(tmp_path):
   workdir = str(tmp_path / "empty")
   os.makedirs(workdir)
   with pytest.raises(UserError, match=r"report\.json not found.*--mode=train"):
-    report.write_report(workdir)
-
-
-def test_confusion_plot_with_102_classes(tmp_path):
-  names = class_names(102)
-  cm = confusion(102, 10, seed=1)
-  path = report.plot_confusion(cm, names, str(tmp_path / "cm.png"))
-  width, height = check_png(path, min_side=600)
-  assert width > height
-
-
-def test_most_confused_on_hand_made_matrix():
-  cm = [[5, 3, 0, 1],
-        [0, 7, 4, 0],
-        [2, 0, 6, 3],
-        [0, 9, 0, 1]]
-  names = ["a", "b", "c", "d"]
-  pairs = report.most_confused(cm, names, k=4)
-  assert [(p.true_name, p.predicted_name, p.count) for p in pairs] == [
-      ("d", "b", 9), ("b", "c", 4), ("a", "b", 3), ("c", "d", 3)]
-  assert (pairs[0].true_index, pairs[0].predicted_index) == (3, 1)
-  # Zero cells and the diagonal never appear, so fewer than k may come back.
-  assert len(report.most_confused(cm, names, k=100)) == 6
-  assert report.most_confused(np.eye(3, dtype=int) * 4, ["x", "y", "z"]) == []
-
-
-def test_worst_classes_and_concat_history():
-  assert report.worst_classes({"a": 0.9, "b": 0.5, "c": 0.5, "d": 1.0}, k=3) == [
-      ("b", 0.5), ("c", 0.5), ("a", 0.9)]
-  metrics, n1 = report.concat_history(
-      {"stage1": {"loss": [3.0, 2.0], "val_loss": [3.5, 2.5]}, "stage2": {"loss": [1.0]}})
-  assert n1 == 2
-  np.testing.assert_allclose(metrics["loss"], [3.0, 2.0, 1.0])
-  assert np.isnan(metrics["val_loss"][2])
-
-
-def test_plot_history_with_empty_stage2(tmp_path):
-  path = report.plot_history({"stage1": {"accuracy": [0.2, 0.4], "loss": [2.0, 1.5]},
-                              "stage2": {}}, str(tmp_path / "h.png"))
-  check_png(path)
-  assert report.plot_history({"stage1": {}, "stage2": {}}, str(tmp_path / "none.png")) is None
-
-
-def test_write_augmented_samples_on_mock_data(tmp_path):
-  import fake_data  # pylint: disable=g-import-not-at-top
-  from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
-  from flowers import model as model_lib  # pylint: disable=g-import-not-at-top
-  from flowers import train as train_lib  # pylint: disable=g-import-not-at-top
-
-  workdir = str(tmp_path / "run")
-  config = train_lib.TrainConfig(image_size=32, seed=3,
-                                 augmentation=model_lib.Augmentation(rotation_degrees=30))
-  with fake_data.mock_flowers(fake_data.uniform_counts(4, 4, 2, 2), size=40):
-    source = data_lib.load_tfds()
-    data_lib.load_splits(source, workdir=workdir, split="64,16,20", seed=config.seed,
-                         image_size=32)  # Writes splits.csv, as training does.
-    path = report.write_augmented_samples(workdir, source, config, count=8, columns=4)
-    assert path == os.path.join(workdir, "plots", "augmented_samples.png")
-    check_png(path)
-    first = open(path, "rb").read()
-    report.write_augmented_samples(workdir, source, config, count=8, columns=4)
-    assert open(path, "rb").read() == first  # Seeded: the same picture again.
-  assert report.write_augmented_samples(
-      workdir, source, train_lib.TrainConfig(augment=False)) is None
-
-
-def test_sample_keys_spreads_over_classes():
-  keys = [f"k{i:02d}" for i in range(12)]
-  label_of = {k: i % 4 for i, k in enumerate(keys)}
-  chosen = report.sample_keys(keys, label_of, 6, seed=0)
-  assert len(chosen) == len(set(chosen)) == 6
-  assert {label_of[k] for k in chosen} == {0, 1, 2, 3}
-  assert chosen == report.sample_keys(list(reversed(keys)), label_of, 6, seed=0)
+    summary.write_report(workdir)

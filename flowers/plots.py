@@ -1,11 +1,10 @@
-"""Plots and `summary.md` for a workdir, drawn from its saved artifacts only.
+"""Every figure of a run, drawn from its saved artifacts (or, once, its images).
 
-`write_report` reads what a run left behind (report.json, history.json,
-splits.csv, labels.txt and, when present, export_report.json and trials.csv)
-and writes PNGs under `WORKDIR/plots/` plus `WORKDIR/summary.md`, so
-`--mode=report` can redraw everything without TensorFlow, data or a model.
-`write_augmented_samples` is the one plot that needs the images; training calls
-it once, and later reports keep the picture it made.
+`flowers.summary` calls the `plot_*` functions to draw the PNGs under
+`WORKDIR/plots/` that summary.md links; they read nothing but the numbers they
+are given, so `--mode=report` can redraw them without TensorFlow, data or a
+model. `write_augmented_samples` is the one figure that needs the images:
+training calls it once, and later reports keep the picture it made.
 
 Figures are drawn on matplotlib's Agg canvas directly (`Figure` +
 `FigureCanvasAgg`, never pyplot), so nothing needs a display and the process's
@@ -17,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import math
 import os
-import re
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
 
 import matplotlib
@@ -35,44 +32,16 @@ import numpy as np
 
 from flowers import artifacts
 from flowers import split as split_lib
-from flowers.errors import UserError
 
-if TYPE_CHECKING:  # Type hints only: importing these loads TensorFlow.
+if TYPE_CHECKING:  # Type hints only: importing flowers.data loads TensorFlow.
+  from flowers.config import RunConfig
   from flowers.data import Source
-  from flowers.train import TrainConfig
-
-PLOTS_DIR = "plots"
-SUMMARY_NAME = "summary.md"
-HISTORY_PNG = "history.png"
-DISTRIBUTION_PNG = "class_distribution.png"
-AUGMENTED_PNG = "augmented_samples.png"
-CONFUSION_PNG = "confusion_matrix.png"
-PER_CLASS_PNG = "per_class_accuracy.png"
-TUNING_PNG = "tuning.png"
 
 DPI = 100
 TOP_CONFUSED = 15
 WORST_CLASSES = 20
-DEFAULT_SPLIT = "64,16,20"
-NO_COMMAND = "(not recorded)"
 # Columns of trials.csv (written by flowers.tune) that are not hyperparameters.
 TRIAL_RESULT_COLUMNS = ("trial_id", "val_accuracy", "seconds", "status", "tuner_id")
-# export_report.json entries shown in summary.md, in order, with their labels.
-EXPORT_ROWS = (
-    ("quantization", "Quantization"),
-    ("io_dtype", "Input/output type"),
-    ("float_test_accuracy", "Keras model test accuracy"),
-    ("tflite_test_accuracy", "TFLite model test accuracy"),
-    ("accuracy_drop_points", "Accuracy drop (points)"),
-    ("max_accuracy_drop", "Allowed drop (points)"),
-    ("passed", "Passed"),
-    ("top1_agreement", "Top-1 agreement"),
-    ("max_abs_probability_diff", "Largest probability difference"),
-    ("size_bytes", "TFLite size"),
-    ("keras_size_bytes", "Keras size"),
-    ("calibration_examples", "Calibration images"),
-    ("path", "File"),
-)
 
 # Pinned on top of matplotlib's defaults, so a user's matplotlibrc cannot change
 # the pictures.
@@ -113,15 +82,7 @@ def _style() -> Iterator[None]:
     yield
 
 
-# Reading artifacts.
-
-
-def read_labels(path: str) -> list[str] | None:
-  """Class names from labels.txt (one a line), or None if there is none."""
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return [line.rstrip("\n") for line in f if line.strip()]
+# Data helpers.
 
 
 def _number(text: str) -> Any:
@@ -138,7 +99,8 @@ def read_trials(path: str) -> list[dict[str, Any]]:
             for row in csv.DictReader(f)]
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+  """A finite int or float (not a bool): a cell that can be plotted or formatted."""
   return isinstance(value, (int, float)) and not isinstance(value, bool) and \
       math.isfinite(value)
 
@@ -148,7 +110,7 @@ def sort_trials(trials: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
   def key(item):
     i, t = item
     acc = t.get("val_accuracy")
-    return (0, -acc, i) if _is_number(acc) else (1, 0.0, i)
+    return (0, -acc, i) if is_number(acc) else (1, 0.0, i)
   return [t for _, t in sorted(enumerate(trials), key=key)]
 
 
@@ -183,7 +145,7 @@ def concat_history(history: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], i
   return out, lengths[0]
 
 
-# Analysis.
+# Analysis (shared with flowers.summary).
 
 
 class Confusion(NamedTuple):
@@ -391,13 +353,13 @@ def hyperparameter_columns(trials: Sequence[Mapping[str, Any]]) -> list[str]:
   if not trials:
     return []
   columns = [c for c in trials[0] if c not in TRIAL_RESULT_COLUMNS]
-  return [c for c in columns if any(_is_number(t.get(c)) for t in trials)]
+  return [c for c in columns if any(is_number(t.get(c)) for t in trials)]
 
 
 def plot_tuning(trials: Sequence[Mapping[str, Any]], path: str) -> str | None:
   """Val accuracy against each hyperparameter, one panel each (learning rates on log x)."""
   columns = hyperparameter_columns(trials)
-  done = [t for t in trials if _is_number(t.get("val_accuracy"))]
+  done = [t for t in trials if is_number(t.get("val_accuracy"))]
   if not columns or not done:
     return None
   best = sort_trials(done)[0]
@@ -405,11 +367,11 @@ def plot_tuning(trials: Sequence[Mapping[str, Any]], path: str) -> str | None:
     fig = _figure(4.2 * len(columns), 4)
     axes = np.atleast_1d(fig.subplots(1, len(columns), sharey=True))
     for ax, column in zip(axes, columns):
-      points = [(t[column], t["val_accuracy"]) for t in done if _is_number(t.get(column))]
+      points = [(t[column], t["val_accuracy"]) for t in done if is_number(t.get(column))]
       xs = np.array([p[0] for p in points])
       ys = np.array([p[1] for p in points])
       ax.scatter(xs, ys, s=30, color="#1f77b4", alpha=0.8)
-      if _is_number(best.get(column)):
+      if is_number(best.get(column)):
         ax.scatter([best[column]], [best["val_accuracy"]], s=160, marker="*",
                    color="#d62728", zorder=3)
       if "learning_rate" in column and len(xs) and (xs > 0).all():
@@ -424,7 +386,7 @@ def plot_tuning(trials: Sequence[Mapping[str, Any]], path: str) -> str | None:
     return save_figure(fig, path)
 
 
-def write_augmented_samples(workdir: str, source: Source, config: TrainConfig,
+def write_augmented_samples(workdir: str, source: Source, config: RunConfig,
                             count: int = 24, columns: int = 6) -> str | None:
   """Draws `count` augmented training images into plots/augmented_samples.png.
 
@@ -435,11 +397,12 @@ def write_augmented_samples(workdir: str, source: Source, config: TrainConfig,
   Args:
     workdir: the run's folder (its splits.csv and labels.txt are used).
     source: the `flowers.data.Source` the run trained on.
-    config: the run's `flowers.train.TrainConfig` (augmentation, seed, image size).
+    config: the run's `flowers.config.RunConfig` (its data settings: split, seed and
+      image size; its train settings: augment and augmentation).
     count: how many images.
     columns: images per row.
   """
-  if not getattr(config, "augment", True):
+  if not config.train.augment:
     return None
   try:
     return draw_augmented_samples(workdir, source, config, count, columns)
@@ -468,50 +431,50 @@ def sample_keys(keys: Sequence[str], label_of: Mapping[str, int], count: int,
   return chosen
 
 
-def draw_augmented_samples(workdir: str, source: Source, config: TrainConfig,
+def draw_augmented_samples(workdir: str, source: Source, config: RunConfig,
                            count: int = 24, columns: int = 6) -> str | None:
   """`write_augmented_samples` without its safety net (errors propagate)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
+  from flowers import model as model_lib  # pylint: disable=g-import-not-at-top
 
-  manifest = os.path.join(workdir, split_lib.MANIFEST_NAME)
+  seed = config.data.seed
+  manifest = os.path.join(workdir, artifacts.SPLITS)
   if os.path.exists(manifest):
     assignment, _ = split_lib.read_manifest(manifest)
   else:
-    report_path = os.path.join(workdir, "report.json")
-    split = DEFAULT_SPLIT
-    if os.path.exists(report_path):
-      split = artifacts.read_json(report_path).get("split", DEFAULT_SPLIT)
     assignment = data_lib.prepare_split(source, None,
-                                        split_lib.parse_split(split, config.seed))
+                                        split_lib.parse_split(config.data.split, seed))
   label_of = source.label_of()
   keys = sample_keys([k for k in split_lib.keys_of(assignment, "train") if k in label_of],
-                     label_of, count, config.seed)
+                     label_of, count, seed)
   if not keys:
     return None
-  dataset = data_lib.make_dataset(source, keys, image_size=config.image_size,
+  dataset = data_lib.make_dataset(source, keys, image_size=config.data.image_size,
                                   batch_size=None, shuffle=False, cache="none")
   pairs = list(dataset.as_numpy_iterator())
   images = tf.constant(np.stack([p[0] for p in pairs]), tf.float32)
   labels = [int(p[1]) for p in pairs]
-  for layer in config.augmentation.layers(config.seed):
+  for layer in model_lib.augmentation_layers(config.train.augmentation, seed):
     images = layer(images, training=True)
   images = np.clip(np.round(np.asarray(images)), 0, 255).astype(np.uint8)
-  class_names = read_labels(os.path.join(workdir, "labels.txt")) or source.class_names
+  labels_path = os.path.join(workdir, artifacts.LABELS)
+  class_names = ((artifacts.read_labels(labels_path) if os.path.exists(labels_path)
+                  else None) or source.class_names)
   return plot_image_grid(images, [f"{l}: {class_names[l]}" for l in labels],
-                         os.path.join(workdir, PLOTS_DIR, AUGMENTED_PNG),
+                         os.path.join(workdir, artifacts.PLOTS_DIR, artifacts.AUGMENTED_PNG),
                          title=_augmentation_title(config), columns=columns)
 
 
-def _augmentation_title(config: TrainConfig) -> str:
-  a = config.augmentation
+def _augmentation_title(config: RunConfig) -> str:
+  a = config.train.augmentation
   parts = (["flip"] if a.flip else []) + [
       f"{name} {value:g}" for name, value in (
-          ("rotation", a.rotation_degrees), ("zoom", a.zoom),
+          ("rotation", a.rotation), ("zoom", a.zoom),
           ("shift", a.translation), ("contrast", a.contrast)) if value]
   return (f"Augmented training samples ({', '.join(parts) or 'none'}; "
-          f"seed {config.seed}, {config.image_size} px)")
+          f"seed {config.data.seed}, {config.data.image_size} px)")
 
 
 def plot_image_grid(images: np.ndarray, titles: Sequence[str], path: str, title: str,
@@ -529,288 +492,3 @@ def plot_image_grid(images: np.ndarray, titles: Sequence[str], path: str, title:
       ax.set_title(_short(text, 26), fontsize=8)
     fig.suptitle(title)
     return save_figure(fig, path)
-
-
-# summary.md.
-
-
-def _cell(value: Any) -> str:
-  return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]],
-           align: Sequence[str] | None = None) -> str:
-  align = align or ["l"] * len(header)
-  rule = ["---:" if a == "r" else "---" for a in align]
-  lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
-           "| " + " | ".join(rule) + " |"]
-  lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-  """A table cell: 4 decimals for metrics, 3 significant digits for tiny values."""
-  if isinstance(value, float) and math.isfinite(value):
-    if value != 0 and abs(value) < 1e-3:
-      return f"{value:.3g}"
-    if abs(value) >= 1000:
-      return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
-    return f"{value:.4f}"
-  if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10000:
-    return f"{value:,}"
-  if isinstance(value, (dict, list)):
-    return json.dumps(value, sort_keys=True)
-  return str(value)
-
-
-def _trial_cell(column: str, value: Any) -> str:
-  """A trials.csv cell: ids as written, accuracy to 4 places, seconds whole."""
-  if not _is_number(value) or column == "trial_id":
-    return "" if value is None else _fmt(value)
-  if column.endswith("accuracy"):
-    return f"{value:.4f}"
-  if column == "seconds":
-    return f"{value:.0f}"
-  if "learning_rate" in column:
-    return f"{value:.2e}"
-  return f"{value:.3g}"
-
-
-_COMMAND_RE = re.compile(r"^## Command\n\n```sh\n(.*?)\n```", re.MULTILINE | re.DOTALL)
-
-
-def previous_command(workdir: str) -> str | None:
-  """The command recorded in an earlier summary.md, else rebuilt from flags.cfg."""
-  summary = os.path.join(workdir, SUMMARY_NAME)
-  if os.path.exists(summary):
-    with open(summary, encoding="utf-8") as f:
-      match = _COMMAND_RE.search(f.read())
-    if match and match.group(1) != NO_COMMAND:
-      return match.group(1)
-  flags_path = os.path.join(workdir, "flags.cfg")
-  if os.path.exists(flags_path):
-    with open(flags_path, encoding="utf-8") as f:
-      flags = [line.strip() for line in f if line.strip()]
-    return "flowers_main " + " ".join(flags)
-  return None
-
-
-def _image(title: str, name: str) -> str:
-  return f"![{title}]({PLOTS_DIR}/{name})"
-
-
-def summary_markdown(workdir: str, report: Mapping[str, Any], *,
-                     command: str | None = None,
-                     split_summary: Mapping[str, split_lib.SplitSummary] | None = None,
-                     plots: Mapping[str, str] | None = None,
-                     history_found: bool = True,
-                     export_report: Mapping[str, Any] | None = None,
-                     trials: Sequence[Mapping[str, Any]] | None = None,
-                     best_hparams: Any = None) -> str:
-  """The text of summary.md; `plots` maps picture names to their file names."""
-  plots = plots or {}
-  class_names = list(report.get("class_names") or [])
-  out = [f"# flowers run: {os.path.basename(os.path.abspath(workdir))}", ""]
-  out += ["## Command", "", "```sh", command or NO_COMMAND, "```", ""]
-
-  out += ["## Data", ""]
-  facts = [f"{k}: {_fmt(report[k])}" for k in ("source", "split", "seed")
-           if report.get(k) is not None]
-  if facts:
-    out += ["; ".join(facts) + ".", ""]
-  if split_summary:
-    total = sum(s.images for s in split_summary.values()) or 1
-    out += [_table(
-        ("split", "images", "share", "classes", "smallest class", "largest class"),
-        [(name, s.images, f"{s.images / total:.1%}", s.classes, s.smallest_class,
-          s.largest_class) for name, s in split_summary.items()],
-        ("l", "r", "r", "r", "r", "r")), ""]
-  else:
-    out += ["splits.csv not found: no split sizes.", ""]
-  if "class_distribution" in plots:
-    out += [_image("class distribution", plots["class_distribution"]), ""]
-  if "augmented_samples" in plots:
-    out += ["Augmented training samples:", "",
-            _image("augmented samples", plots["augmented_samples"]), ""]
-
-  out += ["## Results", ""]
-  rows = []
-  for key, label in (("test_accuracy", "Test accuracy"),
-                     ("test_top5_accuracy", "Test top-5 accuracy"),
-                     ("test_macro_f1", "Test macro F1"),
-                     ("num_test_examples", "Test images"),
-                     ("val_accuracy", "Val accuracy"),
-                     ("val_top5_accuracy", "Val top-5 accuracy"),
-                     ("val_macro_f1", "Val macro F1"),
-                     ("num_val_examples", "Val images"),
-                     ("num_train_examples", "Train images"),
-                     ("train_seconds", "Train seconds")):
-    if report.get(key) is not None:
-      rows.append((label, _fmt(report[key])))
-  out += [_table(("metric", "value"), rows, ("l", "r")), ""]
-
-  if export_report:
-    out += ["## Export", ""]
-    rows = []
-    for key, label in EXPORT_ROWS:
-      value = export_report.get(key)
-      if value is None:
-        continue
-      if key.endswith("size_bytes") and _is_number(value):
-        rows.append((label, f"{value / 2**20:.2f} MiB ({int(value):,} bytes)"))
-      else:
-        rows.append((label, _fmt(value)))
-    out += [_table(("", "value"), rows, ("l", "r")), ""]
-
-  if trials:
-    out += ["## Tuning", ""]
-    columns = [c for c in trials[0] if any(t.get(c) not in (None, "") for t in trials)]
-    numeric = {c for c in columns
-               if c != "trial_id" and any(_is_number(t.get(c)) for t in trials)}
-    out += [_table(columns, [[_trial_cell(c, t.get(c)) for c in columns]
-                             for t in sort_trials(trials)],
-                   ["r" if c in numeric else "l" for c in columns]), ""]
-    if best_hparams:
-      if isinstance(best_hparams, Mapping):
-        out += ["Best hyperparameters: " + ", ".join(
-            f"{k}={_trial_cell(k, v)}" for k, v in sorted(best_hparams.items())) + ".", ""]
-      else:
-        out += [f"Best hyperparameters: {_fmt(best_hparams)}.", ""]
-    if "tuning" in plots:
-      out += [_image("tuning", plots["tuning"]), ""]
-
-  out += ["## Training history", ""]
-  if "history" in plots:
-    out += [_image("history", plots["history"]), ""]
-  elif history_found:
-    out += ["history.json holds no epochs: no training curves.", ""]
-  else:
-    out += ["history.json not found (--mode=train and --mode=tune write it): "
-            "no training curves.", ""]
-
-  cm = report.get("confusion_matrix")
-  if cm and class_names:
-    m = np.asarray(cm, np.int64)
-    support = m.sum(axis=1)
-    out += ["## Confusion", ""]
-    if "confusion" in plots:
-      out += [_image("confusion matrix", plots["confusion"]), ""]
-    pairs = most_confused(m, class_names, TOP_CONFUSED)
-    out += [f"The {len(pairs)} most confused pairs (test images of the true class "
-            "predicted as the other):", ""]
-    out += [_table(("#", "true class", "predicted as", "images", "share of true class"),
-                   [(r, f"{p.true_index}: {p.true_name}",
-                     f"{p.predicted_index}: {p.predicted_name}", p.count,
-                     f"{p.count / max(int(support[p.true_index]), 1):.0%}")
-                    for r, p in enumerate(pairs, 1)],
-                   ("r", "l", "l", "r", "r")) if pairs else "No errors.", ""]
-
-  per_class = report.get("per_class_accuracy") or {}
-  if per_class:
-    index = {n: i for i, n in enumerate(class_names)}
-    m = np.asarray(cm, np.int64) if cm else None
-    out += ["## Worst classes", ""]
-    if "per_class_accuracy" in plots:
-      out += [_image("per-class accuracy", plots["per_class_accuracy"]), ""]
-    rows = []
-    for rank, (name, acc) in enumerate(worst_classes(per_class, WORST_CLASSES), 1):
-      i = index.get(name)
-      images, mistaken = "", ""
-      if m is not None and i is not None:
-        images = int(m[i].sum())
-        row = m[i].copy()
-        row[i] = 0
-        if row.any():
-          j = int(row.argmax())
-          mistaken = f"{j}: {class_names[j]} ({int(row[j])})"
-      rows.append((rank, f"{i}: {name}" if i is not None else name, f"{acc:.3f}",
-                   images, mistaken))
-    out += [_table(("#", "class", "accuracy", "test images", "most often predicted as"),
-                   rows, ("r", "l", "r", "r", "l")), ""]
-
-  config = report.get("config")
-  if isinstance(config, Mapping) and config:
-    out += ["## Configuration", "",
-            _table(("setting", "value"), [(k, _fmt(v)) for k, v in sorted(config.items())]),
-            ""]
-  return "\n".join(out).rstrip("\n") + "\n"
-
-
-# The whole report.
-
-
-def write_report(workdir: str, command: str | None = None) -> str:
-  """Draws every plot the workdir's artifacts allow and writes summary.md.
-
-  Needs report.json (from --mode=train, tune or evaluate); the rest is used
-  when present. An existing augmented_samples.png (drawn by training, from
-  the images) is kept and linked. Returns the path of summary.md.
-  """
-  report_path = os.path.join(workdir, "report.json")
-  if not os.path.exists(report_path):
-    raise UserError(f"{report_path} not found (run --mode=train or --mode=tune first).")
-  report = artifacts.read_json(report_path)
-  plots_dir = os.path.join(workdir, PLOTS_DIR)
-  os.makedirs(plots_dir, exist_ok=True)
-  plots: dict[str, str] = {}
-
-  def made(name: str, file_name: str, path: str | None) -> None:
-    if path:
-      plots[name] = file_name
-
-  class_names = list(report.get("class_names") or
-                     read_labels(os.path.join(workdir, "labels.txt")) or [])
-  report = {**report, "class_names": class_names}
-
-  history_path = os.path.join(workdir, "history.json")
-  history_found = os.path.exists(history_path)
-  if history_found:
-    made("history", HISTORY_PNG,
-         plot_history(artifacts.read_json(history_path), os.path.join(plots_dir, HISTORY_PNG)))
-
-  split_summary = None
-  manifest = os.path.join(workdir, split_lib.MANIFEST_NAME)
-  if os.path.exists(manifest):
-    assignment, labels = split_lib.read_manifest(manifest)
-    num_classes = max(len(class_names), max(labels.values(), default=-1) + 1)
-    split_summary = split_lib.summarize(assignment, labels, num_classes)
-    if num_classes:
-      made("class_distribution", DISTRIBUTION_PNG, plot_class_distribution(
-          class_counts(assignment, labels, num_classes),
-          os.path.join(plots_dir, DISTRIBUTION_PNG)))
-
-  if os.path.exists(os.path.join(plots_dir, AUGMENTED_PNG)):
-    plots["augmented_samples"] = AUGMENTED_PNG
-
-  cm = report.get("confusion_matrix")
-  if cm and class_names:
-    made("confusion", CONFUSION_PNG,
-         plot_confusion(cm, class_names, os.path.join(plots_dir, CONFUSION_PNG)))
-  per_class = report.get("per_class_accuracy") or {}
-  if per_class:
-    support = None
-    if cm and class_names:
-      rows = np.asarray(cm, np.int64).sum(axis=1)
-      support = {n: int(rows[i]) for i, n in enumerate(class_names)}
-    made("per_class_accuracy", PER_CLASS_PNG, plot_per_class_accuracy(
-        per_class, os.path.join(plots_dir, PER_CLASS_PNG), support=support,
-        overall=report.get("test_accuracy"), class_names=class_names))
-
-  export_path = os.path.join(workdir, "export_report.json")
-  export_report = artifacts.read_json(export_path) if os.path.exists(export_path) else None
-
-  trials = None
-  trials_path = os.path.join(workdir, "trials.csv")
-  if os.path.exists(trials_path):
-    trials = read_trials(trials_path)
-    made("tuning", TUNING_PNG, plot_tuning(trials, os.path.join(plots_dir, TUNING_PNG)))
-  best_path = os.path.join(workdir, "best_hparams.json")
-  best_hparams = artifacts.read_json(best_path) if os.path.exists(best_path) else None
-
-  text = summary_markdown(
-      workdir, report, command=command or previous_command(workdir),
-      split_summary=split_summary, plots=plots, history_found=history_found,
-      export_report=export_report, trials=trials, best_hparams=best_hparams)
-  path = os.path.join(workdir, SUMMARY_NAME)
-  artifacts.write_text(path, text)
-  return path

@@ -1,0 +1,457 @@
+"""The settings of a run: one small dataclass per concern, validated on creation.
+
+    RunConfig
+      data:    DataConfig     where the images come from, the split, the pipeline
+      train:   TrainConfig    the model and its two training stages
+      search:  SearchConfig   what `--mode=tune` searches, and how
+      export:  ExportOptions  the TFLite conversion and its accuracy budget
+      predict: PredictConfig  what `--mode=predict`/`evaluate` read
+      plots:   bool           plots and summary.md after a run
+
+`flowers_main` builds one `RunConfig` from its flags and hands it to the mode;
+library code builds the same objects directly. Each flag is a field here, with
+the field's name, default and (from the `Attributes:` docstring) help text, so
+defaults live in one place. Every dataclass checks itself in `__post_init__`:
+a bad value raises the same one-line `UserError` whether it came from the
+command line or from code. Choices are enums, declared once below.
+
+This module needs no TensorFlow: flags are checked before it loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import typing
+from typing import Any, Sequence
+
+from flowers.errors import UserError
+
+
+class Choice(str, enum.Enum):
+  """A closed set of string values for a setting (a flag takes the value)."""
+
+  def __str__(self) -> str:
+    return self.value
+
+  @classmethod
+  def parse(cls, value: Any, flag: str) -> "Choice":
+    """`value` as a member; a `UserError` naming `flag` and the choices otherwise."""
+    try:
+      return cls(str(value).lower())
+    except ValueError:
+      raise UserError(f"--{flag}={value} is not one of "
+                      f"{', '.join(m.value for m in cls)}.") from None
+
+
+class PipelineCache(Choice):
+  MEMORY = "memory"
+  DISK = "disk"
+  NONE = "none"
+
+
+class Optimizer(Choice):
+  RMSPROP = "rmsprop"
+  ADAM = "adam"
+  ADAMW = "adamw"
+  SGD = "sgd"
+
+
+class LrSchedule(Choice):
+  CONSTANT = "constant"
+  COSINE = "cosine"
+
+
+class FeatureCache(Choice):
+  AUTO = "auto"
+  ON = "on"
+  OFF = "off"
+
+
+class Strategy(Choice):
+  DEFAULT = "default"
+  MIRRORED = "mirrored"
+  MULTI_WORKER = "multi_worker"
+
+
+class Tuner(Choice):
+  BAYESIAN = "bayesian"
+  HYPERBAND = "hyperband"
+  RANDOM = "random"
+
+
+class Quantization(Choice):
+  INT8 = "int8"
+  FLOAT16 = "float16"
+  DYNAMIC = "dynamic"
+  NONE = "none"
+
+
+class IoDtype(Choice):
+  UINT8 = "uint8"
+  INT8 = "int8"
+
+
+class OutputFormat(Choice):
+  TABLE = "table"
+  JSON = "json"
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+  object.__setattr__(obj, name, value)  # Normalizing a frozen dataclass.
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise UserError(message)
+
+
+def _choices(obj: Any) -> None:
+  """Turns every `Choice` field given as a string into its member, or fails."""
+  for name, kind in typing.get_type_hints(type(obj)).items():
+    if isinstance(kind, type) and issubclass(kind, Choice):
+      _set(obj, name, kind.parse(getattr(obj, name), name))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the images come from and how they are split and streamed.
+
+  Attributes:
+    image_dir: a folder of class subfolders to use instead of TFDS.
+    tfds_name: the TFDS dataset (needs image, label and file_name features).
+    tfds_data_dir: the TFDS data folder (offline: ../shared/tensorflow_datasets); unset
+      means TFDS's default, downloading if needed.
+    download: let TFDS download and prepare a missing dataset.
+    strict: fail on an unreadable image instead of skipping it.
+    split: train,val,test percentages (stratified, seeded), or 'official'.
+    seed: seed of the split, shuffling, augmentation and initialization.
+    image_size: the square model input side, pixels.
+    batch_size: images per training step.
+    cache: where decoded, resized images are kept between epochs: memory, disk (in
+      WORKDIR/cache) or none.
+  """
+
+  image_dir: str | None = None
+  tfds_name: str = "oxford_flowers102"
+  tfds_data_dir: str | None = None
+  download: bool = True
+  strict: bool = False
+  split: str = "64,16,20"
+  seed: int = 42
+  image_size: int = 224
+  batch_size: int = 32
+  cache: PipelineCache = PipelineCache.MEMORY
+
+  def __post_init__(self):
+    _choices(self)
+    from flowers import split as split_lib  # pylint: disable=g-import-not-at-top
+
+    split_lib.parse_split(self.split, self.seed)
+    _require(self.image_size >= 32, f"--image_size={self.image_size} is too small; "
+             "MobileNetV2 needs >= 32.")
+    _require(self.batch_size >= 1, f"--batch_size={self.batch_size} must be >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """Training-time augmentation, drawn by Keras layers inside the model.
+
+  Defaults are near the reference's generator (rotation 20 degrees, shifts 0.2,
+  zoom 0.2, shear 0.1); Keras has no shear layer, so a random contrast stands in.
+
+  Attributes:
+    flip: random horizontal flips.
+    rotation: largest random rotation, degrees.
+    zoom: largest random zoom, as a fraction of the side.
+    translation: largest random shift, as a fraction of the side.
+    contrast: random contrast factor.
+  """
+
+  flip: bool = True
+  rotation: float = 20.0
+  zoom: float = 0.2
+  translation: float = 0.2
+  contrast: float = 0.1
+
+  def __post_init__(self):
+    for name in ("rotation", "zoom", "translation", "contrast"):
+      value = getattr(self, name)
+      _require(math.isfinite(value) and value >= 0, f"--{name}={value} must be >= 0.")
+    _require(self.zoom < 1 and self.contrast < 1 and self.translation < 1,
+             "--zoom, --translation and --contrast must be below 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The model and its two training stages (see `flowers.train`).
+
+  Attributes:
+    weights: MobileNetV2 weights: imagenet (downloaded by Keras), none (random), or
+      the path of a ..._no_top.h5 file.
+    alpha: MobileNetV2 width multiplier.
+    dropout: dropout rate before the classifier.
+    augment: put the augmentation layers in the model.
+    augmentation: which augmentations, and how strong.
+    unfreeze_ratio: top fraction of the base fine-tuned in stage 2 (whole blocks;
+      BatchNorm stays frozen).
+    optimizer: the optimizer of both stages.
+    learning_rate: stage 1 learning rate.
+    fine_tune_learning_rate: stage 2 learning rate; unset means learning_rate / 10.
+    epochs: stage 1 epochs (frozen base).
+    fine_tune_epochs: stage 2 epochs (top of the base unfrozen).
+    label_smoothing: label smoothing of the cross-entropy loss.
+    lr_schedule: learning rate over each stage: constant, or cosine decay to 0.
+    weight_decay: decoupled weight decay of adamw (the other optimizers ignore it).
+    early_stopping_patience: epochs without a val gain before a stage stops and
+      keeps its best weights (0: off).
+    feature_cache: run the frozen prefix of the base once per cached view instead
+      of every step (auto: on without a GPU).
+    cache_views: cached views of each training image (1 plain + augmented ones).
+    int8_grid_weights: round the trained conv kernels to the int8 export's grid,
+      so the int8 model answers like the float one.
+    distribution_strategy: tf.distribute strategy the stages train under.
+    verbose: Keras verbosity: 0 silent, 1 progress bars, 2 a line per epoch.
+  """
+
+  weights: str | None = "imagenet"
+  alpha: float = 1.0
+  dropout: float = 0.2
+  augment: bool = True
+  augmentation: Augmentation = Augmentation()
+  unfreeze_ratio: float = 0.2
+  optimizer: Optimizer = Optimizer.RMSPROP
+  learning_rate: float = 1e-3
+  fine_tune_learning_rate: float | None = None
+  epochs: int = 10
+  fine_tune_epochs: int = 10
+  label_smoothing: float = 0.0
+  lr_schedule: LrSchedule = LrSchedule.CONSTANT
+  weight_decay: float = 1e-4
+  early_stopping_patience: int = 3
+  feature_cache: FeatureCache = FeatureCache.AUTO
+  cache_views: int = 4
+  int8_grid_weights: bool = True
+  distribution_strategy: Strategy = Strategy.DEFAULT
+  verbose: int = 1
+
+  def __post_init__(self):
+    _choices(self)
+    if isinstance(self.weights, str) and self.weights.lower() == "none":
+      _set(self, "weights", None)
+    _require(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout} must be in [0, 1).")
+    _require(0.0 <= self.unfreeze_ratio <= 1.0,
+             f"--unfreeze_ratio={self.unfreeze_ratio} must be in [0, 1].")
+    _require(self.alpha > 0, f"--alpha={self.alpha} must be > 0.")
+    _require(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be > 0.")
+    _require(self.fine_tune_learning_rate is None or self.fine_tune_learning_rate > 0,
+             f"--fine_tune_learning_rate={self.fine_tune_learning_rate} must be > 0.")
+    _require(self.epochs >= 0, f"--epochs={self.epochs} must be >= 0.")
+    _require(self.fine_tune_epochs >= 0,
+             f"--fine_tune_epochs={self.fine_tune_epochs} must be >= 0.")
+    _require(0.0 <= self.label_smoothing < 1.0,
+             f"--label_smoothing={self.label_smoothing} must be in [0, 1).")
+    _require(self.weight_decay >= 0, f"--weight_decay={self.weight_decay} must be >= 0.")
+    _require(self.early_stopping_patience >= 0,
+             f"--early_stopping_patience={self.early_stopping_patience} must be >= 0.")
+    _require(self.cache_views >= 1, f"--cache_views={self.cache_views} must be >= 1.")
+    _require(self.verbose in (0, 1, 2), f"--verbose={self.verbose} must be 0, 1 or 2.")
+
+  @property
+  def stage2_learning_rate(self) -> float:
+    return self.fine_tune_learning_rate or self.learning_rate / 10.0
+
+  @property
+  def fine_tunes(self) -> bool:
+    """Whether stage 2 runs at all."""
+    return self.fine_tune_epochs > 0 and self.unfreeze_ratio > 0
+
+
+HPARAMS = ("dropout", "unfreeze_ratio", "fine_tune_learning_rate")
+"""The TrainConfig fields `--mode=tune` searches; `SearchConfig` has a range for each."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  """What `--mode=tune` searches: a (min, max) range per hyperparameter.
+
+  A trial is the train job run with `dataclasses.replace(train_config, **values)`.
+
+  Attributes:
+    tuner: the KerasTuner search algorithm.
+    max_trials: trials to run.
+    executions_per_trial: fits averaged per trial.
+    overwrite: start the search afresh, deleting an earlier one in the workdir.
+    dropout_range: min,max dropout (min == max fixes it).
+    unfreeze_ratio_range: min,max unfreeze ratio.
+    fine_tune_learning_rate_range: min,max stage 2 learning rate (log scale).
+    export: export the best model to TFLite after the search.
+  """
+
+  tuner: Tuner = Tuner.BAYESIAN
+  max_trials: int = 10
+  executions_per_trial: int = 1
+  overwrite: bool = False
+  dropout_range: tuple[float, float] = (0.0, 0.5)
+  unfreeze_ratio_range: tuple[float, float] = (0.0, 0.5)
+  fine_tune_learning_rate_range: tuple[float, float] = (1e-5, 1e-3)
+  export: bool = True
+
+  def __post_init__(self):
+    _choices(self)
+    _require(self.max_trials >= 1, f"--max_trials={self.max_trials} must be >= 1.")
+    _require(self.executions_per_trial >= 1,
+             f"--executions_per_trial={self.executions_per_trial} must be >= 1.")
+    for name in HPARAMS:
+      _set(self, f"{name}_range", _check_range(name, getattr(self, f"{name}_range")))
+
+  def range_of(self, hparam: str) -> tuple[float, float]:
+    return getattr(self, f"{hparam}_range")
+
+
+def _check_range(name: str, value: Sequence[Any] | str) -> tuple[float, float]:
+  """One `--<name>_range` as (min, max); a `UserError` naming the flag and the fix."""
+  flag = f"--{name}_range"
+  default = ",".join(f"{v:g}" for v in SearchConfig.__dataclass_fields__[f"{name}_range"].default)
+  items = value.split(",") if isinstance(value, str) else list(value)
+  shown = f"{flag}={','.join(str(v).strip() for v in items)}"
+  try:
+    numbers = tuple(float(str(v).strip()) for v in items)
+  except ValueError:
+    raise UserError(f"{shown} must be two numbers min,max, e.g. {flag}={default}.") from None
+  if len(numbers) != 2 or not all(math.isfinite(v) for v in numbers):
+    raise UserError(f"{shown} must be exactly two numbers min,max, e.g. {flag}={default}.")
+  low, high = numbers
+  if low > high:
+    raise UserError(f"{shown}: min is above max; write it as {flag}={high:g},{low:g}.")
+  if name == "dropout" and not (0.0 <= low and high < 1.0):
+    raise UserError(f"{shown}: dropout must be in [0, 1); e.g. {flag}=0.0,0.5.")
+  if name == "unfreeze_ratio" and not (0.0 <= low and high <= 1.0):
+    raise UserError(f"{shown}: the unfreeze ratio must be in [0, 1]; e.g. {flag}=0.0,0.5.")
+  if name == "fine_tune_learning_rate" and low <= 0.0:
+    raise UserError(f"{shown}: learning rates must be > 0 (the range is searched on a "
+                    f"log scale); e.g. {flag}=1e-5,1e-3.")
+  return low, high
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+  """How to convert to TFLite, and how much accuracy the conversion may cost.
+
+  Attributes:
+    quantization: int8 (full integer, calibrated), float16 (float16 weights), dynamic
+      (int8 weights, float activations) or none.
+    io_dtype: input and output type of the int8 model.
+    calibration_examples: training images that calibrate the int8 ranges.
+    max_accuracy_drop: the largest allowed test accuracy drop, points.
+  """
+
+  quantization: Quantization = Quantization.INT8
+  io_dtype: IoDtype = IoDtype.UINT8
+  calibration_examples: int = 300
+  max_accuracy_drop: float = 1.0
+
+  def __post_init__(self):
+    _choices(self)
+    _require(self.calibration_examples >= 1,
+             f"--calibration_examples={self.calibration_examples}: int8 export needs at "
+             "least 1 calibration image (300 is typical).")
+    _require(self.max_accuracy_drop >= 0,
+             f"--max_accuracy_drop={self.max_accuracy_drop} must be >= 0.")
+
+  @property
+  def file_name(self) -> str:
+    """The `.tflite` file name for this quantization."""
+    from flowers import artifacts  # pylint: disable=g-import-not-at-top
+
+    return artifacts.TFLITE_NAMES[self.quantization.value]
+
+  @property
+  def is_int8(self) -> bool:
+    return self.quantization is Quantization.INT8
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+  """What `--mode=predict` and `--mode=evaluate` read.
+
+  Attributes:
+    model: a .keras or .tflite model; unset means WORKDIR/model.keras.
+    images: image files or folders to classify (predict).
+    top_k: labels shown per image (predict).
+    output: how predictions are printed.
+  """
+
+  model: str | None = None
+  images: tuple[str, ...] = ()
+  top_k: int = 5
+  output: OutputFormat = OutputFormat.TABLE
+
+  def __post_init__(self):
+    _choices(self)
+    _set(self, "images", tuple(self.images))
+    _require(self.top_k >= 1, f"--top_k={self.top_k} must be >= 1.")
+
+  def model_path(self, workdir: str) -> str:
+    """The model a mode reads: `model`, else the workdir's model.keras."""
+    import os  # pylint: disable=g-import-not-at-top
+
+    from flowers import artifacts  # pylint: disable=g-import-not-at-top
+
+    return self.model or os.path.join(workdir, artifacts.MODEL)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Every setting of a run, one part per concern.
+
+  Attributes:
+    data: where the images come from, the split and the pipeline.
+    train: the model and its two training stages.
+    search: what --mode=tune searches.
+    export: the TFLite conversion.
+    predict: what --mode=predict and --mode=evaluate read.
+    plots: write plots and summary.md after a run.
+  """
+
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  search: SearchConfig = SearchConfig()
+  export: ExportOptions = ExportOptions()
+  predict: PredictConfig = PredictConfig()
+  plots: bool = True
+
+  def to_json(self) -> dict[str, Any]:
+    """Plain JSON values (enums as their strings), for reports and fingerprints."""
+    return _jsonable(dataclasses.asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, enum.Enum):
+    return value.value
+  return value
+
+
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+  """Field name -> its text in the class docstring's `Attributes:` section."""
+  docs: dict[str, str] = {}
+  lines = (cls.__doc__ or "").split("Attributes:", 1)[-1].splitlines()
+  current = None
+  for line in lines:
+    match = re.match(r"^\s{4}(\w+): (.*)$", line)
+    if match:
+      current = match.group(1)
+      docs[current] = match.group(2).strip()
+    elif current and line.startswith(" " * 6) and line.strip():
+      docs[current] += " " + line.strip()
+    elif not line.strip():
+      current = None
+  return docs
