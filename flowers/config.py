@@ -23,10 +23,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import re
 import typing
 from typing import Any, Sequence
 
+from flowers import artifacts
+from flowers import split as split_lib
 from flowers.errors import UserError
 
 
@@ -147,8 +150,6 @@ class DataConfig:
 
   def __post_init__(self):
     _choices(self)
-    from flowers import split as split_lib  # pylint: disable=g-import-not-at-top
-
     split_lib.parse_split(self.split, self.seed)
     _require(self.image_size >= 32, f"--image_size={self.image_size} is too small; "
              "MobileNetV2 needs >= 32.")
@@ -364,8 +365,6 @@ class ExportOptions:
   @property
   def file_name(self) -> str:
     """The `.tflite` file name for this quantization."""
-    from flowers import artifacts  # pylint: disable=g-import-not-at-top
-
     return artifacts.TFLITE_NAMES[self.quantization.value]
 
   @property
@@ -396,10 +395,6 @@ class PredictConfig:
 
   def model_path(self, workdir: str) -> str:
     """The model a mode reads: `model`, else the workdir's model.keras."""
-    import os  # pylint: disable=g-import-not-at-top
-
-    from flowers import artifacts  # pylint: disable=g-import-not-at-top
-
     return self.model or os.path.join(workdir, artifacts.MODEL)
 
 

@@ -287,12 +287,10 @@ def fit_stages(model: keras.Model, inputs: Inputs, config: TrainConfig, run_dir:
   stage = inputs.stage(model, 1, seed)
   compile_model(stage.model, config, config.learning_rate, stage.steps * config.epochs)
   done_path = os.path.join(run_dir, artifacts.STAGE1_WEIGHTS)
-  if not run_stage1:
-    pass
-  elif os.path.exists(done_path):
+  if run_stage1 and os.path.exists(done_path):
     model.load_weights(done_path)
     logging.info("Stage 1 already finished; loaded %s.", done_path)
-  else:
+  elif run_stage1:
     _fit(stage, config.epochs, 0, run_dir, "stage1", config)
     with artifacts.atomic_path(done_path) as tmp:
       model.save_weights(tmp)
