@@ -16,6 +16,7 @@ from typing import Any, Iterator
 # What a run writes to WORKDIR.
 SPLITS = "splits.csv"  # file_name,label,split: the split the run was made with.
 FLAGS = "flags.cfg"  # The resolved flags, reusable as a --flagfile.
+RUN = "run.json"  # What the run was made from; a resume must match it.
 MODEL = "model.keras"
 LABELS = "labels.txt"  # One class name a line, beside every model.
 HISTORY = "history.json"  # Per-epoch metrics of both stages.
@@ -43,7 +44,6 @@ CACHE_DIR = "cache"  # Frozen-prefix activations; the disk pipeline cache.
 
 # The search, under WORKDIR/tuner (KerasTuner's project).
 TUNER_DIR = "tuner"
-SEARCH_SETTINGS = "flowers_search.json"  # What the search was made with.
 TRIAL_RESULT = "result.json"  # Per trial, beside KerasTuner's trial.json.
 TRIAL_WEIGHTS = "checkpoint.weights.h5"  # KerasTuner's name for a trial's weights.
 

@@ -284,7 +284,6 @@ class SearchConfig:
     tuner: the KerasTuner search algorithm.
     max_trials: trials to run.
     executions_per_trial: fits averaged per trial.
-    overwrite: start the search afresh, deleting an earlier one in the workdir.
     dropout_range: min,max dropout (min == max fixes it).
     unfreeze_ratio_range: min,max unfreeze ratio.
     fine_tune_learning_rate_range: min,max stage 2 learning rate (log scale).
@@ -294,7 +293,6 @@ class SearchConfig:
   tuner: Tuner = Tuner.BAYESIAN
   max_trials: int = 10
   executions_per_trial: int = 1
-  overwrite: bool = False
   dropout_range: tuple[float, float] = (0.0, 0.5)
   unfreeze_ratio_range: tuple[float, float] = (0.0, 0.5)
   fine_tune_learning_rate_range: tuple[float, float] = (1e-5, 1e-3)
@@ -408,6 +406,8 @@ class RunConfig:
     search: what --mode=tune searches.
     export: the TFLite conversion.
     predict: what --mode=predict and --mode=evaluate read.
+    overwrite: start afresh: delete what an earlier train or tune run in the workdir
+      left to resume from (its settings may differ).
     plots: write plots and summary.md after a run.
   """
 
@@ -416,6 +416,7 @@ class RunConfig:
   search: SearchConfig = SearchConfig()
   export: ExportOptions = ExportOptions()
   predict: PredictConfig = PredictConfig()
+  overwrite: bool = False
   plots: bool = True
 
   def to_json(self) -> dict[str, Any]:

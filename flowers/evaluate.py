@@ -8,10 +8,12 @@ only, so float and int8 models are measured by exactly the same code.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from flowers import artifacts
 from flowers.errors import UserError
 
 Predictor = Callable[[np.ndarray], np.ndarray]
@@ -143,6 +145,38 @@ def load_predictor(path: str) -> tuple[Predictor, int]:
                       "is it a model saved by flowers?") from e
     return keras_predictor(model), int(model.input.shape[1])
   raise UserError(f"--model={path}: expected a .keras or .tflite file.")
+
+
+def model_class_names(path: str) -> list[str]:
+  """A model's class names, in output order: what the model itself carries.
+
+  A `.tflite` with TFLite metadata names its classes inside (written by
+  --mode=export); otherwise the `labels.txt` beside the model. If a
+  `labels.txt` beside a `.tflite` disagrees with its metadata, the metadata
+  wins (it cannot belong to another model) and a warning says so. A model
+  with neither is a `UserError`.
+  """
+  beside = artifacts.labels_beside(path)
+  embedded = None
+  if path.endswith(".tflite") and os.path.isfile(path):
+    from flowers import tflite_metadata  # pylint: disable=g-import-not-at-top
+
+    try:
+      embedded = tflite_metadata.read_class_names(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"--model={path} is not a readable .tflite ({type(e).__name__}); "
+                      "export it again with --mode=export.") from e
+  if embedded:
+    if os.path.exists(beside) and artifacts.read_labels(beside) != embedded:
+      print(f"flowers_main: warning: {beside} differs from the class names inside "
+            f"{path}; using the model's own.", file=sys.stderr)
+    return embedded
+  if os.path.exists(beside):
+    return artifacts.read_labels(beside)
+  kind = "no TFLite metadata and " if path.endswith(".tflite") else ""
+  raise UserError(f"{path} has {kind}no {artifacts.LABELS} beside it, so its classes "
+                  "have no names; put its labels.txt beside it, or re-export it with "
+                  "--mode=export (which embeds them).")
 
 
 def top_k(probs: np.ndarray, class_names: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:

@@ -13,9 +13,12 @@ the input is an int8 tensor quantized from calibration, normally scale 1 and
 zero point -128, i.e. `pixel - 128`. Outputs of int8 models are quantized
 probabilities (scale 1/256); the other models output float32.
 
-`export_from_workdir` writes the file only after it has run the whole test
-split through both the `.tflite` and the Keras model and the accuracy drop is
-within bounds; the comparison goes to `export_report.json` either way.
+`export_from_workdir` embeds TFLite metadata (class names, input and output
+description; see `tflite_metadata.py`) so that client libraries such as
+MediaPipe Tasks name the classes, and writes the file only after it has run
+the whole test split through both the `.tflite` and the Keras model and the
+accuracy drop is within bounds; the comparison goes to `export_report.json`
+either way.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from flowers import data as data_lib
 from flowers import evaluate as evaluate_lib
 from flowers import model as model_lib
 from flowers import split as split_lib
+from flowers import tflite_metadata
 from flowers.config import ExportOptions
 from flowers.config import IoDtype
 from flowers.config import Quantization
@@ -44,6 +48,7 @@ from flowers.errors import UserError
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+METADATA_AUTHOR = "flowers: MobileNetV2 transfer learning on TensorFlow"
 
 
 def _image_batches(images: Iterable[np.ndarray]) -> list[np.ndarray]:
@@ -122,6 +127,24 @@ def convert(model: keras.Model, options: ExportOptions,
       return converter.convert()
   finally:
     logger.setLevel(level)
+
+
+def metadata_info(options: ExportOptions, source_name: str, num_classes: int,
+                  image_size: int) -> tflite_metadata.ModelInfo:
+  """What the `.tflite`'s metadata says about the model, for client apps."""
+  from flowers import __version__  # pylint: disable=g-import-not-at-top
+
+  # "tfds:oxford_flowers102" -> "oxford_flowers102"; an image folder -> its name.
+  data = os.path.basename(source_name.split(":", 1)[-1].rstrip("/\\")) or source_name
+  return tflite_metadata.ModelInfo(
+      name=f"flowers {data} classifier",
+      description=(
+          f"MobileNetV2 fine-tuned by flowers on {data}: {num_classes} classes, "
+          f"{options.quantization.value} TFLite. Input: the whole photo resized "
+          f"(squashed, not cropped) to {image_size}x{image_size} RGB, pixels 0..255. "
+          "Output: the probability of each class."),
+      version=__version__,
+      author=METADATA_AUTHOR)
 
 
 def load_keras_model(path: str) -> keras.Model:
@@ -260,7 +283,9 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
                     "check --split.")
   calibration = (calibration_images(splits, options.calibration_examples, data.seed,
                                     image_size) if options.is_int8 else None)
-  tflite_model = convert(model, options, calibration)
+  tflite_model = tflite_metadata.add_metadata(
+      convert(model, options, calibration),
+      metadata_info(options, source.name, len(class_names), image_size), class_names)
 
   model_dir = os.path.dirname(os.path.abspath(model_path))
   final_path = os.path.join(model_dir, options.file_name)
@@ -269,6 +294,11 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
     with open(tmp, "wb") as f:
       f.write(tflite_model)
     interface = check_interface(tmp, image_size, num_outputs, options)
+    metadata_labels = tflite_metadata.read_class_names(tmp)
+    if metadata_labels != class_names:
+      raise RuntimeError(f"The metadata of {options.file_name} reads back "
+                         f"{len(metadata_labels or [])} labels, not the "
+                         f"{len(class_names)} written: a bug in flowers.tflite_metadata.")
     float_probs, labels = evaluate_lib.predict_dataset(
         evaluate_lib.keras_predictor(model), splits.test)
     tflite_probs, tflite_labels = evaluate_lib.predict_dataset(
@@ -295,6 +325,9 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
         # elsewhere) are the usual cause of a low top1_agreement.
         "conv_kernels_off_int8_grid": len(model_lib.kernels_off_int8_grid(model)),
         "class_names": class_names,
+        # TFLite metadata (name, input, output, labels) inside the .tflite.
+        "metadata_written": True,
+        "metadata_labels": len(metadata_labels),
         "source": source.name,
         "split": data.split,
         "seed": data.seed,
@@ -311,6 +344,6 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
   print(f"{options.file_name}: {len(tflite_model) / 1e6:.2f} MB, test_accuracy="
         f"{report['tflite_test_accuracy']:.4f} (float {report['float_test_accuracy']:.4f}, "
         f"drop {report['accuracy_drop_points']:.2f} points, top-1 agreement "
-        f"{report['top1_agreement']:.4f}, {report['num_test_examples']} images) "
-        f"-> {final_path}")
+        f"{report['top1_agreement']:.4f}, {report['num_test_examples']} images, "
+        f"metadata with {report['metadata_labels']} labels) -> {final_path}")
   return report

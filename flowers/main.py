@@ -112,13 +112,13 @@ def run_config() -> config_lib.RunConfig:
 
 def help_text() -> str:
   """`--help`: what the binary does, its modes, examples, and every flag by group."""
-  groups: dict[str, list[str]] = {"Run": ["mode", "workdir", "plots"]}
+  groups: dict[str, list[str]] = {"Run": ["mode", "workdir"]}
   titles = {"data": "Data", "train": "Model and training", "search": "Tuning (--mode=tune)",
             "export": "Export (--mode=export, and tune)",
             "predict": "Evaluate and predict"}
   for name, path in FLAG_FIELDS.items():
-    if len(path) > 1:
-      groups.setdefault(titles[path[0]], []).append(name)
+    group = titles[path[0]] if len(path) > 1 else "Run"
+    groups.setdefault(group, []).append(name)
   lines = [__doc__.strip(), ""]
   for title, names in groups.items():
     lines.append(f"{title}:")
@@ -151,16 +151,6 @@ def _parse(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def write_flagfile(workdir: str) -> None:
-  """Saves the resolved flags of this run as `WORKDIR/flags.cfg` (a --flagfile)."""
-  from flowers import artifacts  # pylint: disable=g-import-not-at-top
-
-  ours = set(FLAG_FIELDS) | {"mode", "workdir"}
-  lines = [line for line in flags.FLAGS.flags_into_string().splitlines()
-           if line.lstrip("-").split("=")[0].removeprefix("no") in ours]
-  artifacts.write_text(os.path.join(workdir, artifacts.FLAGS), "\n".join(lines) + "\n")
-
-
 def _check_inputs(mode: str, config: config_lib.RunConfig, workdir: str) -> None:
   """What a mode needs that no setting can check alone, before TensorFlow loads."""
   if mode == "predict" and not config.predict.images:
@@ -188,8 +178,6 @@ def main(argv: list[str]) -> None:
 
       # A multi-worker strategy must exist before TensorFlow runs its first op.
       distribute.make_strategy(config.train.distribution_strategy)
-      os.makedirs(workdir, exist_ok=True)
-      write_flagfile(workdir)
     from flowers import modes  # pylint: disable=g-import-not-at-top
 
     modes.MODES[mode](config, workdir)

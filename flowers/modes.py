@@ -84,9 +84,9 @@ def evaluate(config: RunConfig, workdir: str) -> dict:
 
   path = config.predict.model_path(workdir)
   predictor, image_size = evaluate_lib.load_predictor(path)
+  class_names = evaluate_lib.model_class_names(path)
   data = dataclasses.replace(config.data, image_size=image_size)
   splits = data_lib.load_splits(data, workdir=workdir)
-  class_names = artifacts.model_labels(path, splits.class_names)
   if len(class_names) != len(splits.class_names):
     raise UserError(f"{path} has {len(class_names)} classes but the data has "
                     f"{len(splits.class_names)}; evaluate on the data it was trained on.")
@@ -128,7 +128,7 @@ def predict(config: RunConfig, workdir: str) -> list[dict]:
   options = config.predict
   path = config.predict.model_path(workdir)
   predictor, image_size = evaluate_lib.load_predictor(path)
-  class_names = artifacts.model_labels(path)
+  class_names = evaluate_lib.model_class_names(path)
   results = []
   for file in _image_files(options.images):
     with open(file, "rb") as f:

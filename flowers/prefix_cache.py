@@ -123,8 +123,11 @@ class PrefixCache:
 
 
 def suffix_model(model: keras.Model, cut: int) -> keras.Model:
-  """The base from layer `cut` on, sharing `model`'s layers."""
+  """The base from layer `cut` on, sharing `model`'s layers (none when `cut` is the last)."""
   base = model_lib.base_of(model)
+  if cut == len(base.layers) - 1:  # Nothing unfrozen: the cache holds the base's output.
+    inputs = keras.Input(base.output.shape[1:])
+    return keras.Model(inputs, keras.layers.Identity()(inputs), name="mobilenetv2_top")
   return keras.Model(base.layers[cut].output, base.output, name="mobilenetv2_top")
 
 

@@ -41,6 +41,7 @@ from flowers import distribute
 from flowers import evaluate as evaluate_lib
 from flowers import model as model_lib
 from flowers import prefix_cache
+from flowers import runs
 from flowers.config import FeatureCache
 from flowers.config import LrSchedule
 from flowers.config import Optimizer
@@ -408,6 +409,9 @@ def train_and_evaluate(config: RunConfig, workdir: str,
   splits = load_splits_seeded(config, source, workdir)
   if not splits.keys("train"):
     raise UserError("The train split is empty; check --split.")
+  runs.begin(config, workdir, "train", source_name=source.name,
+             listing=runs.listing_sha256(source.keys, source.labels),
+             feature_cache=uses_feature_cache(config.train), chief=distribute.is_chief(strategy))
   num_classes = len(splits.class_names)
   with strategy.scope():
     model = new_model(config, num_classes)

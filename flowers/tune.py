@@ -49,6 +49,7 @@ from flowers import artifacts
 from flowers import data as data_lib
 from flowers import distribute
 from flowers import model as model_lib
+from flowers import runs
 from flowers import train as train_lib
 from flowers.config import HPARAMS
 from flowers.config import RunConfig
@@ -263,41 +264,6 @@ def make_tuner(hypermodel: TwoStageHyperModel, workdir: str, *, overwrite: bool,
   return tuner
 
 
-def _settings(config: RunConfig, source: data_lib.Source) -> dict[str, Any]:
-  """Everything a trial's result depends on, besides its hyperparameters.
-
-  `max_trials` is left out (a search may be extended), and so is what does not
-  change a result (verbosity, what happens after the search).
-  """
-  settings = config.to_json()
-  data = {k: settings["data"][k] for k in ("split", "seed", "image_size", "batch_size")}
-  train = {k: v for k, v in settings["train"].items() if k not in HPARAMS + ("verbose",)}
-  train["feature_cache"] = train_lib.uses_feature_cache(config.train)  # auto resolved.
-  search = {k: v for k, v in settings["search"].items()
-            if k not in ("max_trials", "overwrite", "export")}
-  return {"source": source.name, "data": data, "train": train, "search": search}
-
-
-def _check_settings(path: str, settings: dict[str, Any]) -> None:
-  """A resumed search must be the same search; else a `UserError` says what differs."""
-  if not os.path.exists(path):
-    return
-  old = artifacts.read_json(path)
-  if old == settings:
-    return
-  differ = []
-  for key in sorted(set(old) | set(settings)):
-    before, after = old.get(key), settings.get(key)
-    if isinstance(before, dict) and isinstance(after, dict):
-      differ += [f"{key}.{k}" for k in sorted(set(before) | set(after))
-                 if before.get(k) != after.get(k)]
-    elif before != after:
-      differ.append(key)
-  raise UserError(f"{os.path.dirname(path)} holds a search made with other settings "
-                  f"({', '.join(differ)}); rerun with the same flags to resume it, or add "
-                  "--overwrite to start afresh.")
-
-
 def run_search(config: RunConfig, workdir: str,
                source: data_lib.Source | None = None) -> dict[str, Any]:
   """Runs (or resumes) the search; on the chief, writes the best model and reports.
@@ -317,16 +283,14 @@ def run_search(config: RunConfig, workdir: str,
     raise UserError("--mode=tune scores trials on the val split, which is empty; give "
                     "--split a val share (e.g. 64,16,20).")
 
+  # Every process checks it runs the same search; a worker never wipes the
+  # shared project: only the chief (or a single process) may.
+  runs.begin(config, workdir, "tune", source_name=source.name,
+             listing=runs.listing_sha256(source.keys, source.labels),
+             feature_cache=train_lib.uses_feature_cache(config.train), chief=chief)
   hypermodel = TwoStageHyperModel(config, splits, workdir, strategy)
-  settings = _settings(config, source)
-  settings_path = os.path.join(workdir, artifacts.TUNER_DIR, artifacts.SEARCH_SETTINGS)
-  overwrite = config.search.overwrite
-  if chief and not overwrite:
-    _check_settings(settings_path, settings)
-  # A worker never wipes the shared project: only the chief (or a single process) may.
-  tuner = make_tuner(hypermodel, workdir, overwrite=overwrite and chief, strategy=strategy)
-  if chief:
-    artifacts.write_json(settings_path, settings)
+  tuner = make_tuner(hypermodel, workdir, overwrite=config.overwrite and chief,
+                     strategy=strategy)
   tuner.search(verbose=config.train.verbose)
   if not chief:
     print(f"{tuner.tuner_id}: ran trial(s) {', '.join(hypermodel.trials_run) or 'none'}; "

@@ -146,11 +146,11 @@ class ExportTest(WorkdirTestCase):
     self.assertEqual(labels, self.source.class_names)
 
   def test_int8_io_dtype_gives_int8_input_and_output(self):
-    images, _ = split_arrays(self.splits)
     options = ExportOptions(io_dtype="int8")
     path = os.path.join(self.create_tempdir().full_path, "model.tflite")
+    calibration = export.calibration_images(self.splits, 300, SEED, self.image_size)
     with open(path, "wb") as f:
-      f.write(export.convert(self.model, options, list(images)))
+      f.write(export.convert(self.model, options, calibration))
     details = export.check_interface(path, 32, len(self.splits.class_names), options)
     self.assertEqual((details["input_dtype"], details["output_dtype"]), ("int8", "int8"))
     self.assertGreater(details["input_quantization"][0], 0)

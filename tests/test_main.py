@@ -22,6 +22,7 @@ from absl.testing import flagsaver
 import fake_data
 from flowers import config as config_lib
 from flowers import main as main_lib
+from flowers import runs
 from flowers.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,6 +202,16 @@ class FlagsReachTheLibraryTest(absltest.TestCase):
       expected = NON_DEFAULTS[name][1]
       self.assertEqual(field(config, path), expected, name)
       self.assertNotEqual(field(default, path), expected, f"{name}: pick a non-default")
+
+  def test_a_runs_flags_cfg_reproduces_its_config(self):
+    config = config_lib.RunConfig(
+        data=config_lib.DataConfig(split="70,10,20", seed=3, tfds_data_dir="/tfds"),
+        train=config_lib.TrainConfig(weights=None, optimizer="adam", augment=False,
+                                     fine_tune_learning_rate=3e-4),
+        search=config_lib.SearchConfig(dropout_range=(0.1, 0.25)), overwrite=True)
+    with flagsaver.flagsaver():
+      flags.FLAGS(["flowers_main"] + runs.as_flags(config), known_only=False)
+      self.assertEqual(main_lib.run_config(), config)
 
   def test_the_mode_gets_that_config_and_the_workdir(self):
     seen = []

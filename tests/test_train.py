@@ -110,6 +110,75 @@ class TrainTest(parameterized.TestCase):
     self.assertEqual(sorted(set(epochs)), [0, 1, 2, 3])
 
 
+class RunIdentityTest(parameterized.TestCase):
+  """A rerun in a workdir must be the same run; else it is refused in one line."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.enterClassContext(fake_data.mock_flowers(COUNTS))
+    from flowers import data  # pylint: disable=g-import-not-at-top
+    cls.source = data.load_tfds()
+    cls.config = tiny_config(epochs=1, fine_tune_epochs=0, feature_cache="off")
+
+  def trained_workdir(self):
+    workdir = self.create_tempdir().full_path
+    train.train_and_evaluate(self.config, workdir, self.source)
+    return workdir
+
+  @parameterized.named_parameters(
+      ("dropout", {"dropout": 0.4}, "train.dropout: 0.2 -> 0.4"),
+      ("learning_rate", {"learning_rate": 0.05}, "train.learning_rate: 0.01 -> 0.05"),
+      ("alpha", {"alpha": 0.5}, "train.alpha: 1.0 -> 0.5"),
+      ("feature_cache", {"feature_cache": "on"}, "train.feature_cache: off -> on"),
+      ("schedule", {"lr_schedule": "cosine"}, "train.lr_schedule: constant -> cosine"),
+      ("image_size", {"data": {"image_size": 48}}, "data.image_size: 32 -> 48"),
+  )
+  def test_a_rerun_with_other_settings_is_refused(self, change, names):
+    workdir = self.trained_workdir()
+    with open(os.path.join(workdir, artifacts.FLAGS)) as f:
+      flagfile = f.read()
+    data_change = change.pop("data", {})
+    changed = dataclasses.replace(
+        run_configs.with_train(self.config, **change),
+        data=dataclasses.replace(self.config.data, **data_change))
+    with self.assertRaisesRegex(UserError, "other settings") as error:
+      train.train_and_evaluate(changed, workdir, self.source)
+    message = str(error.exception)
+    self.assertIn(names, message)
+    self.assertIn("--overwrite", message)
+    self.assertNotIn("\n", message)
+    with open(os.path.join(workdir, artifacts.FLAGS)) as f:
+      self.assertEqual(f.read(), flagfile)  # Still the run that is there.
+    # --overwrite starts afresh with the new settings.
+    report = train.train_and_evaluate(dataclasses.replace(changed, overwrite=True),
+                                      workdir, self.source)
+    self.assertIn("test_accuracy", report)
+    train.train_and_evaluate(changed, workdir, self.source)  # And now resumes.
+
+  def test_other_weights_or_a_gpu_resolving_auto_are_refused(self):
+    workdir = self.trained_workdir()
+    weights = os.path.join(self.create_tempdir().full_path, "w.h5")
+    with open(weights, "wb") as f:
+      f.write(b"other weights")
+    with self.assertRaisesRegex(UserError, "train.weights: random -> sha256:"):
+      train.train_and_evaluate(run_configs.with_train(self.config, weights=weights),
+                               workdir, self.source)
+    auto = run_configs.with_train(self.config, feature_cache="auto")
+    overwritten = self.create_tempdir().full_path
+    train.train_and_evaluate(auto, overwritten, self.source)  # No GPU: auto is on.
+    with mock.patch.object(train.tf.config, "list_physical_devices", return_value=["GPU"]):
+      with self.assertRaisesRegex(UserError, "train.feature_cache: on -> off"):
+        train.train_and_evaluate(auto, overwritten, self.source)
+
+  def test_another_seed_is_another_split(self):
+    workdir = self.trained_workdir()
+    with self.assertRaisesRegex(UserError, "another --split, --seed"):
+      train.train_and_evaluate(dataclasses.replace(
+          self.config, data=dataclasses.replace(self.config.data, seed=7)),
+          workdir, self.source)
+
+
 class EvaluatePredictTest(absltest.TestCase):
 
   def test_evaluate_and_predict_from_a_trained_workdir(self):

@@ -30,9 +30,9 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
 
-def search(workdir, config=None, **search_settings):
+def search(workdir, config=None, overwrite=False, **search_settings):
   """A search on the mock data, in this process; `search_settings` override SearchConfig."""
-  config = config or tune_worker.small_config()
+  config = dataclasses.replace(config or tune_worker.small_config(), overwrite=overwrite)
   if search_settings:
     config = dataclasses.replace(
         config, search=dataclasses.replace(config.search, **search_settings))
@@ -144,7 +144,8 @@ def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
   assert model.get_layer("head_dropout").rate == pytest.approx(best["dropout"])
 
   # Resuming with another search space is refused, naming what changed.
-  with pytest.raises(UserError, match=r"search\.dropout_range.*--overwrite"):
+  with pytest.raises(UserError, match=r"search\.dropout_range: \[0\.0, 0\.5\] -> "
+                                      r"\[0\.1, 0\.2\].*--overwrite"):
     search(workdir, tuner="bayesian", max_trials=2, dropout_range=(0.1, 0.2))
 
 
