@@ -94,8 +94,12 @@ def tflite_predictor(path: str, num_threads: int | None = None) -> Predictor:
   """
   from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
 
-  interpreter = Interpreter(model_path=path, num_threads=num_threads)
-  interpreter.allocate_tensors()
+  try:
+    interpreter = Interpreter(model_path=path, num_threads=num_threads)
+    interpreter.allocate_tensors()
+  except (ValueError, RuntimeError) as e:
+    raise UserError(f"--model={path} is not a TFLite model LiteRT can load "
+                    f"({str(e).splitlines()[0][:120]}); export it again.") from e
   inp = interpreter.get_input_details()[0]
   out = interpreter.get_output_details()[0]
 

@@ -335,11 +335,16 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
     })
     artifacts.write_json(report_path, report)
     if not passed:
+      # An older export beside it would now pass for this model's: remove it.
+      stale = os.path.exists(final_path)
+      if stale:
+        os.remove(final_path)
       raise UserError(
           f"{options.file_name} loses {report['accuracy_drop_points']:.2f} points of "
           f"test accuracy ({report['float_test_accuracy']:.4f} -> "
           f"{report['tflite_test_accuracy']:.4f}), more than --max_accuracy_drop="
-          f"{options.max_accuracy_drop:g}; not written (see {report_path}).")
+          f"{options.max_accuracy_drop:g}; not written"
+          + (", and the older one there removed" if stale else "") + f" (see {report_path}).")
   artifacts.write_labels(os.path.join(model_dir, artifacts.LABELS), class_names)
   print(f"{options.file_name}: {len(tflite_model) / 1e6:.2f} MB, test_accuracy="
         f"{report['tflite_test_accuracy']:.4f} (float {report['float_test_accuracy']:.4f}, "

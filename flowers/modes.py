@@ -130,7 +130,8 @@ def predict(config: RunConfig, workdir: str) -> list[dict]:
   predictor, image_size = evaluate_lib.load_predictor(path)
   class_names = evaluate_lib.model_class_names(path)
   results = []
-  for file in _image_files(options.images):
+  files = _image_files(options.images)
+  for file in files:
     with open(file, "rb") as f:
       encoded = f.read()
     image = data_lib.decode_with_pil(encoded)
@@ -143,6 +144,9 @@ def predict(config: RunConfig, workdir: str) -> list[dict]:
     top = evaluate_lib.top_k(probs, class_names, options.top_k)[0]
     results.append({"image": file, "top_k": [{"label": l, "probability": round(p, 6)}
                                              for l, p in top]})
+  if not results:
+    raise UserError(f"None of the {len(files)} file(s) given by --images is a readable "
+                    "image; give JPEG, PNG, BMP or GIF files.")
   if options.output is OutputFormat.JSON:
     print(json.dumps(results, indent=2))
   else:

@@ -177,12 +177,17 @@ def read_manifest(path: str) -> tuple[dict[str, str], dict[str, int]]:
     if header != MANIFEST_HEADER:
       raise UserError(f"{path} is not a split manifest (header {header}); move it "
                       "away or choose another --workdir.")
-    for row in reader:
-      key, label, split = row
+    for line, row in enumerate(reader, start=2):
+      try:
+        key, label, split = row
+        labels[key] = int(label)
+      except ValueError:
+        raise UserError(f"{path} line {line} is not file_name,label,split ({row}); "
+                        "delete the file to write it again, or use another --workdir."
+                        ) from None
       if split not in SPLITS:
         raise UserError(f"{path} has an unknown split {split!r} for {key}.")
       assignment[key] = split
-      labels[key] = int(label)
   return assignment, labels
 
 

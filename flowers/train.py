@@ -115,12 +115,15 @@ def read_history(run_dir: str, stage: str) -> dict[str, list[float]]:
   rows: dict[int, dict[str, str]] = {}
   with open(path, newline="") as f:
     for row in csv.DictReader(f):
-      rows[int(row["epoch"])] = row
+      try:  # A row torn by a kill mid-write is skipped; its epoch is redone.
+        values = {k: float(v) for k, v in row.items()}
+      except (TypeError, ValueError):
+        continue
+      rows[int(values.pop("epoch"))] = values
   history: dict[str, list[float]] = {}
   for epoch in sorted(rows):
     for key, value in rows[epoch].items():
-      if key != "epoch":
-        history.setdefault(key, []).append(float(value))
+      history.setdefault(key, []).append(value)
   return history
 
 
@@ -409,6 +412,9 @@ def train_and_evaluate(config: RunConfig, workdir: str,
   splits = load_splits_seeded(config, source, workdir)
   if not splits.keys("train"):
     raise UserError("The train split is empty; check --split.")
+  if not splits.keys("test"):
+    raise UserError(f"--split={config.data.split} leaves no test images to report on; give "
+                    "test a share, e.g. --split=64,16,20.")
   runs.begin(config, workdir, "train", source_name=source.name,
              listing=runs.listing_sha256(source.keys, source.labels),
              feature_cache=uses_feature_cache(config.train), chief=distribute.is_chief(strategy))

@@ -162,10 +162,13 @@ class ExportTest(WorkdirTestCase):
     def five_points_lost(*args):
       return {**compare(*args), "accuracy_drop_points": 5.0}
 
+    old = os.path.join(workdir, "model_dynamic.tflite")
+    with open(old, "wb") as f:
+      f.write(b"an earlier export")
     with mock.patch.object(export, "compare", five_points_lost):
-      with self.assertRaisesRegex(UserError, "max_accuracy_drop=1"):
+      with self.assertRaisesRegex(UserError, "max_accuracy_drop=1; not written, and the older"):
         self.export(workdir, quantization="dynamic", max_accuracy_drop=1.0)
-    self.assertFalse(os.path.exists(os.path.join(workdir, "model_dynamic.tflite")))
+    self.assertFalse(os.path.exists(old))
     self.assertEqual([n for n in os.listdir(workdir) if n.startswith(".tmp")], [])
     with open(os.path.join(workdir, artifacts.EXPORT_REPORT)) as f:
       report = json.load(f)

@@ -6,6 +6,7 @@ import random
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 
 from flowers import split as split_lib
 from flowers.errors import UserError
@@ -152,3 +153,12 @@ class ManifestTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+@pytest.mark.parametrize("row", ["a.jpg,x,train", "a.jpg,1", "a.jpg,1,train,extra"])
+def test_a_malformed_manifest_row_is_a_one_line_error(tmp_path, row):
+  path = tmp_path / "splits.csv"
+  path.write_text("file_name,label,split\nb.jpg,0,val\n" + row + "\n")
+  with pytest.raises(UserError, match="line 3 is not file_name,label,split") as error:
+    split_lib.read_manifest(str(path))
+  assert "\n" not in str(error.value)

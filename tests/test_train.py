@@ -110,6 +110,44 @@ class TrainTest(parameterized.TestCase):
     self.assertEqual(sorted(set(epochs)), [0, 1, 2, 3])
 
 
+class SmallHolesTest(absltest.TestCase):
+
+  def test_a_torn_last_history_row_is_skipped(self):
+    run_dir = self.create_tempdir().full_path
+    with open(os.path.join(run_dir, artifacts.stage_history("stage2")), "w") as f:
+      f.write("epoch,accuracy,loss\n0,0.5,1.2\n1,0.6,1.0\n2,0.7")  # Killed mid-row.
+    self.assertEqual(train.read_history(run_dir, "stage2"),
+                     {"accuracy": [0.5, 0.6], "loss": [1.2, 1.0]})
+
+  def test_a_split_without_test_images_is_refused_before_training(self):
+    with fake_data.mock_flowers(COUNTS):
+      from flowers import data  # pylint: disable=g-import-not-at-top
+      with self.assertRaisesRegex(UserError, "--split=80,20,0 leaves no test images"):
+        train.train_and_evaluate(tiny_config(data={"split": "80,20,0"}),
+                                 self.create_tempdir().full_path, data.load_tfds())
+
+  def test_predict_with_no_readable_image_is_an_error(self):
+    folder = self.create_tempdir().full_path
+    for name in ("a.jpg", "b.png"):
+      with open(os.path.join(folder, name), "wb") as f:
+        f.write(b"not an image")
+    model_path = os.path.join(folder, "model.keras")
+    model_lib.build_model(3, image_size=32, weights=None).save(model_path)
+    artifacts.write_labels(artifacts.labels_beside(model_path), ["a", "b", "c"])
+    config = config_lib.RunConfig(predict=config_lib.PredictConfig(
+        model=model_path, images=[folder]))
+    with self.assertRaisesRegex(UserError, "None of the 2 file"):
+      modes.predict(config, folder)
+
+  def test_a_corrupt_tflite_is_a_user_error(self):
+    path = os.path.join(self.create_tempdir().full_path, "model_int8.tflite")
+    with open(path, "wb") as f:
+      f.write(b"\0" * 64)
+    from flowers import evaluate  # pylint: disable=g-import-not-at-top
+    with self.assertRaisesRegex(UserError, "not a TFLite model LiteRT can load"):
+      evaluate.load_predictor(path)
+
+
 class RunIdentityTest(parameterized.TestCase):
   """A rerun in a workdir must be the same run; else it is refused in one line."""
 
