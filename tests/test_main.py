@@ -8,9 +8,11 @@ must give one-line errors and exit status 2, before any data is loaded.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from unittest import mock
 
 from absl.testing import absltest
@@ -100,6 +102,52 @@ class EveryModeTest(absltest.TestCase):
     for name in ("trials.csv", "best_hparams.json", "model.keras", "report.json",
                  "model_int8.tflite", "labels.txt"):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
+
+
+class KillAndResumeTest(parameterized.TestCase):
+  """`kill -9` in stage 2, then the same command: it continues, losing at most one epoch."""
+
+  @parameterized.parameters("on", "off")
+  def test_kill_in_stage_2_then_resume(self, feature_cache):
+    root = self.create_tempdir().full_path
+    image_dir = os.path.join(root, "images")
+    fake_data.write_image_dir(image_dir, [8, 8, 8], size=40)
+    workdir = os.path.join(root, "run")
+    args = [f"--flagfile={SMOKE}", f"--image_dir={image_dir}", f"--workdir={workdir}",
+            "--mode=train", "--fine_tune_epochs=40", f"--feature_cache={feature_cache}",
+            "--noplots"]
+    history = os.path.join(workdir, "history_stage2.csv")
+
+    def epochs():
+      if not os.path.exists(history):
+        return []
+      with open(history) as f:
+        return [int(line.split(",")[0]) for line in f.read().splitlines()[1:] if line]
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "flowers.main", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+      deadline = time.time() + 300
+      while len(epochs()) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+      proc.send_signal(signal.SIGKILL)
+    finally:
+      proc.wait()
+    before = epochs()
+    self.assertGreaterEqual(len(before), 2)
+    self.assertLess(before[-1], 39, "finished before the kill; the test needs more epochs")
+    with open(os.path.join(workdir, "history_stage1.csv")) as f:
+      stage1 = f.read()
+
+    flowers_main(*args)
+    after = epochs()[len(before):]
+    # The rerun starts at the epoch after the last logged one (or redoes that one).
+    self.assertIn(after[0], (before[-1], before[-1] + 1), (before, after))
+    self.assertEqual(sorted(set(before + after)), list(range(40)))
+    with open(os.path.join(workdir, "history_stage1.csv")) as f:
+      self.assertEqual(f.read(), stage1)  # Stage 1 was not run again.
+    self.assertTrue(os.path.exists(os.path.join(workdir, "model.keras")))
 
 
 class BadInputTest(parameterized.TestCase):
