@@ -69,10 +69,18 @@ class TfdsSourceTest(absltest.TestCase):
     self.assertEqual(images.shape, (4, 32, 32, 3))
     self.assertEqual(labels.dtype, np.int32)
     self.assertEqual(sum(len(y) for _, y in batches), len(splits.keys("train")))
-    # Reshuffled each epoch, same images.
+    # Reshuffled each epoch, same images; the same seed gives the same order.
     first = np.concatenate([y for _, y in batches])
     second = np.concatenate([y for _, y in again])
     self.assertCountEqual(first.tolist(), second.tolist())
+    images_first = np.concatenate([x for x, _ in batches])
+    images_second = np.concatenate([x for x, _ in again])
+    self.assertFalse(np.array_equal(images_first, images_second))
+    with fake_data.mock_flowers(COUNTS, size=48):
+      rebuilt = data.load_splits(DataConfig(image_size=32, batch_size=4, seed=3),
+                                 workdir=self.create_tempdir().full_path)
+      rebuilt_first = np.concatenate([x for x, _ in rebuilt.train.as_numpy_iterator()])
+    np.testing.assert_array_equal(rebuilt_first, images_first)
     self.assertLen(val_labels, len(splits.keys("val")))
 
   def test_shuffle_is_seeded(self):

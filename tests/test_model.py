@@ -94,6 +94,12 @@ class UnfreezeTest(parameterized.TestCase):
     cls.model = tiny_model()
     cls.base = model_lib.base_of(cls.model)
 
+  def setUp(self):
+    super().setUp()
+    # The model is shared (building it is slow): every test starts from a frozen
+    # base, whatever an earlier (maybe failed) test left.
+    model_lib.freeze_base(self.model)
+
   def trainable_layers(self):
     return [l for l in self.base.layers if l.trainable and l.weights]
 
