@@ -147,12 +147,6 @@ class Stage:
   val: Any
   steps: int
 
-  def evaluate(self) -> dict[str, float]:
-    """Loss and metrics of `model` on the val data, as `fit` reports them."""
-    if isinstance(self.val, tuple):
-      return self.model.evaluate(*self.val, verbose=0, return_dict=True)
-    return self.model.evaluate(self.val, verbose=0, return_dict=True)
-
 
 class Inputs(Protocol):
   """Where a stage's data comes from: `stage(model, 1 or 2, seed)` -> `Stage`."""
@@ -283,7 +277,7 @@ def fit_stages(model: keras.Model, inputs: Inputs, config: TrainConfig, run_dir:
     initial_epoch: the stage 2 epoch to start from (Hyperband).
 
   Returns:
-    The last stage fitted, for its val metrics (`Stage.evaluate`).
+    The last stage fitted.
   """
   keras.utils.set_random_seed(seed)
   os.makedirs(run_dir, exist_ok=True)

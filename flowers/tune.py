@@ -122,6 +122,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     self._template: keras.Model | None = None
     self._inputs: train_lib.Inputs | None = None
     self._executions: collections.Counter = collections.Counter()
+    self._shipped: dict[str, dict[str, Any]] = {}  # Per trial: its best execution.
 
   def trial_config(self, values: dict[str, float]) -> RunConfig:
     """The run's config with a trial's hyperparameters."""
@@ -157,7 +158,13 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
           trial_id: str = "best", trial_dir: str | None = None,
           checkpoint: str | None = None, epochs: int | None = None,
           initial_epoch: int = 0, **kwargs) -> dict[str, float]:
-    """Trains both stages; returns val_accuracy (the objective), val_loss, seconds.
+    """Trains both stages; returns val_accuracy (the objective) and seconds.
+
+    The objective is measured on the model as it will be shipped: its kernels
+    rounded to the int8 grid (`int8_grid_weights`), on the val images through
+    the full model, as `report.json` measures it. With several executions per
+    trial, the best one's weights are kept in `checkpoint` (KerasTuner scores
+    the trial by their mean; `result.json` records both).
 
     `epochs`/`initial_epoch` (from Hyperband) bound stage 2; a Hyperband trial
     that continues an earlier one (`tuner/trial_id`) starts from its weights,
@@ -181,24 +188,27 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
       if parent:
         _copy_histories(os.path.join(os.path.dirname(trial_dir), f"trial_{parent}"), run_dir)
       with self.strategy.scope():
-        stage = train_lib.fit_stages(
+        train_lib.fit_stages(
             model, inputs, config.train, run_dir, seed=config.data.seed + execution,
             run_stage1=not parent, stage2_epochs=epochs, initial_epoch=int(initial_epoch or 0))
-        metrics = stage.evaluate()
-    with artifacts.atomic_path(checkpoint) as tmp:
-      model.save_weights(tmp)
+      train_lib.round_for_int8(model, config.train)
+      val_accuracy = train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"]
+    shipped = self._shipped.get(trial_id)
+    if shipped is None or val_accuracy > shipped["val_accuracy"]:
+      shipped = {"execution": execution, "val_accuracy": val_accuracy, "run_dir": run_dir}
+      self._shipped[trial_id] = shipped
+      with artifacts.atomic_path(checkpoint) as tmp:
+        model.save_weights(tmp)
     seconds = time.time() - start
     result = {"trial_id": trial_id, "tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"),
-              "hyperparameters": values, "val_accuracy": float(metrics["accuracy"]),
-              "val_loss": float(metrics["loss"]), "seconds": round(seconds, 2),
-              "execution": execution,
+              "hyperparameters": values, "val_accuracy": val_accuracy,
+              "seconds": round(seconds, 2), "execution": execution, "shipped": shipped,
               "stage2_epochs": [int(initial_epoch or 0),
                                 config.train.fine_tune_epochs if epochs is None else int(epochs)],
               "continues_trial": parent}
     artifacts.write_json(os.path.join(trial_dir, artifacts.TRIAL_RESULT), result)
     self.trials_run.append(trial_id)
-    return {OBJECTIVE: result["val_accuracy"], "val_loss": result["val_loss"],
-            "seconds": seconds}
+    return {OBJECTIVE: val_accuracy, "seconds": seconds}
 
 
 def _copy_histories(parent_dir: str, run_dir: str) -> None:
@@ -377,6 +387,9 @@ def _best_model(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel,
     hypermodel.fit(hp, model, trial_id="best_retrained", trial_dir=trial_dir,
                    checkpoint=checkpoint)
   model.load_weights(checkpoint)
+  result_path = os.path.join(trial_dir, artifacts.TRIAL_RESULT)
+  if os.path.exists(result_path):  # The history of the execution whose weights these are.
+    trial_dir = artifacts.read_json(result_path).get("shipped", {}).get("run_dir", trial_dir)
   return model, trial_dir
 
 

@@ -133,6 +133,8 @@ def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
               "seed", "search_seconds"):
     assert key in saved, key
   assert saved["num_trials"] == 2 and saved["best_hparams"] == best
+  # The trial was scored on the model as shipped (kernels on the int8 grid).
+  assert saved["best_trial_val_accuracy"] == pytest.approx(saved["val_accuracy"], abs=5e-5)
   assert saved["best_trial_id"] == rows[0]["trial_id"]
   assert saved["config"]["train"]["unfreeze_ratio"] == best["unfreeze_ratio"]
   history = read_json(workdir, "history.json")
@@ -147,6 +149,15 @@ def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
   with pytest.raises(UserError, match=r"search\.dropout_range: \[0\.0, 0\.5\] -> "
                                       r"\[0\.1, 0\.2\].*--overwrite"):
     search(workdir, tuner="bayesian", max_trials=2, dropout_range=(0.1, 0.2))
+
+
+def test_several_executions_ship_the_best_one(tmp_path):
+  report = search(tmp_path, executions_per_trial=2)
+  result = read_json(trial_file(tmp_path, "0", artifacts.TRIAL_RESULT))
+  assert result["execution"] == 1
+  shipped = result["shipped"]
+  assert shipped["val_accuracy"] >= result["val_accuracy"]
+  assert report["val_accuracy"] == pytest.approx(shipped["val_accuracy"], abs=5e-5)
 
 
 @pytest.mark.parametrize("feature_cache", ["off", "on"])
