@@ -299,6 +299,10 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
   options.deterministic = True
   ds = source.encoded().map(with_label).filter(lambda k, d, l: l >= 0)
   ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+  # TensorFlow's decoder raises on a corrupt image (a bad record in a TFDS
+  # file, say) where Pillow's reports it: drop it too. Evaluation counts what
+  # a split lost (`evaluate.count_skipped`), so the loss is never silent.
+  ds = ds.apply(tf.data.experimental.ignore_errors(log_warning=True))
   ds = ds.filter(report_bad).map(lambda k, image, label, ok: (image, label))
   if cache == "memory":
     ds = ds.cache()

@@ -33,6 +33,23 @@ def predict_dataset(predict: Predictor, dataset: Iterable) -> tuple[np.ndarray, 
   return np.concatenate(probs), np.concatenate(labels).astype(np.int64)
 
 
+def count_skipped(split: str, expected: int, evaluated: int, strict: bool = False) -> int:
+  """Images of `split` that could not be decoded; says so in one line, or fails.
+
+  The input pipeline drops an image it cannot decode (and names it); metrics
+  are then over fewer images than the split holds, which must not pass
+  unnoticed. Under `strict` it is a `UserError`.
+  """
+  skipped = expected - evaluated
+  if skipped:
+    message = (f"{skipped} of the {expected} {split} images could not be decoded and were "
+               f"skipped; its metrics are over the other {evaluated}.")
+    if strict:
+      raise UserError(message + " --strict refuses that: remove or fix those files.")
+    print(f"flowers_main: warning: {message}", file=sys.stderr)
+  return skipped
+
+
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray,
                      num_classes: int) -> np.ndarray:
   """`m[i, j]` counts images of class i predicted as class j."""

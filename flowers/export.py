@@ -307,6 +307,8 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
       raise UserError("The test split changed between the two passes; is the "
                       "data folder being written to?")
     report = compare(float_probs, tflite_probs, labels)
+    report["num_skipped_images"] = {"test": evaluate_lib.count_skipped(
+        "test", len(splits.keys("test")), len(labels), data.strict)}
     if options.is_int8:
       report["int8_test_accuracy"] = report["tflite_test_accuracy"]
     passed = report["accuracy_drop_points"] <= options.max_accuracy_drop + 1e-9

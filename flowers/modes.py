@@ -92,6 +92,8 @@ def evaluate(config: RunConfig, workdir: str) -> dict:
                     f"{len(splits.class_names)}; evaluate on the data it was trained on.")
   probs, labels = evaluate_lib.predict_dataset(predictor, splits.test)
   report = evaluate_lib.metrics(probs, labels, class_names)
+  report["num_skipped_images"] = {"test": evaluate_lib.count_skipped(
+      "test", len(splits.keys("test")), len(labels), data.strict)}
   report.update({"model": os.path.abspath(path), "source": splits.source.name,
                  "split": data.split, "seed": data.seed})
   out = os.path.join(workdir, artifacts.REPORT if path.endswith(".keras")

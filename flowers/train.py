@@ -154,6 +154,10 @@ class Inputs(Protocol):
   def stage(self, model: keras.Model, stage: int, seed: int) -> Stage:
     ...
 
+  def num_train_images(self) -> int:
+    """How many training images the stages see (undecodable ones are dropped)."""
+    ...
+
 
 class PlainInputs:
   """The full model on the tf.data pipeline: augmentation runs every step."""
@@ -167,6 +171,10 @@ class PlainInputs:
   def stage(self, model: keras.Model, stage: int, seed: int) -> Stage:
     del stage, seed  # The train dataset shuffles with the data seed.
     return Stage(model, self.train, self.val, self.steps)
+
+  def num_train_images(self) -> int:
+    # After training this reads the pipeline's cache, not the image files.
+    return sum(int(labels.shape[0]) for _, labels in self.train)
 
 
 class CachedInputs:
@@ -191,6 +199,9 @@ class CachedInputs:
   @functools.cached_property
   def _val_activations(self) -> np.ndarray:
     return np.asarray(self.cache.val, np.float32)
+
+  def num_train_images(self) -> int:
+    return len(self.cache.train_labels)
 
   def _sampler(self, views: np.ndarray, seed: int) -> prefix_cache.ViewSampler:
     return prefix_cache.ViewSampler(views, self.cache.train_labels, self.num_classes,
@@ -350,27 +361,38 @@ def evaluate_split(model: keras.Model, splits: data_lib.Splits, split: str = "te
 
 
 def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, workdir: str,
-             run_dir: str, **extra: Any) -> dict[str, Any]:
+             run_dir: str, num_train_images: int | None = None,
+             **extra: Any) -> dict[str, Any]:
   """Rounds, saves and evaluates a trained model; writes every artifact of a run.
 
   `model.keras`, `labels.txt`, `history.json` (from `run_dir`'s CSV logs) and
-  `report.json` (test and val metrics, what the run was, `extra`) go to
-  `workdir`. Returns the report.
+  `report.json` (test and val metrics, the images skipped in each split, what
+  the run was, `extra`) go to `workdir`. `num_train_images`: how many training
+  images the stages saw, when known. Returns the report.
   """
   round_for_int8(model, config.train)
   save_model(model, os.path.join(workdir, artifacts.MODEL))
   artifacts.write_labels(os.path.join(workdir, artifacts.LABELS), splits.class_names)
   artifacts.write_json(os.path.join(workdir, artifacts.HISTORY),
                        {stage: read_history(run_dir, stage) for stage in STAGES})
+  strict = config.data.strict
   report = evaluate_split(model, splits, "test")
+  skipped = {"test": evaluate_lib.count_skipped(
+      "test", len(splits.keys("test")), report["num_test_examples"], strict)}
   if splits.keys("val"):
     val = evaluate_split(model, splits, "val")
     report.update({k: v for k, v in val.items() if k.startswith(("val_", "num_val"))})
+    skipped["val"] = evaluate_lib.count_skipped(
+        "val", len(splits.keys("val")), val["num_val_examples"], strict)
+  if num_train_images is not None:
+    skipped["train"] = evaluate_lib.count_skipped(
+        "train", len(splits.keys("train")), num_train_images, strict)
   report.update({
       "source": splits.source.name,
       "split": config.data.split,
       "seed": config.data.seed,
-      "num_train_examples": len(splits.keys("train")),
+      "num_train_examples": len(splits.keys("train")) - skipped.get("train", 0),
+      "num_skipped_images": skipped,
       "feature_cache": uses_feature_cache(config.train),
       "config": config.to_json(),
   })
@@ -420,4 +442,5 @@ def train_and_evaluate(config: RunConfig, workdir: str,
   if not distribute.is_chief(strategy):
     return {"is_chief": False}
   return save_run(model, splits, config, workdir, workdir,
+                  num_train_images=inputs.num_train_images(),
                   train_seconds=round(time.time() - start, 1))

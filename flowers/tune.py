@@ -136,6 +136,10 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
       self._base_weights = model_lib.base_of(self._template).get_weights()
     return self._template
 
+  def num_train_images(self) -> int | None:
+    """How many training images the trials saw; None where this process ran none."""
+    return self._inputs.num_train_images() if self._inputs is not None else None
+
   def inputs(self) -> train_lib.Inputs:
     """The stages' inputs, cut (when cached) for the space's largest unfreeze ratio."""
     if self._inputs is None:
@@ -414,7 +418,7 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
   search = hypermodel.config.search
   report = train_lib.save_run(
       model, hypermodel.splits, hypermodel.trial_config(best_hparams), workdir, trial_dir,
-      best_trial_id=best.trial_id, best_trial_val_accuracy=float(best.score),
+      num_train_images=hypermodel.num_train_images(), best_trial_id=best.trial_id, best_trial_val_accuracy=float(best.score),
       best_hparams=best_hparams, num_trials=len(completed),
       search_seconds=round(time.time() - start, 1), tuner=search.tuner.value,
       max_trials=search.max_trials, executions_per_trial=search.executions_per_trial,

@@ -42,11 +42,13 @@ def encode(image: np.ndarray, fmt: str = "JPEG", mode: str | None = None) -> byt
 
 
 def make_examples(counts_per_split: dict[str, Sequence[int]], size: int = 40,
-                  key_prefix: str = "image") -> dict[str, list[tuple[str, int, bytes]]]:
+                  key_prefix: str = "image",
+                  corrupt: Sequence[str] = ()) -> dict[str, list[tuple[str, int, bytes]]]:
   """Per official split: a list of (file_name, label, jpeg bytes).
 
   `counts_per_split[split][c]` images of class c go to that split; file names
-  are unique across splits, like the real dataset's.
+  are unique across splits, like the real dataset's. The images named in
+  `corrupt` get bytes no decoder reads (a damaged record).
   """
   examples: dict[str, list[tuple[str, int, bytes]]] = {}
   serial = 0
@@ -56,20 +58,23 @@ def make_examples(counts_per_split: dict[str, Sequence[int]], size: int = 40,
       for _ in range(count):
         serial += 1
         image = class_image(label, serial, size)
-        rows.append((f"{key_prefix}_{serial:05d}.jpg", label, encode(image)))
+        name = f"{key_prefix}_{serial:05d}.jpg"
+        rows.append((name, label, b"\xff\xd8 not a jpeg" if name in corrupt
+                     else encode(image)))
     examples[split] = rows
   return examples
 
 
 @contextlib.contextmanager
 def mock_flowers(counts_per_split: dict[str, Sequence[int]], size: int = 40,
-                 shuffle_seed: int | None = None) -> Iterator[dict]:
+                 shuffle_seed: int | None = None,
+                 corrupt: Sequence[str] = ()) -> Iterator[dict]:
   """Patches TFDS so oxford_flowers102 yields the given controlled examples.
 
   `shuffle_seed` permutes the order in which each split yields its examples,
   to test that results do not depend on read order.
   """
-  examples = make_examples(counts_per_split, size)
+  examples = make_examples(counts_per_split, size, corrupt=corrupt)
   if shuffle_seed is not None:
     rng = np.random.default_rng(shuffle_seed)
     examples = {s: [rows[i] for i in rng.permutation(len(rows))]

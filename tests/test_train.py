@@ -110,7 +110,7 @@ class TrainTest(parameterized.TestCase):
     self.assertEqual(sorted(set(epochs)), [0, 1, 2, 3])
 
 
-class SmallHolesTest(absltest.TestCase):
+class SmallHolesTest(parameterized.TestCase):
 
   def test_a_torn_last_history_row_is_skipped(self):
     run_dir = self.create_tempdir().full_path
@@ -118,6 +118,25 @@ class SmallHolesTest(absltest.TestCase):
       f.write("epoch,accuracy,loss\n0,0.5,1.2\n1,0.6,1.0\n2,0.7")  # Killed mid-row.
     self.assertEqual(train.read_history(run_dir, "stage2"),
                      {"accuracy": [0.5, 0.6], "loss": [1.2, 1.0]})
+
+  @parameterized.parameters("on", "off")
+  def test_corrupt_images_in_tfds_records_are_counted_per_split(self, feature_cache):
+    corrupt = [f"image_{i:05d}.jpg" for i in (1, 9, 17, 33, 41, 45)]
+    workdir = self.create_tempdir().full_path
+    with fake_data.mock_flowers(COUNTS, corrupt=corrupt):
+      from flowers import data  # pylint: disable=g-import-not-at-top
+      config = tiny_config(epochs=1, fine_tune_epochs=1, feature_cache=feature_cache)
+      report = train.train_and_evaluate(config, workdir, data.load_tfds())
+      from flowers import split as split_lib  # pylint: disable=g-import-not-at-top
+      assignment, _ = split_lib.read_manifest(os.path.join(workdir, artifacts.SPLITS))
+      expected = {s: sum(assignment[k] == s for k in corrupt) for s in split_lib.SPLITS}
+      self.assertEqual(report["num_skipped_images"], expected)
+      self.assertEqual(report["num_test_examples"],
+                       len(split_lib.keys_of(assignment, "test")) - expected["test"])
+      strict = dataclasses.replace(config, data=dataclasses.replace(config.data, strict=True))
+      with self.assertRaisesRegex(UserError, "could not be decoded.*--strict"):
+        train.train_and_evaluate(dataclasses.replace(strict, overwrite=True), workdir,
+                                 data.load_tfds())
 
   def test_a_split_without_test_images_is_refused_before_training(self):
     with fake_data.mock_flowers(COUNTS):
