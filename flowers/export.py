@@ -38,6 +38,7 @@ from flowers import artifacts
 from flowers import data as data_lib
 from flowers import evaluate as evaluate_lib
 from flowers import model as model_lib
+from flowers import runs
 from flowers import split as split_lib
 from flowers import tflite_metadata
 from flowers.config import ExportOptions
@@ -259,8 +260,9 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
                         source: data_lib.Source | None = None) -> dict:
   """Converts `model_path`, verifies it on the test split, and writes it.
 
-  The `.tflite` (name per `config.export.quantization`) and `labels.txt` go
-  beside the model; `export_report.json` goes to `workdir`. The `.tflite`
+  The `.tflite` (name per `config.export.quantization`), `labels.txt` and
+  `export_report.json` go to `workdir`; a model from another folder is
+  verified on its own test split (`runs.model_data`). The `.tflite`
   reaches its final path only if it loads, has the expected interface and
   loses at most `config.export.max_accuracy_drop` points of test accuracy;
   otherwise the report is written with `"passed": false` and a `UserError` is
@@ -274,7 +276,8 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
   model = load_keras_model(model_path)
   image_size = int(model.input.shape[1])
   num_outputs = int(model.output.shape[-1])
-  data = dataclasses.replace(config.data, image_size=image_size)
+  data = dataclasses.replace(runs.model_data(model_path, workdir, config.data),
+                             image_size=image_size)
   source = source or data_lib.load_source(data)
   splits = data_lib.load_splits(data, source=source, workdir=workdir)
   class_names = _class_names(model_path, splits, num_outputs)
@@ -287,8 +290,7 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
       convert(model, options, calibration),
       metadata_info(options, source.name, len(class_names), image_size), class_names)
 
-  model_dir = os.path.dirname(os.path.abspath(model_path))
-  final_path = os.path.join(model_dir, options.file_name)
+  final_path = os.path.join(workdir, options.file_name)
   report_path = os.path.join(workdir, artifacts.EXPORT_REPORT)
   with artifacts.atomic_path(final_path) as tmp:
     with open(tmp, "wb") as f:
@@ -347,7 +349,7 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
           f"{report['tflite_test_accuracy']:.4f}), more than --max_accuracy_drop="
           f"{options.max_accuracy_drop:g}; not written"
           + (", and the older one there removed" if stale else "") + f" (see {report_path}).")
-  artifacts.write_labels(os.path.join(model_dir, artifacts.LABELS), class_names)
+  artifacts.write_labels(os.path.join(workdir, artifacts.LABELS), class_names)
   print(f"{options.file_name}: {len(tflite_model) / 1e6:.2f} MB, test_accuracy="
         f"{report['tflite_test_accuracy']:.4f} (float {report['float_test_accuracy']:.4f}, "
         f"drop {report['accuracy_drop_points']:.2f} points, top-1 agreement "

@@ -3,7 +3,7 @@
 Every mode takes the run's `RunConfig` and its workdir, and reads and writes
 inside the workdir: `prepare` writes splits.csv; `train` and `tune` write
 model.keras, labels.txt, report.json and the rest; `export` writes
-model_int8.tflite beside the model it converts; `report` redraws plots and
+model_int8.tflite and its export report; `report` redraws plots and
 summary.md from what is already there.
 """
 
@@ -18,6 +18,7 @@ from typing import Sequence
 
 from flowers import artifacts
 from flowers import data as data_lib
+from flowers import runs
 from flowers import split as split_lib
 from flowers.config import OutputFormat
 from flowers.config import RunConfig
@@ -85,7 +86,8 @@ def evaluate(config: RunConfig, workdir: str) -> dict:
   path = config.predict.model_path(workdir)
   predictor, image_size = evaluate_lib.load_predictor(path)
   class_names = evaluate_lib.model_class_names(path)
-  data = dataclasses.replace(config.data, image_size=image_size)
+  data = dataclasses.replace(runs.model_data(path, workdir, config.data),
+                             image_size=image_size)
   splits = data_lib.load_splits(data, workdir=workdir)
   if len(class_names) != len(splits.class_names):
     raise UserError(f"{path} has {len(class_names)} classes but the data has "

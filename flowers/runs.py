@@ -132,6 +132,37 @@ def begin(config: config_lib.RunConfig, workdir: str, mode: str, *, source_name:
   return new
 
 
+def model_data(model_path: str, workdir: str,
+               data: config_lib.DataConfig) -> config_lib.DataConfig:
+  """The data settings to evaluate a model with: those of the run that made it.
+
+  A model is scored only on its own test split. When it comes from another
+  folder, that run's `splits.csv` is copied into `workdir` (which must not
+  hold another split), and its split and seed replace the ones given, so the
+  images it trained on are never scored as test images.
+  """
+  model_dir = os.path.dirname(os.path.abspath(model_path))
+  if model_dir == os.path.abspath(workdir):
+    return data
+  manifest = os.path.join(model_dir, artifacts.SPLITS)
+  if not os.path.exists(manifest):
+    raise UserError(f"{model_path} has no {artifacts.SPLITS} beside it, so which images it "
+                    "trained on is unknown; evaluate or export it with --workdir set to the "
+                    "folder it was trained in.")
+  here = os.path.join(workdir, artifacts.SPLITS)
+  if os.path.exists(here) and file_sha256(here) != file_sha256(manifest):
+    raise UserError(f"{here} is another split than the one {model_path} was trained on; "
+                    "use a fresh --workdir (its split is copied there) or the model's own.")
+  os.makedirs(workdir, exist_ok=True)
+  shutil.copyfile(manifest, here)
+  run = os.path.join(model_dir, artifacts.RUN)
+  if os.path.exists(run):
+    made = artifacts.read_json(run).get("data", {})
+    data = dataclasses.replace(data, split=made.get("split", data.split),
+                               seed=made.get("seed", data.seed))
+  return data
+
+
 def clear_training_state(workdir: str) -> None:
   """Deletes what an earlier run left to resume from (the split and caches stay)."""
   for name in _TRAINING_STATE:

@@ -265,6 +265,29 @@ class EvaluatePredictTest(absltest.TestCase):
       probs = [e["probability"] for e in r["top_k"]]
       self.assertEqual(probs, sorted(probs, reverse=True))
 
+  def test_a_model_from_another_workdir_is_scored_on_its_own_test_split(self):
+    trained_in = self.create_tempdir().full_path
+    elsewhere = self.create_tempdir().full_path
+    with fake_data.mock_flowers(COUNTS):
+      from flowers import data  # pylint: disable=g-import-not-at-top
+      config = tiny_config(epochs=1, fine_tune_epochs=0)
+      trained = train.train_and_evaluate(config, trained_in, data.load_tfds())
+      # Asked with another seed, whose split would put the model's own training
+      # images in the test split: the model's split is used instead.
+      other = dataclasses.replace(
+          config, data=dataclasses.replace(config.data, seed=7),
+          predict=config_lib.PredictConfig(model=os.path.join(trained_in, artifacts.MODEL)))
+      evaluated = modes.evaluate(other, elsewhere)
+      with open(os.path.join(trained_in, artifacts.SPLITS)) as a, open(
+          os.path.join(elsewhere, artifacts.SPLITS)) as b:
+        self.assertEqual(a.read(), b.read())
+      self.assertEqual(evaluated["confusion_matrix"], trained["confusion_matrix"])
+      # A workdir that holds another split is refused.
+      modes.prepare(dataclasses.replace(other, predict=config_lib.PredictConfig()),
+                    another := self.create_tempdir().full_path)
+      with self.assertRaisesRegex(UserError, "another split than the one"):
+        modes.evaluate(other, another)
+
   def test_predict_missing_inputs(self):
     config = config_lib.RunConfig(predict=config_lib.PredictConfig(
         model="/no/model.keras", images=["x.jpg"]))
