@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from unittest import mock
 
 from absl.testing import absltest
@@ -177,10 +179,14 @@ class RunIdentityTest(parameterized.TestCase):
     from flowers import data  # pylint: disable=g-import-not-at-top
     cls.source = data.load_tfds()
     cls.config = tiny_config(epochs=1, fine_tune_epochs=0, feature_cache="off")
+    cls.trained = tempfile.mkdtemp()
+    cls.addClassCleanup(shutil.rmtree, cls.trained, ignore_errors=True)
+    train.train_and_evaluate(cls.config, cls.trained, cls.source)
 
   def trained_workdir(self):
-    workdir = self.create_tempdir().full_path
-    train.train_and_evaluate(self.config, workdir, self.source)
+    """A copy of a finished run's workdir (training once for the whole class)."""
+    workdir = os.path.join(self.create_tempdir().full_path, "run")
+    shutil.copytree(self.trained, workdir)
     return workdir
 
   @parameterized.named_parameters(
@@ -207,11 +213,14 @@ class RunIdentityTest(parameterized.TestCase):
     self.assertNotIn("\n", message)
     with open(os.path.join(workdir, artifacts.FLAGS)) as f:
       self.assertEqual(f.read(), flagfile)  # Still the run that is there.
-    # --overwrite starts afresh with the new settings.
+
+  def test_overwrite_starts_afresh_and_the_new_run_then_resumes(self):
+    workdir = self.trained_workdir()
+    changed = run_configs.with_train(self.config, dropout=0.4)
     report = train.train_and_evaluate(dataclasses.replace(changed, overwrite=True),
                                       workdir, self.source)
-    self.assertIn("test_accuracy", report)
-    train.train_and_evaluate(changed, workdir, self.source)  # And now resumes.
+    self.assertEqual(report["config"]["train"]["dropout"], 0.4)
+    train.train_and_evaluate(changed, workdir, self.source)  # Now the run that is there.
 
   def test_other_weights_or_a_gpu_resolving_auto_are_refused(self):
     workdir = self.trained_workdir()
