@@ -103,16 +103,19 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
   return [] if old == new else [f"{prefix.rstrip('.')}: {old} -> {new}"]
 
 
-def begin(config: config_lib.RunConfig, workdir: str, mode: str, *, source_name: str,
-          listing: str, feature_cache: bool, chief: bool = True) -> dict[str, Any]:
+def begin(config: config_lib.RunConfig, workdir: str, mode: str, source: Any, *,
+          feature_cache: bool, chief: bool = True) -> dict[str, Any]:
   """Checks a run against the workdir's `run.json` and records it; returns it.
+
+  `source` is the run's `data.Source` (its name and listing are fingerprinted).
 
   With `config.overwrite`, an earlier run's training state is deleted first.
   A distributed worker (`chief=False`) only compares: the chief writes.
   """
   path = os.path.join(workdir, artifacts.RUN)
   splits_path = os.path.join(workdir, artifacts.SPLITS)
-  new = fingerprint(config, mode, source_name=source_name, listing=listing,
+  new = fingerprint(config, mode, source_name=source.name,
+                    listing=listing_sha256(source.keys, source.labels),
                     splits_sha256=file_sha256(splits_path), feature_cache=feature_cache)
   if os.path.exists(path) and not (config.overwrite and chief):
     changed = differences(artifacts.read_json(path), new)

@@ -431,9 +431,8 @@ def train_and_evaluate(config: RunConfig, workdir: str,
   if not splits.keys("test"):
     raise UserError(f"--split={config.data.split} leaves no test images to report on; give "
                     "test a share, e.g. --split=64,16,20.")
-  runs.begin(config, workdir, "train", source_name=source.name,
-             listing=runs.listing_sha256(source.keys, source.labels),
-             feature_cache=uses_feature_cache(config.train), chief=distribute.is_chief(strategy))
+  runs.begin(config, workdir, "train", source, feature_cache=uses_feature_cache(config.train),
+             chief=distribute.is_chief(strategy))
   num_classes = len(splits.class_names)
   with strategy.scope():
     model = new_model(config, num_classes)

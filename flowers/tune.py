@@ -299,8 +299,7 @@ def run_search(config: RunConfig, workdir: str,
 
   # Every process checks it runs the same search; a worker never wipes the
   # shared project: only the chief (or a single process) may.
-  runs.begin(config, workdir, "tune", source_name=source.name,
-             listing=runs.listing_sha256(source.keys, source.labels),
+  runs.begin(config, workdir, "tune", source,
              feature_cache=train_lib.uses_feature_cache(config.train), chief=chief)
   hypermodel = TwoStageHyperModel(config, splits, workdir, strategy)
   tuner = make_tuner(hypermodel, workdir, overwrite=config.overwrite and chief,
