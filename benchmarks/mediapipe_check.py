@@ -21,14 +21,15 @@ MediaPipe's accuracy within 0.5 points of the export's.
 What MediaPipe does to a photo (mediapipe 1.2.3, CPU; read off a probe model in
 tests/test_tflite_metadata.py): the whole image is squashed to the model's
 input, no crop, no padding, sampled bilinearly at x_src = x * W / S (corners
-aligned, no half-pixel offset), without antialiasing. flowers squashes too,
-but with an antialiased, pixel-centre-aligned resize. So that the choice of
-preprocessing rests on figures, the same model is also scored through:
+aligned, no half-pixel offset), without antialiasing. flowers' `data.resize`
+does the same (up to rounding), and JPEGs are decoded with the accurate
+integer DCT, as Pillow and MediaPipe do. So that the choice of preprocessing
+rests on figures, the same model is also scored, by LiteRT, through:
 
   mediapipe_presized  MediaPipe given predict's resized pixels (S x S already,
                       so its resize is the identity): the client-side recipe
-  mediapipe_like      PIL decode + MediaPipe's sampling (cv2.warpAffine), run
-                      by LiteRT: checks the reading of MediaPipe above
+  antialiased         what flowers did before: TensorFlow's fast-DCT JPEG
+                      decode and an antialiased, pixel-centre-aligned resize
   center_crop         the central square, then flowers' resize
   pad                 aspect kept: black bars to a square, then flowers' resize
 """
@@ -50,7 +51,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("FLOWERS_SHARED", os.path.join(os.path.dirname(REPO_ROOT), "shared"))
 DEFAULT_DATA_DIR = os.path.join(SHARED, "tensorflow_datasets")
-VARIANTS = ("mediapipe_presized", "mediapipe_like", "center_crop", "pad")
+VARIANTS = ("mediapipe_presized", "antialiased", "center_crop", "pad")
 AGREEMENT_TARGET = 0.99
 ACCURACY_GAP_TARGET = 0.5  # Points.
 
@@ -177,14 +178,13 @@ def predict_top1(model: str, folder: str, workdir: str, class_names: list[str],
   return Top1(first, lowest, ties)
 
 
-def mediapipe_like_resize(image: np.ndarray, size: int) -> np.ndarray:
-  """MediaPipe's CPU resize: bilinear, corners aligned, no antialiasing."""
-  import cv2  # pylint: disable=g-import-not-at-top  (comes with mediapipe)
+def antialiased(encoded: bytes, size: int) -> np.ndarray:
+  """flowers' preprocessing before it matched MediaPipe's (for comparison)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  height, width = image.shape[:2]
-  matrix = np.float32([[size / width, 0, 0], [0, size / height, 0]])
-  return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE)
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  resized = tf.image.resize(image, (size, size), antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8).numpy()
 
 
 def center_crop(image: np.ndarray) -> np.ndarray:
@@ -222,10 +222,14 @@ def top1_by_preprocessing(model: str, workdir: str, paths: list[str],
   predictor = evaluate.tflite_predictor(model, num_threads=threads)
   size = predictor.input_size  # type: ignore[attr-defined]
 
-  def decoded():
+  def encoded():
     for path in paths:
       with open(path, "rb") as f:
-        yield data_lib.decode_with_pil(f.read())
+        yield f.read()
+
+  def decoded():
+    for data in encoded():
+      yield data_lib.decode_with_pil(data)
 
   def ours(image):
     return data_lib.resize(image, size).numpy()
@@ -239,8 +243,8 @@ def top1_by_preprocessing(model: str, workdir: str, paths: list[str],
     if variant == "mediapipe_presized":
       top1[variant], extra = mediapipe_top1(clf, (ours(d) for d in decoded()), class_names)
       misnamed += extra
-    elif variant == "mediapipe_like":
-      top1[variant] = litert_top1(mediapipe_like_resize(d, size) for d in decoded())
+    elif variant == "antialiased":
+      top1[variant] = litert_top1(antialiased(e, size) for e in encoded())
     elif variant == "center_crop":
       top1[variant] = litert_top1(ours(center_crop(d)) for d in decoded())
     elif variant == "pad":

@@ -27,6 +27,8 @@ from flowers.errors import UserError
 TFDS_SPLITS = ("train", "validation", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 SHUFFLE_BUFFER_ON_DISK = 2048
+# How pixels are made (`decode_image`, `resize`); recorded in each run.json.
+PREPROCESSING = "jpeg integer-accurate DCT; squash, bilinear at x*W/S, no antialias"
 
 
 @dataclasses.dataclass
@@ -200,13 +202,22 @@ def load_source(data: DataConfig = DataConfig()) -> Source:
 
 
 def resize(images: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Resizes to a square `image_size` (antialiased), returning uint8.
+  """Squashes images to `image_size` x `image_size` the way MediaPipe Tasks does.
 
-  The same function serves training, evaluation and `--mode=predict`, so a
-  photo of any size is seen by the model exactly as training images were.
+  The whole image is resized (no crop, no padding), sampled bilinearly at
+  x_src = x * W / S (no half-pixel offset) and without antialiasing: what
+  MediaPipe's ImageClassifier does before the model on a phone (read off a
+  probe model in tests/test_tflite_metadata.py). Training, evaluation and
+  `--mode=predict` all call this, so the exported model sees in an app the
+  pixels it was trained and measured on (BUILD.md, "Preprocessing").
+  Accepts one image (H, W, C) or a batch; returns uint8.
   """
-  resized = tf.image.resize(images, (image_size, image_size), antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+  images = tf.convert_to_tensor(images)
+  batch = images if images.shape.rank == 4 else images[tf.newaxis]
+  resized = tf.raw_ops.ResizeBilinear(images=batch, size=[image_size, image_size],
+                                      align_corners=False, half_pixel_centers=False)
+  resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+  return resized if images.shape.rank == 4 else resized[0]
 
 
 def decode_with_pil(data: bytes) -> np.ndarray | None:
@@ -239,7 +250,13 @@ def decode_image(data: tf.Tensor, decoder: str = "tf") -> tuple[tf.Tensor, tf.Te
     image.set_shape((None, None, 3))
     ok.set_shape(())
     return image, ok
-  image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  # JPEGs with the accurate integer DCT (libjpeg's default, as in Pillow and
+  # the phone's decoder) rather than TensorFlow's faster default, which is up
+  # to 6 levels off per pixel.
+  image = tf.cond(
+      tf.io.is_jpeg(data),
+      lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
   image.set_shape((None, None, 3))
   return image, tf.constant(True)
 
@@ -302,7 +319,7 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
   # TensorFlow's decoder raises on a corrupt image (a bad record in a TFDS
   # file, say) where Pillow's reports it: drop it too. Evaluation counts what
   # a split lost (`evaluate.count_skipped`), so the loss is never silent.
-  ds = ds.apply(tf.data.experimental.ignore_errors(log_warning=True))
+  ds = ds.ignore_errors(log_warning=True)
   ds = ds.filter(report_bad).map(lambda k, image, label, ok: (image, label))
   if cache == "memory":
     ds = ds.cache()
@@ -318,6 +335,39 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
   if batch_size:
     ds = ds.batch(batch_size)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def undecodable(source: Source, keys: Sequence[str]) -> list[str]:
+  """The keys among `keys` whose images cannot be decoded, sorted (one decode pass).
+
+  The pipeline drops such images and the reports count them; this names them,
+  for `--strict`.
+  """
+  wanted = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(list(keys) or [""]),
+                                          tf.ones([max(len(keys), 1)], tf.int32)),
+      default_value=0)
+  decoder = source.decoder
+
+  def decoded(key, data):
+    image, ok = decode_image(data, decoder)
+    return key, tf.logical_and(ok, tf.size(image) > 0)
+
+  ds = source.encoded().filter(lambda key, data: wanted.lookup(key) > 0)
+  ds = ds.map(decoded, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.ignore_errors().filter(lambda key, ok: ok)
+  read = {key.decode() for key, _ in ds.as_numpy_iterator()}
+  return sorted(set(keys) - read)
+
+
+def check_decodable(source: Source, keys: Sequence[str]) -> None:
+  """Raises a one-line `UserError` naming the images of `keys` that cannot be decoded."""
+  bad = undecodable(source, keys)
+  if bad:
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise UserError(f"--strict: {len(bad)} image(s) of {source.name} could not be decoded: "
+                    f"{', '.join(bad[:3])}{more}; fix or remove them, or drop --strict to "
+                    "skip them (each report counts what it skipped).")
 
 
 @dataclasses.dataclass
@@ -358,6 +408,8 @@ def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None
     source = load_source(data)
   spec = split_lib.parse_split(data.split, data.seed)
   assignment = prepare_split(source, workdir, spec)
+  if data.strict:
+    check_decodable(source, [k for k in source.keys if k in assignment])
 
   def cache_for(name: str) -> str:
     if data.cache is PipelineCache.DISK and workdir is not None:

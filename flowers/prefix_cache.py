@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from typing import Callable
 
 import keras
 import numpy as np
@@ -67,11 +68,14 @@ class PrefixCache:
   @classmethod
   def build(cls, model: keras.Model, cut: int, train_ds: tf.data.Dataset,
             val_ds: tf.data.Dataset, views: int, seed: int,
-            cache_dir: str | None, split_keys: dict[str, list[str]]) -> "PrefixCache":
+            cache_dir: str | None, split_keys: dict[str, list[str]],
+            verbose: int = 1) -> "PrefixCache":
     """Computes (or loads from `cache_dir`) the activations at layer `cut`.
 
     `train_ds` and `val_ds` yield batches of (uint8 images, labels) in a fixed
-    order (not shuffled).
+    order (not shuffled). The pass is the longest stretch of a CPU run, so it
+    shows a Keras progress bar (images done, images/s, time left) at
+    `verbose=1`, and logs a line per view at any verbosity.
     """
     cache_id = _cache_id(model, cut, views, seed, split_keys)
     paths = None
@@ -87,14 +91,24 @@ class PrefixCache:
                    loaded["val"], loaded["val_labels"])
     embed = _prefix_fn(model, cut, seed)
     start = time.time()
+    total = views * len(split_keys["train"]) + len(split_keys["val"])
+    progress = keras.utils.Progbar(total, verbose=verbose, unit_name="image",
+                                   stateful_metrics=["images/s"])
+    done = 0
+
+    def advance(images: int) -> None:
+      nonlocal done
+      done += images
+      progress.update(done, values=[("images/s", done / max(time.time() - start, 1e-9))])
+
     train, train_labels = [], None
     for view in range(views):
-      acts, labels = _run(embed, train_ds, augment=view > 0)
+      acts, labels = _run(embed, train_ds, augment=view > 0, on_batch=advance)
       train.append(acts)
       train_labels = labels
       logging.info("Frozen-prefix cache: view %d/%d of %d images done (%.0f s).",
                    view + 1, views, len(labels), time.time() - start)
-    val, val_labels = _run(embed, val_ds, augment=False)
+    val, val_labels = _run(embed, val_ds, augment=False, on_batch=advance)
     cache = cls(model, cut, np.stack(train), train_labels, val, val_labels)
     if paths:
       for name, array in (("train", cache.train_views), ("train_labels", train_labels),
@@ -151,11 +165,13 @@ def _prefix_fn(model: keras.Model, cut: int, seed: int):
   return embed
 
 
-def _run(embed, dataset: tf.data.Dataset, augment: bool) -> tuple[np.ndarray, np.ndarray]:
+def _run(embed, dataset: tf.data.Dataset, augment: bool,
+         on_batch: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray]:
   acts, labels = [], []
   for images, batch_labels in dataset:
     acts.append(embed(images, augment).numpy())
     labels.append(np.asarray(batch_labels))
+    on_batch(len(labels[-1]))
   return np.concatenate(acts), np.concatenate(labels).astype(np.int64)
 
 

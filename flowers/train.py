@@ -266,7 +266,8 @@ def make_inputs(model: keras.Model, splits: data_lib.Splits, config: RunConfig,
   cache = prefix_cache.PrefixCache.build(
       model, cut, ordered["train"], ordered["val"], views=config.train.cache_views,
       seed=config.data.seed, cache_dir=os.path.join(workdir, artifacts.CACHE_DIR),
-      split_keys={n: splits.keys(n) for n in ("train", "val")})
+      split_keys={n: splits.keys(n) for n in ("train", "val")},
+      verbose=config.train.verbose)
   return CachedInputs(cache, len(splits.class_names), config.data.batch_size)
 
 

@@ -121,6 +121,23 @@ class ImageDirTest(absltest.TestCase):
       self.assertEqual(image.shape, (24, 24, 3))
       self.assertEqual(image.dtype, np.uint8)
 
+  def test_pipeline_and_predict_see_the_same_pixels(self):
+    """Training and evaluation (tf.data) and --mode=predict (Pillow) decode and
+    resize every format to the same bytes, so predict answers as evaluated."""
+    root = self.create_tempdir().full_path
+    names = fake_data.write_image_dir(root, [4, 4, 4])
+    odd = os.path.join(root, names[0], "odd.jpg")  # Non-square, upscaled on one side.
+    with open(odd, "wb") as f:
+      f.write(fake_data.encode(fake_data.class_image(0, 99, size=61)[:19]))
+    source = data.load_image_dir(root)
+    ds = data.make_dataset(source, source.keys, image_size=24, batch_size=None)
+    pipeline = [image for image, _ in ds.as_numpy_iterator()]
+    self.assertLen(pipeline, 13)
+    for key, image in zip(source.keys, pipeline):
+      with open(os.path.join(root, key), "rb") as f:
+        predicted = data.resize(data.decode_with_pil(f.read()), 24).numpy()
+      np.testing.assert_array_equal(image, predicted, err_msg=key)
+
   def test_corrupt_file_skipped_with_warning_or_strict_error(self):
     root = self.create_tempdir().full_path
     fake_data.write_image_dir(root, [4, 4])

@@ -136,7 +136,9 @@ class SmallHolesTest(parameterized.TestCase):
       self.assertEqual(report["num_test_examples"],
                        len(split_lib.keys_of(assignment, "test")) - expected["test"])
       strict = dataclasses.replace(config, data=dataclasses.replace(config.data, strict=True))
-      with self.assertRaisesRegex(UserError, "could not be decoded.*--strict"):
+      # --strict checks every image before training and names the bad ones.
+      with self.assertRaisesRegex(UserError, "could not be decoded: image_00001.jpg, "
+                                  "image_00009.jpg, image_00017.jpg and 3 more.*--strict"):
         train.train_and_evaluate(dataclasses.replace(strict, overwrite=True), workdir,
                                  data.load_tfds())
 
@@ -213,6 +215,15 @@ class RunIdentityTest(parameterized.TestCase):
     self.assertNotIn("\n", message)
     with open(os.path.join(workdir, artifacts.FLAGS)) as f:
       self.assertEqual(f.read(), flagfile)  # Still the run that is there.
+
+  def test_a_run_made_with_other_preprocessing_is_refused(self):
+    """A workdir whose images were decoded or resized another way (an older
+    flowers, say) is not resumed on the new pixels."""
+    workdir = self.trained_workdir()
+    from flowers import data  # pylint: disable=g-import-not-at-top
+    with mock.patch.object(data, "PREPROCESSING", "antialiased resize"):
+      with self.assertRaisesRegex(UserError, "preprocessing: .*-> antialiased resize"):
+        train.train_and_evaluate(self.config, workdir, self.source)
 
   def test_overwrite_starts_afresh_and_the_new_run_then_resumes(self):
     workdir = self.trained_workdir()
