@@ -276,6 +276,16 @@ def _clear_unfinished_file_cache(prefix: str) -> None:
       os.remove(os.path.join(folder, f))
 
 
+def _label_table(source: Source, keys: Sequence[str]) -> tf.lookup.StaticHashTable:
+  """key -> label for `keys`; -1 for any other key (an image to leave out)."""
+  label_of = source.label_of()
+  return tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(
+          tf.constant(list(keys) or [""], dtype=tf.string),
+          tf.constant([label_of[k] for k in keys] or [-1], tf.int32)),
+      default_value=-1)
+
+
 def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
                  batch_size: int | None = 32, shuffle: bool = False, seed: int = 0,
                  cache: str = "memory") -> tf.data.Dataset:
@@ -291,12 +301,7 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
     cache: "memory", a file path prefix (for when memory is short), or "none".
       Images are decoded and resized once; later epochs read the cache.
   """
-  label_of = source.label_of()
-  key_tensor = tf.constant(list(keys) or [""], dtype=tf.string)
-  table = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(
-          key_tensor, tf.constant([label_of[k] for k in keys] or [-1], tf.int32)),
-      default_value=-1)
+  table = _label_table(source, keys)
   decoder = source.decoder
 
   def with_label(key, data):
@@ -343,17 +348,14 @@ def undecodable(source: Source, keys: Sequence[str]) -> list[str]:
   The pipeline drops such images and the reports count them; this names them,
   for `--strict`.
   """
-  wanted = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(tf.constant(list(keys) or [""]),
-                                          tf.ones([max(len(keys), 1)], tf.int32)),
-      default_value=0)
+  table = _label_table(source, keys)
   decoder = source.decoder
 
   def decoded(key, data):
     image, ok = decode_image(data, decoder)
     return key, tf.logical_and(ok, tf.size(image) > 0)
 
-  ds = source.encoded().filter(lambda key, data: wanted.lookup(key) > 0)
+  ds = source.encoded().filter(lambda key, data: table.lookup(key) >= 0)
   ds = ds.map(decoded, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.ignore_errors().filter(lambda key, ok: ok)
   read = {key.decode() for key, _ in ds.as_numpy_iterator()}
