@@ -10,7 +10,7 @@ end of the last epoch, and its peak resident set size (read by the parent with
 `os.wait4`, which gives each child's own rusage):
 
 * ours: `flowers.data.load_tfds` + `flowers.data.make_dataset` over every
-  image (decode, antialiased resize to uint8, in-memory cache, seeded shuffle,
+  image (decode, MediaPipe-matched resize to uint8, in-memory cache, seeded shuffle,
   batch, prefetch), as training reads it. Augmentation runs inside the model,
   on the accelerator, so it is not part of the input pipeline.
 * reference: for every image `keras.utils.load_img(path, target_size=(224,

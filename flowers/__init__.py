@@ -30,6 +30,7 @@ _EXPORTS = {
     "build_model": "flowers.model",
     "unfreeze": "flowers.model",
     "Augmentation": "flowers.config",
+    "RandomGeometry": "flowers.augment",
     "load_splits": "flowers.data",
     "load_source": "flowers.data",
     "make_dataset": "flowers.data",

@@ -426,3 +426,23 @@ def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None
   }
   return Splits(datasets["train"], datasets["val"], datasets["test"],
                 source.class_names, assignment, source)
+
+
+def calibration_images(splits: Splits, count: int, seed: int,
+                       image_size: int) -> list[np.ndarray]:
+  """`count` un-augmented training images, a seeded random choice, in batches of 32.
+
+  The int8 export calibrates on them, and the int8-grid rounding measures its
+  bias correction on them (`model.round_kernels_to_int8_grid`).
+
+  Only the chosen images are decoded (the shuffled train dataset would decode
+  the whole split to fill its shuffle buffer).
+  """
+  keys = splits.keys(split_lib.SPLITS[0])
+  if not keys or count < 1:
+    return []
+  order = np.random.default_rng(seed).permutation(len(keys))[:count]
+  chosen = sorted(keys[i] for i in order)
+  dataset = make_dataset(splits.source, chosen, image_size=image_size, batch_size=32,
+                         cache="none")
+  return [images for images, _ in dataset.as_numpy_iterator()]

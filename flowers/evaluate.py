@@ -159,6 +159,8 @@ def load_predictor(path: str) -> tuple[Predictor, int]:
   if path.endswith(".keras"):
     import keras  # pylint: disable=g-import-not-at-top
 
+    from flowers import augment  # pylint: disable=g-import-not-at-top,unused-import  (its layer)
+
     try:
       model = keras.models.load_model(path)
     except Exception as e:  # pylint: disable=broad-except

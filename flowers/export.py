@@ -39,7 +39,6 @@ from flowers import data as data_lib
 from flowers import evaluate as evaluate_lib
 from flowers import model as model_lib
 from flowers import runs
-from flowers import split as split_lib
 from flowers import tflite_metadata
 from flowers.config import ExportOptions
 from flowers.config import IoDtype
@@ -163,23 +162,6 @@ def load_keras_model(path: str) -> keras.Model:
                     "is it a model saved by flowers?") from e
 
 
-def calibration_images(splits: data_lib.Splits, count: int, seed: int,
-                       image_size: int) -> list[np.ndarray]:
-  """`count` un-augmented training images, a seeded random choice.
-
-  Only the chosen images are decoded (the shuffled train dataset would decode
-  the whole split to fill its shuffle buffer).
-  """
-  keys = splits.keys(split_lib.SPLITS[0])
-  if not keys or count < 1:
-    return []
-  order = np.random.default_rng(seed).permutation(len(keys))[:count]
-  chosen = sorted(keys[i] for i in order)
-  dataset = data_lib.make_dataset(splits.source, chosen, image_size=image_size,
-                                  batch_size=32, cache="none")
-  return [images for images, _ in dataset.as_numpy_iterator()]
-
-
 def _details(interpreter) -> tuple[dict, dict]:
   inputs = interpreter.get_input_details()
   outputs = interpreter.get_output_details()
@@ -284,8 +266,8 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
   if not splits.keys("test"):
     raise UserError("The test split is empty, so the export cannot be verified; "
                     "check --split.")
-  calibration = (calibration_images(splits, options.calibration_examples, data.seed,
-                                    image_size) if options.is_int8 else None)
+  calibration = (data_lib.calibration_images(splits, options.calibration_examples, data.seed,
+                                             image_size) if options.is_int8 else None)
   tflite_model = tflite_metadata.add_metadata(
       convert(model, options, calibration),
       metadata_info(options, source.name, len(class_names), image_size), class_names)
@@ -311,8 +293,14 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
     report = compare(float_probs, tflite_probs, labels)
     report["num_skipped_images"] = {"test": evaluate_lib.count_skipped(
         "test", len(splits.keys("test")), len(labels), data.strict)}
+    if splits.keys("val"):  # Beside the test figure, the one choices are made on.
+      val_probs, val_labels = evaluate_lib.predict_dataset(
+          evaluate_lib.tflite_predictor(tmp), splits.val)
+      report["tflite_val_accuracy"] = float(np.mean(np.argmax(val_probs, -1) == val_labels))
     if options.is_int8:
       report["int8_test_accuracy"] = report["tflite_test_accuracy"]
+      if "tflite_val_accuracy" in report:
+        report["int8_val_accuracy"] = report["tflite_val_accuracy"]
     passed = report["accuracy_drop_points"] <= options.max_accuracy_drop + 1e-9
     report.update(interface)
     report.update({

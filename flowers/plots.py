@@ -437,7 +437,7 @@ def draw_augmented_samples(workdir: str, source: Source, config: RunConfig,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
-  from flowers import model as model_lib  # pylint: disable=g-import-not-at-top
+  from flowers import augment  # pylint: disable=g-import-not-at-top
 
   seed = config.data.seed
   manifest = os.path.join(workdir, artifacts.SPLITS)
@@ -456,7 +456,7 @@ def draw_augmented_samples(workdir: str, source: Source, config: RunConfig,
   pairs = list(dataset.as_numpy_iterator())
   images = tf.constant(np.stack([p[0] for p in pairs]), tf.float32)
   labels = [int(p[1]) for p in pairs]
-  for layer in model_lib.augmentation_layers(config.train.augmentation, seed):
+  for layer in augment.augmentation_layers(config.train.augmentation, seed):
     images = layer(images, training=True)
   images = np.clip(np.round(np.asarray(images)), 0, 255).astype(np.uint8)
   labels_path = os.path.join(workdir, artifacts.LABELS)

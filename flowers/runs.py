@@ -75,11 +75,12 @@ def versions() -> dict[str, str]:
 
 def fingerprint(config: config_lib.RunConfig, mode: str, *, source_name: str,
                 listing: str, splits_sha256: str, feature_cache: bool,
-                preprocessing: str = "") -> dict[str, Any]:
+                methods: dict[str, str] | None = None) -> dict[str, Any]:
   """Everything a run's results depend on, as JSON.
 
-  `preprocessing` names how pixels are decoded and resized (`data.PREPROCESSING`),
-  so a run is not resumed on images made another way.
+  `methods` names how the code makes what no setting names (`recipe()`): how
+  pixels are decoded and resized, how augmentation resamples, how kernels are
+  put on the int8 grid; so a run is not resumed on another recipe.
 
   A search (`mode="tune"`) leaves out the training values it searches; a
   training run leaves out the search.
@@ -94,7 +95,17 @@ def fingerprint(config: config_lib.RunConfig, mode: str, *, source_name: str,
   kept["train"]["weights"] = weights_identity(config.train.weights)
   return {"mode": mode, **kept,
           "source": {"name": source_name, "listing_sha256": listing},
-          "preprocessing": preprocessing, "splits_sha256": splits_sha256, "versions": versions()}
+          **(methods or {}), "splits_sha256": splits_sha256, "versions": versions()}
+
+
+def recipe() -> dict[str, str]:
+  """The code's fixed methods, by name: see `fingerprint`."""
+  from flowers import augment  # pylint: disable=g-import-not-at-top
+  from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
+  from flowers import model as model_lib  # pylint: disable=g-import-not-at-top
+
+  return {"preprocessing": data_lib.PREPROCESSING, "augmentation": augment.METHOD,
+          "int8_grid": model_lib.INT8_GRID_METHOD}
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -118,12 +129,10 @@ def begin(config: config_lib.RunConfig, workdir: str, mode: str, source: Any, *,
   """
   path = os.path.join(workdir, artifacts.RUN)
   splits_path = os.path.join(workdir, artifacts.SPLITS)
-  from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
-
   new = fingerprint(config, mode, source_name=source.name,
                     listing=listing_sha256(source.keys, source.labels),
                     splits_sha256=file_sha256(splits_path), feature_cache=feature_cache,
-                    preprocessing=data_lib.PREPROCESSING)
+                    methods=recipe())
   if os.path.exists(path) and not (config.overwrite and chief):
     changed = differences(artifacts.read_json(path), new)
     if changed:

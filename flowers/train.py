@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import keras
 import numpy as np
@@ -339,13 +339,25 @@ def new_model(config: RunConfig, num_classes: int, *, random_base: bool = False)
       augmentation=t.augmentation, alpha=t.alpha, seed=config.data.seed)
 
 
-def round_for_int8(model: keras.Model, config: TrainConfig) -> None:
-  """Puts the trained conv kernels on the int8 export's grid (see
-  `model.round_kernels_to_int8_grid`) unless `config.int8_grid_weights` is off."""
-  if not config.int8_grid_weights:
+def round_for_int8(model: keras.Model, config: RunConfig,
+                   calibration: Sequence[np.ndarray]) -> None:
+  """Puts the trained conv kernels on the int8 export's grid, bias-corrected on
+  `calibration` (uint8 batches; see `model.round_kernels_to_int8_grid`), unless
+  `config.train.int8_grid_weights` is off."""
+  if not config.train.int8_grid_weights:
     return
-  changed = model_lib.round_kernels_to_int8_grid(model)
-  logging.info("Rounded %d conv kernels to their per-channel int8 grid.", changed)
+  changed = model_lib.round_kernels_to_int8_grid(model, calibration)
+  logging.info("Rounded %d conv kernels to their per-channel int8 grid (bias corrected on "
+               "%d training images).", changed, sum(len(b) for b in calibration))
+
+
+def calibration_images(config: RunConfig, splits: data_lib.Splits) -> list[np.ndarray]:
+  """The training images the int8 rounding and export calibrate on (none when the
+  rounding is off)."""
+  if not config.train.int8_grid_weights:
+    return []
+  return data_lib.calibration_images(splits, config.export.calibration_examples,
+                                     config.data.seed, config.data.image_size)
 
 
 def save_model(model: keras.Model, path: str) -> None:
@@ -371,7 +383,11 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
   the run was, `extra`) go to `workdir`. `num_train_images`: how many training
   images the stages saw, when known. Returns the report.
   """
-  round_for_int8(model, config.train)
+  as_trained = None  # Val accuracy before the rounding, to show what it costs.
+  if config.train.int8_grid_weights and model_lib.kernels_off_int8_grid(model):
+    if splits.keys("val"):  # (A tuned model comes here rounded already.)
+      as_trained = evaluate_split(model, splits, "val")["val_accuracy"]
+    round_for_int8(model, config, calibration_images(config, splits))
   save_model(model, os.path.join(workdir, artifacts.MODEL))
   artifacts.write_labels(os.path.join(workdir, artifacts.LABELS), splits.class_names)
   artifacts.write_json(os.path.join(workdir, artifacts.HISTORY),
@@ -397,6 +413,8 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
       "feature_cache": uses_feature_cache(config.train),
       "config": config.to_json(),
   })
+  if as_trained is not None:
+    report["val_accuracy_before_int8_grid"] = as_trained
   report.update(extra)
   artifacts.write_json(os.path.join(workdir, artifacts.REPORT), report)
   return report

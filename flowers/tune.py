@@ -121,6 +121,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     self._base_weights: list[np.ndarray] | None = None
     self._template: keras.Model | None = None
     self._inputs: train_lib.Inputs | None = None
+    self._calibration: list[np.ndarray] | None = None
     self._executions: collections.Counter = collections.Counter()
     self._shipped: dict[str, dict[str, Any]] = {}  # Per trial: its best execution.
 
@@ -147,6 +148,12 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
           self.template(), self.splits, self.config, self.workdir,
           self.config.search.unfreeze_ratio_range[1])
     return self._inputs
+
+  def calibration(self) -> list[np.ndarray]:
+    """The training images every trial's int8 rounding is bias-corrected on, read once."""
+    if self._calibration is None:
+      self._calibration = train_lib.calibration_images(self.config, self.splits)
+    return self._calibration
 
   def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
     values = declare_hyperparameters(hp, self.config.search)
@@ -195,7 +202,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
         train_lib.fit_stages(
             model, inputs, config.train, run_dir, seed=config.data.seed + execution,
             run_stage1=not parent, stage2_epochs=epochs, initial_epoch=int(initial_epoch or 0))
-      train_lib.round_for_int8(model, config.train)
+      train_lib.round_for_int8(model, config, self.calibration())
       val_accuracy = train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"]
     shipped = self._shipped.get(trial_id)
     if shipped is None or val_accuracy > shipped["val_accuracy"]:

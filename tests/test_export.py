@@ -38,6 +38,7 @@ SEED = 42
 ANY_DROP = 100.0
 REPORT_KEYS = (
     "float_test_accuracy", "tflite_test_accuracy", "int8_test_accuracy", "top1_agreement",
+    "tflite_val_accuracy", "int8_val_accuracy",
     "size_bytes", "quantization", "io_dtype", "input_dtype", "input_shape", "output_dtype",
     "output_shape", "num_test_examples", "accuracy_drop_points", "path", "passed")
 
@@ -135,6 +136,8 @@ class ExportTest(WorkdirTestCase):
     self.assertEqual((report["quantization"], report["io_dtype"]), ("int8", "uint8"))
     self.assertEqual(report["input_shape"], [1, 32, 32, 3])
     self.assertEqual(report["int8_test_accuracy"], report["tflite_test_accuracy"])
+    self.assertEqual(report["int8_val_accuracy"], report["tflite_val_accuracy"])
+    self.assertBetween(report["int8_val_accuracy"], 0.0, 1.0)
     self.assertAlmostEqual(report["accuracy_drop_points"], 100 * (
         report["float_test_accuracy"] - report["tflite_test_accuracy"]), places=3)
     self.assertEqual(report["num_test_examples"], len(self.splits.keys("test")))
@@ -148,7 +151,7 @@ class ExportTest(WorkdirTestCase):
   def test_int8_io_dtype_gives_int8_input_and_output(self):
     options = ExportOptions(io_dtype="int8")
     path = os.path.join(self.create_tempdir().full_path, "model.tflite")
-    calibration = export.calibration_images(self.splits, 300, SEED, self.image_size)
+    calibration = data.calibration_images(self.splits, 300, SEED, self.image_size)
     with open(path, "wb") as f:
       f.write(export.convert(self.model, options, calibration))
     details = export.check_interface(path, 32, len(self.splits.class_names), options)
@@ -274,7 +277,7 @@ class FidelityTest(WorkdirTestCase):
     options = ExportOptions(io_dtype="int8")
     path = os.path.join(self.create_tempdir().full_path, "model_int8.tflite")
     with open(path, "wb") as f:
-      f.write(export.convert(self.model, options, export.calibration_images(
+      f.write(export.convert(self.model, options, data.calibration_images(
           self.splits, 300, SEED, self.image_size)))
     inp, _ = interface(path)
     self.assertEqual(inp["dtype"], np.int8)
