@@ -109,12 +109,14 @@ class KillAndResumeTest(parameterized.TestCase):
 
   @parameterized.parameters("on", "off")
   def test_kill_in_stage_2_then_resume(self, feature_cache):
+    fine_tune_epochs = 12  # Enough that the kill lands midway.
     root = self.create_tempdir().full_path
     image_dir = os.path.join(root, "images")
     fake_data.write_image_dir(image_dir, [8, 8, 8], size=40)
     workdir = os.path.join(root, "run")
     args = [f"--flagfile={SMOKE}", f"--image_dir={image_dir}", f"--workdir={workdir}",
-            "--mode=train", "--fine_tune_epochs=40", f"--feature_cache={feature_cache}",
+            "--mode=train", f"--fine_tune_epochs={fine_tune_epochs}",
+            f"--feature_cache={feature_cache}",
             "--noplots"]
     history = os.path.join(workdir, "history_stage2.csv")
 
@@ -136,7 +138,8 @@ class KillAndResumeTest(parameterized.TestCase):
       proc.wait()
     before = epochs()
     self.assertGreaterEqual(len(before), 2)
-    self.assertLess(before[-1], 39, "finished before the kill; the test needs more epochs")
+    self.assertLess(before[-1], fine_tune_epochs - 1,
+                    "finished before the kill; the test needs more epochs")
     with open(os.path.join(workdir, "history_stage1.csv")) as f:
       stage1 = f.read()
 
@@ -144,7 +147,7 @@ class KillAndResumeTest(parameterized.TestCase):
     after = epochs()[len(before):]
     # The rerun starts at the epoch after the last logged one (or redoes that one).
     self.assertIn(after[0], (before[-1], before[-1] + 1), (before, after))
-    self.assertEqual(sorted(set(before + after)), list(range(40)))
+    self.assertEqual(sorted(set(before + after)), list(range(fine_tune_epochs)))
     with open(os.path.join(workdir, "history_stage1.csv")) as f:
       self.assertEqual(f.read(), stage1)  # Stage 1 was not run again.
     self.assertTrue(os.path.exists(os.path.join(workdir, "model.keras")))

@@ -1,4 +1,7 @@
-"""The KerasTuner search: its space, trials, resumption, strategies and workers.
+"""The KerasTuner search in this process: its space, trials and resumption.
+
+Strategies and distributed workers, which need processes of their own, are in
+test_tune_workers.py.
 
 Searches run on mock TFDS data (4 classes, 32 px, random weights, one epoch per
 stage), so trials take seconds and the accuracies mean nothing.
@@ -8,9 +11,6 @@ import csv
 import dataclasses
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import keras
 import keras_tuner
@@ -25,10 +25,6 @@ from flowers import data
 from flowers import train
 from flowers import tune
 from flowers.errors import UserError
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
-
 
 def search(workdir, config=None, overwrite=False, **search_settings):
   """A search on the mock data, in this process; `search_settings` override SearchConfig."""
@@ -180,6 +176,22 @@ def test_a_trial_is_the_train_job_with_its_hyperparameters(tmp_path, feature_cac
             for folder in ("train", "tune")]
   for a, b in zip(*(m.get_weights() for m in models)):
     np.testing.assert_array_equal(a, b)
+  if feature_cache == "on":
+    return
+  # The plain path trains the full model: no cache, no stage-1 file at the top.
+  assert tuned["feature_cache"] is False
+  assert not os.path.exists(tmp_path / "tune" / "cache")
+  assert not os.path.exists(tmp_path / "tune" / artifacts.STAGE1_WEIGHTS)
+  # The finished search again, its best weights gone (as on a chief whose
+  # workers wrote to their own disks): no new trial, the best one retrained,
+  # to the same weights.
+  os.remove(trial_file(tmp_path / "tune", "0", artifacts.TRIAL_WEIGHTS))
+  with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
+    again = tune.run_search(config, str(tmp_path / "tune"), data.load_tfds())
+  assert again["num_trials"] == 1 and again["best_hparams"] == tuned["best_hparams"]
+  assert os.path.exists(tmp_path / "tune" / artifacts.TUNER_DIR / "best_retrained" /
+                        artifacts.TRIAL_WEIGHTS)
+  assert again["val_accuracy"] == tuned["val_accuracy"]
 
 
 @pytest.mark.parametrize("schedule, factor", [("constant", 1.0), ("cosine", 0.0)])
@@ -224,86 +236,3 @@ def test_hyperband_continues_the_best_trial_from_its_weights(tmp_path):
     assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
   with open(trial_file(tmp_path, "3", "history_stage1.csv")) as f:
     assert len(list(csv.DictReader(f))) == 1  # Copied from the parent, not rerun.
-
-
-@pytest.mark.slow
-def test_plain_path_trains_the_full_model(tmp_path):
-  config = tune_worker.small_config(feature_cache="off",
-                                    search={"unfreeze_ratio_range": (0.1, 0.1)})
-  report = search(tmp_path, config=config)
-  assert report["feature_cache"] is False and report["num_trials"] == 1
-  assert not os.path.exists(os.path.join(tmp_path, "cache"))
-  history = read_json(tmp_path, "history.json")
-  assert history["stage1"] and history["stage2"]
-  assert not os.path.exists(os.path.join(tmp_path, artifacts.STAGE1_WEIGHTS))
-
-  # The finished search again, its best weights gone (as on a chief whose
-  # workers wrote to their own disks): no new trial, the best one retrained.
-  os.remove(trial_file(tmp_path, "0", artifacts.TRIAL_WEIGHTS))
-  again = search(tmp_path, config=config)
-  assert again["num_trials"] == 1 and again["best_hparams"] == report["best_hparams"]
-  assert os.path.exists(os.path.join(tmp_path, artifacts.TUNER_DIR, "best_retrained",
-                                     artifacts.TRIAL_WEIGHTS))
-
-
-def run_workers(options_list, envs, timeout=420):
-  """Starts tune_worker.py processes; returns their RESULT summaries."""
-  procs = []
-  for options, env in zip(options_list, envs):
-    procs.append(subprocess.Popen(
-        [sys.executable, os.path.join(TESTS, "tune_worker.py"), json.dumps(options)],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, cwd=REPO))
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=timeout)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-  results = []
-  for proc, out in zip(procs, outputs):
-    assert proc.returncode == 0, out[-5000:]
-    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
-    results.append(json.loads(line[len("RESULT "):]))
-  return results
-
-
-@pytest.mark.slow
-def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
-  [result] = run_workers([{"workdir": str(tmp_path), "max_trials": 1,
-                           "distribution_strategy": "mirrored", "logical_cpus": 2}], [{}])
-  assert result["replicas"] == 2
-  assert result["is_chief"] and result["num_trials"] == 1
-  assert os.path.exists(os.path.join(tmp_path, "model.keras"))
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_distributed_search_shares_trials_between_workers(tmp_path):
-  workdir = str(tmp_path / "work")
-  oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
-  common = {"workdir": workdir, "max_trials": 2, "chief_poll_s": 1}
-  barrier = [str(tmp_path / "barrier"), 2]
-  chief, *workers = run_workers(
-      [common, {**common, "barrier": barrier}, {**common, "barrier": barrier}],
-      [{**oracle, "KERASTUNER_TUNER_ID": "chief"},
-       {**oracle, "KERASTUNER_TUNER_ID": "tuner0"},
-       {**oracle, "KERASTUNER_TUNER_ID": "tuner1"}])
-  assert chief["is_chief"] and chief["distributed"] and chief["num_trials"] == 2
-  assert [w["is_chief"] for w in workers] == [False, False]
-  assert [w["tuner_id"] for w in workers] == ["tuner0", "tuner1"]
-  # Both workers asked at once (the barrier): each ran one of the two trials.
-  ran = [w["trials_run"] for w in workers]
-  assert sorted(ran) == [["0"], ["1"]], ran
-  rows = read_trials(workdir)
-  assert len(rows) == 2 and {r["tuner_id"] for r in rows} == {"tuner0", "tuner1"}
-  for name in ("model.keras", "report.json", "best_hparams.json", "labels.txt"):
-    assert os.path.exists(os.path.join(workdir, name)), name

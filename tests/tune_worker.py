@@ -1,6 +1,6 @@
 r"""Runs `flowers.tune.run_search` on mock data in a process of its own.
 
-`test_tune.py` starts it for what needs a fresh process: logical CPU devices
+`test_tune_workers.py` starts it for what needs a fresh process: logical CPU devices
 (set before TensorFlow starts) and distributed tuning (a chief and workers).
 
     python tests/tune_worker.py '{"workdir": "/tmp/w", "max_trials": 2}'

@@ -1,0 +1,87 @@
+"""KerasTuner searches in processes of their own (tests/tune_worker.py).
+
+Logical CPU devices must be set before TensorFlow starts, and a distributed
+search needs a chief and workers: each runs `tune.run_search` on the mock data.
+"""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from flowers import artifacts
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
+def read_trials(workdir):
+  with open(os.path.join(workdir, artifacts.TRIALS), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def run_workers(options_list, envs, timeout=420):
+  """Starts tune_worker.py processes; returns their RESULT summaries."""
+  procs = []
+  for options, env in zip(options_list, envs):
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(TESTS, "tune_worker.py"), json.dumps(options)],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, cwd=REPO))
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=timeout)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+  results = []
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0, out[-5000:]
+    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
+    results.append(json.loads(line[len("RESULT "):]))
+  return results
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+  [result] = run_workers([{"workdir": str(tmp_path), "max_trials": 1,
+                           "distribution_strategy": "mirrored", "logical_cpus": 2}], [{}])
+  assert result["replicas"] == 2
+  assert result["is_chief"] and result["num_trials"] == 1
+  assert os.path.exists(os.path.join(tmp_path, "model.keras"))
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_search_shares_trials_between_workers(tmp_path):
+  workdir = str(tmp_path / "work")
+  oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
+  common = {"workdir": workdir, "max_trials": 2, "chief_poll_s": 1}
+  barrier = [str(tmp_path / "barrier"), 2]
+  chief, *workers = run_workers(
+      [common, {**common, "barrier": barrier}, {**common, "barrier": barrier}],
+      [{**oracle, "KERASTUNER_TUNER_ID": "chief"},
+       {**oracle, "KERASTUNER_TUNER_ID": "tuner0"},
+       {**oracle, "KERASTUNER_TUNER_ID": "tuner1"}])
+  assert chief["is_chief"] and chief["distributed"] and chief["num_trials"] == 2
+  assert [w["is_chief"] for w in workers] == [False, False]
+  assert [w["tuner_id"] for w in workers] == ["tuner0", "tuner1"]
+  # Both workers asked at once (the barrier): each ran one of the two trials.
+  ran = [w["trials_run"] for w in workers]
+  assert sorted(ran) == [["0"], ["1"]], ran
+  rows = read_trials(workdir)
+  assert len(rows) == 2 and {r["tuner_id"] for r in rows} == {"tuner0", "tuner1"}
+  for name in ("model.keras", "report.json", "best_hparams.json", "labels.txt"):
+    assert os.path.exists(os.path.join(workdir, name)), name
