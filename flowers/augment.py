@@ -7,8 +7,8 @@ Chaining Keras's RandomFlip, RandomRotation, RandomZoom and RandomTranslation
 resamples every image three times (bilinear, with reflection at the borders)
 and blurs it a little each time. `RandomGeometry` draws the same four random
 transforms, from the same distributions, composes them into one matrix and
-resamples once: about 3x less work in the prefix-cache pass and on the
-accelerator, and a sharper image (benchmarks/augment.py measures both).
+resamples once: a sharper image, and less than half the work (7.62 -> 3.24 ms
+per 224 px image on a 2-core CPU; benchmarks/augment.py).
 """
 
 from __future__ import annotations
