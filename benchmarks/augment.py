@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> None:
   count = args.batches * args.batch_size
   print(f"{count} images of {args.image_size} px per round, best of {args.rounds} rounds; "
         f"prefix up to base layer {cut} ({base.layers[cut].name})")
+  base_ms = 1000 * best["chained", "augment"] / count
+  base_rate = count / best["chained", "prefix pass"]
   for name in steps:
     augment_ms = 1000 * best[name, "augment"] / count
     rate = count / best[name, "prefix pass"]
-    base_ms = 1000 * best["chained", "augment"] / count
-    base_rate = count / best["chained", "prefix pass"]
     print(f"{name:8s} augment {augment_ms:6.2f} ms/image (ratio {augment_ms / base_ms:.2f})   "
           f"prefix pass {rate:6.1f} images/s (ratio {rate / base_rate:.2f})")
 

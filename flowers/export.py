@@ -285,8 +285,8 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
                          f"{len(class_names)} written: a bug in flowers.tflite_metadata.")
     float_probs, labels = evaluate_lib.predict_dataset(
         evaluate_lib.keras_predictor(model), splits.test)
-    tflite_probs, tflite_labels = evaluate_lib.predict_dataset(
-        evaluate_lib.tflite_predictor(tmp), splits.test)
+    tflite = evaluate_lib.tflite_predictor(tmp)
+    tflite_probs, tflite_labels = evaluate_lib.predict_dataset(tflite, splits.test)
     if not np.array_equal(labels, tflite_labels):
       raise UserError("The test split changed between the two passes; is the "
                       "data folder being written to?")
@@ -294,8 +294,7 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
     report["num_skipped_images"] = {"test": evaluate_lib.count_skipped(
         "test", len(splits.keys("test")), len(labels), data.strict)}
     if splits.keys("val"):  # Beside the test figure, the one choices are made on.
-      val_probs, val_labels = evaluate_lib.predict_dataset(
-          evaluate_lib.tflite_predictor(tmp), splits.val)
+      val_probs, val_labels = evaluate_lib.predict_dataset(tflite, splits.val)
       report["tflite_val_accuracy"] = float(np.mean(np.argmax(val_probs, -1) == val_labels))
     if options.is_int8:
       report["int8_test_accuracy"] = report["tflite_test_accuracy"]
