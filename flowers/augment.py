@@ -37,21 +37,31 @@ class RandomGeometry(keras.layers.Layer):
   matrix; points that land outside the image are reflected back in, bilinear
   sampling. Active only when training; at inference the input passes through.
 
+  With `crop_area` > 0 an Inception-style random resized crop comes first: a
+  rectangle of U(crop_area, 1) of the image's area and aspect ratio
+  exp(U(log 3/4, log 4/3)) (each side at most the image's), placed uniformly
+  inside the image and stretched to the full output; the four transforms
+  above then act on the crop. Its draws come after the others, so settings
+  without a crop draw exactly what they drew before it existed.
+
   Attributes:
     flip: random horizontal flips.
     rotation: largest rotation, degrees.
     zoom: largest zoom, as a fraction of the side.
     translation: largest shift, as a fraction of the side.
+    crop_area: smallest random-crop area, as a fraction of the image (0: none).
     seed: seed of the random draws (None: unseeded).
   """
 
   def __init__(self, flip: bool = True, rotation: float = 0.0, zoom: float = 0.0,
-               translation: float = 0.0, seed: int | None = None, **kwargs: Any):
+               translation: float = 0.0, seed: int | None = None,
+               crop_area: float = 0.0, **kwargs: Any):
     super().__init__(**kwargs)
     self.flip = flip
     self.rotation = rotation
     self.zoom = zoom
     self.translation = translation
+    self.crop_area = crop_area
     self.seed = seed
     self.seed_generator = keras.random.SeedGenerator(seed)
     self.supports_masking = True
@@ -69,19 +79,42 @@ class RandomGeometry(keras.layers.Layer):
     u = keras.random.uniform((batch, 5), seed=self.seed_generator)
     symmetric = lambda column, limit: (2.0 * u[:, column] - 1.0) * limit
     flipped = u[:, 0] <= 0.5 if self.flip else keras.ops.zeros((batch,), "bool")
-    return compose_transforms(
+    matrices = compose_transforms(
         flipped=flipped, degrees=symmetric(1, self.rotation),
         scale=1.0 + symmetric(2, self.zoom),
         shift_x=symmetric(3, self.translation) * keras.ops.cast(width, "float32"),
         shift_y=symmetric(4, self.translation) * keras.ops.cast(height, "float32"),
         height=height, width=width)
+    if not self.crop_area:
+      return matrices
+    crops = self.sample_crops(batch, height, width)
+    return compose_affine(crops, matrices)
+
+  def sample_crops(self, batch, height, width) -> Any:
+    """Random resized crops as output -> input matrices ([batch, 8]).
+
+    Reading the image at (x0 + sx * x, y0 + sy * y) for output pixel (x, y)
+    shows the rectangle of width sx * (width - 1) from x0 (likewise y).
+    """
+    ops = keras.ops
+    u = keras.random.uniform((batch, 4), seed=self.seed_generator)
+    area = self.crop_area + (1.0 - self.crop_area) * u[:, 0]
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+    ratio = ops.exp(log_ratio)  # Crop width / height, as fractions of the image's.
+    sx = ops.minimum(ops.sqrt(area * ratio), 1.0)
+    sy = ops.minimum(ops.sqrt(area / ratio), 1.0)
+    w, h = ops.cast(width, "float32") - 1.0, ops.cast(height, "float32") - 1.0
+    x0, y0 = u[:, 2] * (1.0 - sx) * w, u[:, 3] * (1.0 - sy) * h
+    zero = ops.zeros_like(sx)
+    return ops.stack([sx, zero, x0, zero, sy, y0, zero, zero], axis=-1)
 
   def compute_output_shape(self, input_shape):
     return input_shape
 
   def get_config(self) -> dict[str, Any]:
     return {**super().get_config(), "flip": self.flip, "rotation": self.rotation,
-            "zoom": self.zoom, "translation": self.translation, "seed": self.seed}
+            "zoom": self.zoom, "translation": self.translation, "seed": self.seed,
+            "crop_area": self.crop_area}
 
 
 def compose_transforms(flipped, degrees, scale, shift_x, shift_y, height, width) -> Any:
@@ -114,14 +147,26 @@ def compose_transforms(flipped, degrees, scale, shift_x, shift_y, height, width)
   return ops.reshape(matrix, (-1, 9))[:, :8]
 
 
+def compose_affine(first, then) -> Any:
+  """Output -> input maps `first`(`then`(p)) for [batch, 8] affine matrices.
+
+  `then` is the later transform of the image (read first from the output), so
+  the image seen is the one `first` produces, transformed by `then`.
+  """
+  ops = keras.ops
+  def square(m):
+    return ops.reshape(ops.concatenate([m, ops.ones_like(m[:, :1])], axis=-1), (-1, 3, 3))
+  return ops.reshape(ops.matmul(square(first), square(then)), (-1, 9))[:, :8]
+
+
 def augmentation_layers(augmentation: Augmentation,
                         seed: int | None = None) -> list[keras.layers.Layer]:
   """The layers that apply `augmentation`, seeded: geometry once, then contrast."""
   a = augmentation
   layers: list[keras.layers.Layer] = []
-  if a.flip or a.rotation or a.zoom or a.translation:
+  if a.flip or a.rotation or a.zoom or a.translation or a.crop_area:
     layers.append(RandomGeometry(a.flip, a.rotation, a.zoom, a.translation, seed=seed,
-                                 name="random_geometry"))
+                                 crop_area=a.crop_area, name="random_geometry"))
   if a.contrast:
     layers.append(keras.layers.RandomContrast(
         a.contrast, value_range=(0, 255), seed=None if seed is None else seed + 4,

@@ -169,6 +169,9 @@ class Augmentation:
     zoom: largest random zoom, as a fraction of the side.
     translation: largest random shift, as a fraction of the side.
     contrast: random contrast factor.
+    crop_area: smallest area of an Inception-style random resized crop, as a
+      fraction of the image (aspect ratio 3/4 to 4/3), drawn before the other
+      transforms; 0 crops nothing.
   """
 
   flip: bool = True
@@ -176,13 +179,16 @@ class Augmentation:
   zoom: float = 0.2
   translation: float = 0.2
   contrast: float = 0.1
+  crop_area: float = 0.0
 
   def __post_init__(self):
-    for name in ("rotation", "zoom", "translation", "contrast"):
+    for name in ("rotation", "zoom", "translation", "contrast", "crop_area"):
       value = getattr(self, name)
       _require(math.isfinite(value) and value >= 0, f"--{name}={value} must be >= 0.")
     _require(self.zoom < 1 and self.contrast < 1 and self.translation < 1,
              "--zoom, --translation and --contrast must be below 1.")
+    _require(self.crop_area <= 1, f"--crop_area={self.crop_area} must be at most 1 "
+             "(a fraction of the image's area; 0 crops nothing).")
 
 
 @dataclasses.dataclass(frozen=True)

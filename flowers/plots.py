@@ -472,7 +472,8 @@ def _augmentation_title(config: RunConfig) -> str:
   parts = (["flip"] if a.flip else []) + [
       f"{name} {value:g}" for name, value in (
           ("rotation", a.rotation), ("zoom", a.zoom),
-          ("shift", a.translation), ("contrast", a.contrast)) if value]
+          ("shift", a.translation), ("contrast", a.contrast),
+          ("crop area >=", a.crop_area)) if value]
   return (f"Augmented training samples ({', '.join(parts) or 'none'}; "
           f"seed {config.data.seed}, {config.data.image_size} px)")
 

@@ -111,6 +111,49 @@ class RandomGeometryTest(parameterized.TestCase):
     self.assertBetween(flipped.mean(), 0.45, 0.55)
     self.assertBetween(np.abs(degrees).mean(), 9.0, 11.0)  # Uniform: mean |angle| 10.
 
+  def test_crops_lie_inside_the_image_with_the_configured_area_and_aspect(self):
+    layer = augment.RandomGeometry(flip=False, crop_area=0.3, seed=4)
+    matrices = np.asarray(layer.sample_matrices((4000, SIZE, SIZE, 3)))
+    sx, x0, sy, y0 = matrices[:, 0], matrices[:, 2], matrices[:, 4], matrices[:, 5]
+    np.testing.assert_allclose(matrices[:, [1, 3, 6, 7]], 0.0, atol=1e-6)
+    area, ratio = sx * sy, sx / sy
+    self.assertBetween(area.min(), 0.3 - 1e-4, 0.32)
+    self.assertBetween(area.max(), 0.98, 1.0 + 1e-4)
+    self.assertBetween(ratio.min(), 0.75 - 1e-3, 0.77)
+    self.assertBetween(ratio.max(), 1.31, 4 / 3 + 1e-3)
+    for start, scale in ((x0, sx), (y0, sy)):  # The crop's far edge stays inside.
+      self.assertGreaterEqual(start.min(), 0.0)
+      self.assertLessEqual((start + scale * (SIZE - 1)).max(), SIZE - 1 + 1e-3)
+
+  def test_a_crop_stretches_its_rectangle_over_the_output(self):
+    ramp = np.broadcast_to(np.arange(SIZE, dtype=np.float32)[None, None, :, None],
+                           (8, SIZE, SIZE, 3)).copy()  # Pixel value = its x.
+    layer = augment.RandomGeometry(flip=False, crop_area=0.25, seed=2)
+    rows = np.asarray(layer(ramp, training=True))[:, SIZE // 2, :, 0]
+    slopes, starts = rows[:, 1] - rows[:, 0], rows[:, 0]
+    # Width fraction sqrt(area * aspect) >= sqrt(0.25 * 3/4); a row reads x0 + slope * x.
+    self.assertTrue(np.all(slopes <= 1.0 + 1e-4) and np.all(slopes >= 0.433), slopes)
+    self.assertLess(slopes.min(), 0.9)
+    np.testing.assert_allclose(rows, starts[:, None] + slopes[:, None] * np.arange(SIZE),
+                               atol=1e-2)
+
+  def test_without_a_crop_the_draws_are_unchanged(self):
+    shape = (16, SIZE, SIZE, 3)
+    plain = augment.RandomGeometry(rotation=20, zoom=0.2, translation=0.2, seed=6)
+    cropped = augment.RandomGeometry(rotation=20, zoom=0.2, translation=0.2, seed=6,
+                                     crop_area=0.5)
+    reference = augment.RandomGeometry(rotation=20, zoom=0.2, translation=0.2, seed=6)
+    expected = np.asarray(plain.sample_matrices(shape))
+    np.testing.assert_array_equal(np.asarray(reference.sample_matrices(shape)), expected)
+    # The crop's draws follow the others: its matrix is the crop, then the same map.
+    with_crop = np.asarray(cropped.sample_matrices(shape))
+    square = lambda m: np.concatenate([m, np.ones((len(m), 1), m.dtype)], -1).reshape(-1, 3, 3)
+    crops = np.linalg.solve(square(expected).transpose(0, 2, 1),
+                            square(with_crop).transpose(0, 2, 1)).transpose(0, 2, 1)
+    np.testing.assert_allclose(crops[:, 0, 1], 0.0, atol=1e-4)  # Axis-aligned rectangles.
+    np.testing.assert_allclose(crops[:, 1, 0], 0.0, atol=1e-4)
+    self.assertTrue(np.all(crops[:, 0, 0] * crops[:, 1, 1] >= 0.5 - 1e-3))
+
   def test_inference_passes_the_image_through(self):
     images = smooth_images(2)
     layer = augment.RandomGeometry(rotation=20, zoom=0.2, translation=0.2, seed=1)

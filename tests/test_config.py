@@ -80,6 +80,7 @@ def test_bad_search_ranges_are_one_line_errors(field, value, flag, why):
      "--fine_tune_learning_rate=0.0"),
     (lambda: config_lib.TrainConfig(verbose=3), "--verbose=3"),
     (lambda: config_lib.Augmentation(zoom=-0.1), "--zoom=-0.1"),
+    (lambda: config_lib.Augmentation(crop_area=1.5), "--crop_area=1.5"),
     (lambda: config_lib.SearchConfig(tuner="grid"), "--tuner=grid"),
     (lambda: config_lib.SearchConfig(max_trials=0), "--max_trials=0"),
     (lambda: config_lib.ExportOptions(max_accuracy_drop=-1), "--max_accuracy_drop=-1"),

@@ -214,6 +214,7 @@ NON_DEFAULTS = {
     "weights": ("/w.h5", "/w.h5"), "alpha": ("0.5", 0.5), "dropout": ("0.3", 0.3),
     "augment": ("false", False), "flip": ("false", False), "rotation": ("10", 10.0),
     "zoom": ("0.1", 0.1), "translation": ("0.05", 0.05), "contrast": ("0.05", 0.05),
+    "crop_area": ("0.3", 0.3),
     "unfreeze_ratio": ("0.3", 0.3), "optimizer": ("adam", "adam"),
     "learning_rate": ("0.01", 0.01), "fine_tune_learning_rate": ("1e-4", 1e-4),
     "epochs": ("3", 3), "fine_tune_epochs": ("4", 4), "label_smoothing": ("0.1", 0.1),
