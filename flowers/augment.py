@@ -1,7 +1,7 @@
 """Training-time augmentation: Keras layers that run inside the model.
 
-    float pixels -> RandomGeometry (flip, rotation, zoom, translation: one
-      resampling) -> RandomContrast
+    float pixels -> RandomGeometry (random resized crop, flip, rotation, zoom,
+      translation: one resampling) -> RandomContrast
 
 Chaining Keras's RandomFlip, RandomRotation, RandomZoom and RandomTranslation
 resamples every image three times (bilinear, with reflection at the borders)
