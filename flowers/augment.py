@@ -178,7 +178,8 @@ def chained_augmentation_layers(augmentation: Augmentation,
                                 seed: int | None = None) -> list[keras.layers.Layer]:
   """Keras's own layers, one resampling each: the baseline `RandomGeometry` replaces.
 
-  Kept for benchmarks/augment.py and the test that compares the two.
+  Kept for benchmarks/augment.py and the test that compares the two; it draws
+  no random resized crop (`crop_area` is RandomGeometry's alone).
   """
   def layer_seed(i: int) -> int | None:
     return None if seed is None else seed + i
