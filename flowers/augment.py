@@ -79,19 +79,15 @@ class RandomGeometry(keras.layers.Layer):
     u = keras.random.uniform((batch, 5), seed=self.seed_generator)
     symmetric = lambda column, limit: (2.0 * u[:, column] - 1.0) * limit
     flipped = u[:, 0] <= 0.5 if self.flip else keras.ops.zeros((batch,), "bool")
-    matrices = compose_transforms(
+    return compose_transforms(
         flipped=flipped, degrees=symmetric(1, self.rotation),
         scale=1.0 + symmetric(2, self.zoom),
         shift_x=symmetric(3, self.translation) * keras.ops.cast(width, "float32"),
         shift_y=symmetric(4, self.translation) * keras.ops.cast(height, "float32"),
-        height=height, width=width)
-    if not self.crop_area:
-      return matrices
-    crops = self.sample_crops(batch, height, width)
-    return compose_affine(crops, matrices)
-
+        height=height, width=width,
+        crop=self.sample_crops(batch, height, width) if self.crop_area else None)
   def sample_crops(self, batch, height, width) -> Any:
-    """Random resized crops as output -> input matrices ([batch, 8]).
+    """Random resized crops as (sx, sy, x0, y0), one of each per image.
 
     Reading the image at (x0 + sx * x, y0 + sy * y) for output pixel (x, y)
     shows the rectangle of width sx * (width - 1) from x0 (likewise y).
@@ -105,8 +101,7 @@ class RandomGeometry(keras.layers.Layer):
     sy = ops.minimum(ops.sqrt(area / ratio), 1.0)
     w, h = ops.cast(width, "float32") - 1.0, ops.cast(height, "float32") - 1.0
     x0, y0 = u[:, 2] * (1.0 - sx) * w, u[:, 3] * (1.0 - sy) * h
-    zero = ops.zeros_like(sx)
-    return ops.stack([sx, zero, x0, zero, sy, y0, zero, zero], axis=-1)
+    return sx, sy, x0, y0
 
   def compute_output_shape(self, input_shape):
     return input_shape
@@ -117,7 +112,8 @@ class RandomGeometry(keras.layers.Layer):
             "crop_area": self.crop_area}
 
 
-def compose_transforms(flipped, degrees, scale, shift_x, shift_y, height, width) -> Any:
+def compose_transforms(flipped, degrees, scale, shift_x, shift_y, height, width,
+                       crop=None) -> Any:
   """One output -> input matrix per image ([batch, 8], `affine_transform`'s form).
 
   The same maps as Keras's layers, applied in their order: RandomFlip mirrors
@@ -125,6 +121,7 @@ def compose_transforms(flipped, degrees, scale, shift_x, shift_y, height, width)
   `scale` about the centre (> 1 shows more of the image), RandomTranslation
   shifts by (`shift_x`, `shift_y`) pixels. A layer reads its input at M(p) for
   each output point p, so the chain reads the original image at F R Z T (p).
+  A `crop` (sx, sy, x0, y0) is cut from the image before them all: C F R Z T (p).
   """
   ops = keras.ops
   flipped = ops.cast(flipped, "float32")
@@ -144,19 +141,10 @@ def compose_transforms(flipped, degrees, scale, shift_x, shift_y, height, width)
   zoom = affine(scale, zero, cx * (1.0 - scale), zero, scale, cy * (1.0 - scale))
   shift = affine(one, zero, -shift_x, zero, one, -shift_y)
   matrix = ops.matmul(ops.matmul(ops.matmul(flip, rotate), zoom), shift)
+  if crop is not None:
+    sx, sy, x0, y0 = crop
+    matrix = ops.matmul(affine(sx, zero, x0, zero, sy, y0), matrix)
   return ops.reshape(matrix, (-1, 9))[:, :8]
-
-
-def compose_affine(first, then) -> Any:
-  """Output -> input maps `first`(`then`(p)) for [batch, 8] affine matrices.
-
-  `then` is the later transform of the image (read first from the output), so
-  the image seen is the one `first` produces, transformed by `then`.
-  """
-  ops = keras.ops
-  def square(m):
-    return ops.reshape(ops.concatenate([m, ops.ones_like(m[:, :1])], axis=-1), (-1, 3, 3))
-  return ops.reshape(ops.matmul(square(first), square(then)), (-1, 9))[:, :8]
 
 
 def augmentation_layers(augmentation: Augmentation,
