@@ -293,6 +293,10 @@ class SearchConfig:
     dropout_range: min,max dropout (min == max fixes it).
     unfreeze_ratio_range: min,max unfreeze ratio.
     fine_tune_learning_rate_range: min,max stage 2 learning rate (log scale).
+    median_stop_epoch: from this stage 2 epoch on, stop a trial whose best val
+      accuracy so far is below the median of the finished trials' at the same
+      epoch (the median stopping rule; needs 2 finished trials, not used by
+      hyperband); 0 runs every trial in full.
     export: export the best model to TFLite after the search.
   """
 
@@ -302,6 +306,7 @@ class SearchConfig:
   dropout_range: tuple[float, float] = (0.0, 0.5)
   unfreeze_ratio_range: tuple[float, float] = (0.0, 0.5)
   fine_tune_learning_rate_range: tuple[float, float] = (1e-5, 1e-3)
+  median_stop_epoch: int = 4
   export: bool = True
 
   def __post_init__(self):
@@ -309,6 +314,9 @@ class SearchConfig:
     _require(self.max_trials >= 1, f"--max_trials={self.max_trials} must be >= 1.")
     _require(self.executions_per_trial >= 1,
              f"--executions_per_trial={self.executions_per_trial} must be >= 1.")
+    _require(self.median_stop_epoch >= 0,
+             f"--median_stop_epoch={self.median_stop_epoch} must be >= 0 (0 turns the "
+             "median stopping rule off).")
     for name in HPARAMS:
       _set(self, f"{name}_range", _check_range(name, getattr(self, f"{name}_range")))
 

@@ -273,7 +273,8 @@ def make_inputs(model: keras.Model, splits: data_lib.Splits, config: RunConfig,
 
 def fit_stages(model: keras.Model, inputs: Inputs, config: TrainConfig, run_dir: str, *,
                seed: int, run_stage1: bool = True, stage2_epochs: int | None = None,
-               initial_epoch: int = 0) -> Stage:
+               initial_epoch: int = 0,
+               stage2_callbacks: Sequence[keras.callbacks.Callback] = ()) -> Stage:
   """Trains `model` in place: stage 1 (frozen base), then stage 2 (top unfrozen).
 
   Args:
@@ -287,6 +288,8 @@ def fit_stages(model: keras.Model, inputs: Inputs, config: TrainConfig, run_dir:
     stage2_epochs: train stage 2 up to this epoch (Hyperband's budget); its
       schedule still spans `config.fine_tune_epochs`.
     initial_epoch: the stage 2 epoch to start from (Hyperband).
+    stage2_callbacks: more callbacks for stage 2 (a tune trial's median
+      stopping rule), after the usual ones.
 
   Returns:
     The last stage fitted.
@@ -312,17 +315,18 @@ def fit_stages(model: keras.Model, inputs: Inputs, config: TrainConfig, run_dir:
   compile_model(stage.model, config, config.stage2_learning_rate,
                 stage.steps * config.fine_tune_epochs)
   epochs = config.fine_tune_epochs if stage2_epochs is None else stage2_epochs
-  _fit(stage, epochs, initial_epoch, run_dir, "stage2", config)
+  _fit(stage, epochs, initial_epoch, run_dir, "stage2", config, stage2_callbacks)
   return stage
 
 
 def _fit(stage: Stage, epochs: int, initial_epoch: int, run_dir: str, name: str,
-         config: TrainConfig) -> None:
+         config: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> None:
   if epochs <= initial_epoch:
     return
+  callbacks = stage_callbacks(run_dir, name, config, stage.val is not None)
   stage.model.fit(stage.train, validation_data=stage.val, epochs=epochs,
                   initial_epoch=initial_epoch, verbose=config.verbose,
-                  callbacks=stage_callbacks(run_dir, name, config, stage.val is not None))
+                  callbacks=callbacks + list(extra_callbacks))
 
 
 def new_model(config: RunConfig, num_classes: int, *, random_base: bool = False) -> keras.Model:

@@ -12,6 +12,13 @@ pooled base features stage 1 trains on (`train.CachedInputs`). A trial with a
 smaller ratio trains on the same cache, the layers between the cache's cut and
 its own cut kept frozen.
 
+A trial that trails the others stops early (the median stopping rule of
+Google Vizier, Golovin et al. 2017): from stage 2 epoch `--median_stop_epoch`
+on, once 2 trials have finished, a trial whose best val accuracy so far is below
+the median of the finished trials' best at the same epoch stops there. Half of
+the finished trials were already ahead of it and none ends lower than it was,
+so it would not have been chosen; its stage 2 time goes to the next trial.
+
 The search lives in `WORKDIR/tuner/` (KerasTuner's project: `oracle.json` and
 one `trial_<id>/` per trial, holding `trial.json`, the trained weights, the
 stage histories and `result.json`). Running the same command again continues
@@ -58,7 +65,9 @@ from flowers.config import Tuner
 from flowers.errors import UserError
 
 OBJECTIVE = "val_accuracy"
-TRIAL_COLUMNS = ("trial_id",) + HPARAMS + ("val_accuracy", "seconds", "status", "tuner_id")
+TRIAL_COLUMNS = ("trial_id",) + HPARAMS + ("val_accuracy", "seconds", "status", "tuner_id",
+                                           "median_stop")
+MEDIAN_STOP_MIN_TRIALS = 2  # Finished trials the median stopping rule needs.
 
 
 def declare_hyperparameters(hp: keras_tuner.HyperParameters,
@@ -100,6 +109,54 @@ def _user_errors_stop_the_search():
     raise
   except UserError as e:
     raise _TrialUserError(str(e)) from e
+
+
+class MedianStopping(keras.callbacks.Callback):
+  """Stops stage 2 when the trial's best val accuracy trails the finished trials'.
+
+  At the end of each stage 2 epoch from `start_epoch` (1-based) on, the trial's
+  best val accuracy so far (earlier epochs read from `run_dir`'s history, so a
+  resumed trial counts them) is compared with the median, over `finished`, of
+  each finished trial's best at the same epoch (a trial that stopped sooner
+  counts with its last value). Below it, training stops; `stopped` records
+  the epoch, the trial's best and the median.
+  """
+
+  def __init__(self, finished: Sequence[Sequence[float]], start_epoch: int, run_dir: str):
+    super().__init__()
+    self.finished = [list(c) for c in finished if len(c)]
+    self.start_epoch = start_epoch
+    self.run_dir = run_dir
+    self.stopped: dict[str, float] | None = None
+
+  def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+    current = (logs or {}).get("val_accuracy")
+    if (current is None or epoch + 1 < self.start_epoch
+        or len(self.finished) < MEDIAN_STOP_MIN_TRIALS):
+      return
+    earlier = train_lib.read_history(self.run_dir, "stage2").get("val_accuracy", [])[:epoch]
+    best = max([float(current), *earlier])
+    median = float(np.median([c[min(epoch, len(c) - 1)] for c in self.finished]))
+    if best < median:
+      self.stopped = {"epoch": epoch + 1, "best_val_accuracy": best, "median": median}
+      self.model.stop_training = True
+      logging.info("Median stopping rule: stage 2 stops at epoch %d (best val accuracy "
+                   "%.4f < %.4f, the median of %d finished trials).", epoch + 1, best,
+                   median, len(self.finished))
+
+
+def finished_stage2_curves(project_dir: str, exclude: str | None = None) -> list[list[float]]:
+  """Each finished trial's best-so-far stage 2 val accuracy, per epoch."""
+  curves = []
+  for name in sorted(os.listdir(project_dir)) if os.path.isdir(project_dir) else []:
+    trial_dir = os.path.join(project_dir, name)
+    if (not name.startswith("trial_") or name == exclude
+        or not os.path.exists(os.path.join(trial_dir, artifacts.TRIAL_RESULT))):
+      continue
+    val = train_lib.read_history(trial_dir, "stage2").get("val_accuracy", [])
+    if val:
+      curves.append(np.maximum.accumulate(val).tolist())
+  return curves
 
 
 class TwoStageHyperModel(keras_tuner.HyperModel):
@@ -168,7 +225,8 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
   def fit(self, hp: keras_tuner.HyperParameters, model: keras.Model, *args,
           trial_id: str = "best", trial_dir: str | None = None,
           checkpoint: str | None = None, epochs: int | None = None,
-          initial_epoch: int = 0, **kwargs) -> dict[str, float]:
+          initial_epoch: int = 0, median_stopping: bool = True,
+          **kwargs) -> dict[str, float]:
     """Trains both stages; returns val_accuracy (the objective) and seconds.
 
     The objective is measured on the model as it will be shipped: its kernels
@@ -181,7 +239,9 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     that continues an earlier one (`tuner/trial_id`) starts from its weights,
     so it skips stage 1. KerasTuner's default callbacks (`kwargs["callbacks"]`)
     checkpoint `model.fit`, but the stages fit sub-models: the full model's
-    weights are saved to `checkpoint` at the end instead.
+    weights are saved to `checkpoint` at the end instead. `median_stopping`
+    False trains in full whatever `--median_stop_epoch` says (the chief
+    retraining the best trial).
     """
     del args, kwargs
     trial_dir = trial_dir or os.path.join(self.workdir, artifacts.TUNER_DIR,
@@ -198,10 +258,17 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
       parent = hp.values.get("tuner/trial_id")
       if parent:
         _copy_histories(os.path.join(os.path.dirname(trial_dir), f"trial_{parent}"), run_dir)
+      search = self.config.search
+      stopper = None
+      if median_stopping and search.median_stop_epoch and search.tuner is not Tuner.HYPERBAND:
+        stopper = MedianStopping(
+            finished_stage2_curves(os.path.dirname(trial_dir), os.path.basename(trial_dir)),
+            search.median_stop_epoch, run_dir)
       with self.strategy.scope():
         train_lib.fit_stages(
             model, inputs, config.train, run_dir, seed=config.data.seed + execution,
-            run_stage1=not parent, stage2_epochs=epochs, initial_epoch=int(initial_epoch or 0))
+            run_stage1=not parent, stage2_epochs=epochs, initial_epoch=int(initial_epoch or 0),
+            stage2_callbacks=[stopper] if stopper else [])
       train_lib.round_for_int8(model, config, self.calibration())
       val_accuracy = train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"]
     shipped = self._shipped.get(trial_id)
@@ -216,7 +283,8 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
               "seconds": round(seconds, 2), "execution": execution, "shipped": shipped,
               "stage2_epochs": [int(initial_epoch or 0),
                                 config.train.fine_tune_epochs if epochs is None else int(epochs)],
-              "continues_trial": parent}
+              "continues_trial": parent,
+              "median_stop": stopper.stopped if stopper else None}
     artifacts.write_json(os.path.join(trial_dir, artifacts.TRIAL_RESULT), result)
     self.trials_run.append(trial_id)
     return {OBJECTIVE: val_accuracy, "seconds": seconds}
@@ -339,6 +407,7 @@ def trial_rows(tuner: keras_tuner.Tuner) -> list[dict[str, Any]]:
         "seconds": round(float(seconds), 1) if seconds is not None else None,
         "status": trial.status,
         "tuner_id": result.get("tuner_id") if done else None,
+        "median_stop": (result.get("median_stop") or {}).get("epoch") if done else None,
     })
   # Ties go to the earlier trial, whatever order KerasTuner reloaded them in.
   return sorted(rows, key=lambda r: (r["val_accuracy"] is None, -(r["val_accuracy"] or 0.0),
@@ -395,7 +464,7 @@ def _best_model(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel,
     for key in [k for k in hp.values if k.startswith("tuner/")]:
       hp.values.pop(key)  # Hyperband's budget: retrain the full schedule instead.
     hypermodel.fit(hp, model, trial_id="best_retrained", trial_dir=trial_dir,
-                   checkpoint=checkpoint)
+                   checkpoint=checkpoint, median_stopping=False)
   model.load_weights(checkpoint)
   result_path = os.path.join(trial_dir, artifacts.TRIAL_RESULT)
   if os.path.exists(result_path):  # The history of the execution whose weights these are.

@@ -83,6 +83,7 @@ def test_bad_search_ranges_are_one_line_errors(field, value, flag, why):
     (lambda: config_lib.Augmentation(crop_area=1.5), "--crop_area=1.5"),
     (lambda: config_lib.SearchConfig(tuner="grid"), "--tuner=grid"),
     (lambda: config_lib.SearchConfig(max_trials=0), "--max_trials=0"),
+    (lambda: config_lib.SearchConfig(median_stop_epoch=-1), "--median_stop_epoch=-1"),
     (lambda: config_lib.ExportOptions(max_accuracy_drop=-1), "--max_accuracy_drop=-1"),
     (lambda: config_lib.PredictConfig(output="xml"), "--output=xml"),
     (lambda: config_lib.PredictConfig(top_k=0), "--top_k=0"),

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import types
 
 import keras
 import keras_tuner
@@ -62,6 +63,73 @@ def test_declared_hyperparameters_fix_empty_ranges_and_log_scale_the_rate():
   assert kinds["unfreeze_ratio"].sampling == "linear"
 
 
+# The median stopping rule.
+
+
+def write_stage2_history(run_dir, val_accuracies):
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, artifacts.stage_history("stage2")), "w") as f:
+    f.write("epoch,val_accuracy\n")
+    f.writelines(f"{e},{v}\n" for e, v in enumerate(val_accuracies))
+
+
+def median_stopper(finished, start_epoch, run_dir):
+  stopper = tune.MedianStopping(finished, start_epoch, str(run_dir))
+  stopper.set_model(types.SimpleNamespace(stop_training=False))
+  return stopper
+
+
+def test_median_stopping_compares_best_so_far_with_the_finished_trials_median(tmp_path):
+  # Best so far per epoch of three finished trials; the third stopped after 2 epochs.
+  finished = [[0.5, 0.7, 0.8], [0.6, 0.6, 0.9], [0.4, 0.65]]
+  stopper = median_stopper(finished, start_epoch=2, run_dir=tmp_path)
+  stopper.on_epoch_end(0, {"val_accuracy": 0.1})  # Before epoch 2: never stops.
+  assert not stopper.model.stop_training
+  write_stage2_history(tmp_path, [0.1])
+  stopper.on_epoch_end(1, {"val_accuracy": 0.65})  # Median of 0.7, 0.6, 0.65: not below.
+  assert not stopper.model.stop_training and stopper.stopped is None
+  write_stage2_history(tmp_path, [0.1, 0.65])
+  # Epoch 3: median of 0.8, 0.9 and 0.65 (the short trial's last) is 0.8; the best
+  # so far is 0.65 (epoch 2, read from the history), above this epoch's 0.3.
+  stopper.on_epoch_end(2, {"val_accuracy": 0.3})
+  assert stopper.model.stop_training
+  assert stopper.stopped == {"epoch": 3, "best_val_accuracy": 0.65, "median": 0.8}
+
+
+@pytest.mark.parametrize("finished", [[], [[0.9, 0.9]]])
+def test_median_stopping_waits_for_two_finished_trials(tmp_path, finished):
+  stopper = median_stopper(finished, start_epoch=1, run_dir=tmp_path)
+  stopper.on_epoch_end(1, {"val_accuracy": 0.1})
+  assert not stopper.model.stop_training
+
+
+def test_finished_curves_are_best_so_far_of_trials_with_a_result(tmp_path):
+  write_stage2_history(tmp_path / "trial_0", [0.5, 0.4, 0.6])
+  write_stage2_history(tmp_path / "trial_1", [0.7])  # Still running: no result.json.
+  write_stage2_history(tmp_path / "trial_2", [0.2, 0.3])  # This trial.
+  for name in ("trial_0", "trial_2"):
+    artifacts.write_json(str(tmp_path / name / artifacts.TRIAL_RESULT), {})
+  assert tune.finished_stage2_curves(str(tmp_path), exclude="trial_2") == [[0.5, 0.5, 0.6]]
+
+
+@pytest.mark.parametrize("median_stop_epoch, stage2_epochs, stopped", [(1, 1, 1), (0, 2, None)])
+def test_a_trial_below_the_median_stops_its_stage_2(tmp_path, median_stop_epoch, stage2_epochs,
+                                                     stopped):
+  # Two finished trials that reached val accuracy 1.0 at once: any real trial trails them.
+  for name in ("trial_done_a", "trial_done_b"):
+    write_stage2_history(tmp_path / artifacts.TUNER_DIR / name, [1.0, 1.0])
+    artifacts.write_json(str(tmp_path / artifacts.TUNER_DIR / name / artifacts.TRIAL_RESULT), {})
+  config = tune_worker.small_config(fine_tune_epochs=2)
+  search(tmp_path, config=config, max_trials=1, median_stop_epoch=median_stop_epoch)
+  history = train.read_history(os.path.dirname(trial_file(tmp_path, "0", "x")), "stage2")
+  assert len(history["val_accuracy"]) == stage2_epochs
+  result = read_json(trial_file(tmp_path, "0", artifacts.TRIAL_RESULT))
+  assert (result["median_stop"] or {}).get("epoch") == stopped
+  [row] = read_trials(tmp_path)
+  assert row["median_stop"] == ("" if stopped is None else str(stopped))
+  assert row["status"] == "COMPLETED" and float(row["val_accuracy"]) >= 0
+
+
 # Searches.
 
 
@@ -79,11 +147,11 @@ def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
   kill = {"trial": None}
   fit = train._fit
 
-  def spy(stage, epochs, initial_epoch, run_dir, name, config):
+  def spy(stage, epochs, initial_epoch, run_dir, name, config, *extra):
     fits.append((os.path.basename(run_dir), name))
     if name == "stage2" and os.path.basename(run_dir) == kill["trial"]:
       raise KeyboardInterrupt  # As if the process were stopped in stage 2.
-    return fit(stage, epochs, initial_epoch, run_dir, name, config)
+    return fit(stage, epochs, initial_epoch, run_dir, name, config, *extra)
 
   monkeypatch.setattr(train, "_fit", spy)
 
