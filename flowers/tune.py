@@ -131,18 +131,47 @@ class MedianStopping(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
     current = (logs or {}).get("val_accuracy")
-    if (current is None or epoch + 1 < self.start_epoch
-        or len(self.finished) < MEDIAN_STOP_MIN_TRIALS):
+    if current is None or epoch + 1 < self.start_epoch:
       return
     earlier = train_lib.read_history(self.run_dir, "stage2").get("val_accuracy", [])[:epoch]
     best = max([float(current), *earlier])
-    median = float(np.median([c[min(epoch, len(c) - 1)] for c in self.finished]))
-    if best < median:
+    median = trailed_median(best, epoch, self.finished)
+    if median is not None:
       self.stopped = {"epoch": epoch + 1, "best_val_accuracy": best, "median": median}
       self.model.stop_training = True
       logging.info("Median stopping rule: stage 2 stops at epoch %d (best val accuracy "
                    "%.4f < %.4f, the median of %d finished trials).", epoch + 1, best,
                    median, len(self.finished))
+
+
+def trailed_median(best: float, epoch: int, finished: Sequence[Sequence[float]]) -> float | None:
+  """The finished trials' median best at 0-based `epoch` when `best` is below it, else None.
+
+  None too while fewer than MEDIAN_STOP_MIN_TRIALS trials have finished.
+  """
+  if len(finished) < MEDIAN_STOP_MIN_TRIALS:
+    return None
+  median = float(np.median([c[min(epoch, len(c) - 1)] for c in finished]))
+  return median if best < median else None
+
+
+def replay_median_stopping(val_curves: Sequence[Sequence[float]],
+                           start_epoch: int) -> list[int | None]:
+  """Where the rule would have stopped each trial of a search run in full, in order.
+
+  `val_curves` are the trials' stage 2 val accuracies per epoch, in the order
+  they ran; a stopped trial's truncated curve is what later trials meet, as
+  in a real search. Returns the 1-based stop epoch of each, None for none.
+  """
+  finished: list[list[float]] = []
+  stops: list[int | None] = []
+  for curve in val_curves:
+    best = np.maximum.accumulate(curve).tolist()
+    stop = next((e + 1 for e in range(max(start_epoch, 1) - 1, len(best))
+                 if trailed_median(best[e], e, finished) is not None), None)
+    stops.append(stop)
+    finished.append(best[:stop])
+  return stops
 
 
 def finished_stage2_curves(project_dir: str, exclude: str | None = None) -> list[list[float]]:

@@ -103,6 +103,16 @@ def test_median_stopping_waits_for_two_finished_trials(tmp_path, finished):
   assert not stopper.model.stop_training
 
 
+def test_replay_stops_trials_that_trail_and_later_trials_meet_the_truncated_curve():
+  curves = [[0.5, 0.7, 0.8],
+            [0.6, 0.6, 0.9],
+            [0.4, 0.5, 0.95],  # Epoch 2: 0.5 < median(0.7, 0.6) = 0.65: stops.
+            [0.6, 0.62, 0.7]]  # Epoch 2: median(0.7, 0.6, 0.5) = 0.6: goes on; epoch 3:
+  #                                0.7 < median(0.8, 0.9, 0.5) = 0.8: stops.
+  assert tune.replay_median_stopping(curves, start_epoch=2) == [None, None, 2, 3]
+  assert tune.replay_median_stopping(curves, start_epoch=4) == [None] * 4
+
+
 def test_finished_curves_are_best_so_far_of_trials_with_a_result(tmp_path):
   write_stage2_history(tmp_path / "trial_0", [0.5, 0.4, 0.6])
   write_stage2_history(tmp_path / "trial_1", [0.7])  # Still running: no result.json.
