@@ -16,8 +16,8 @@ A trial that trails the others stops early (the median stopping rule of
 Google Vizier, Golovin et al. 2017): from stage 2 epoch `--median_stop_epoch`
 on, once 2 trials have finished, a trial whose best val accuracy so far is below
 the median of the finished trials' best at the same epoch stops there. Half of
-the finished trials were already ahead of it and none ends lower than it was,
-so it would not have been chosen; its stage 2 time goes to the next trial.
+the finished trials were already ahead of it, and none of them ended lower, so
+it is unlikely to win; its stage 2 time goes to the next trial.
 
 The search lives in `WORKDIR/tuner/` (KerasTuner's project: `oracle.json` and
 one `trial_<id>/` per trial, holding `trial.json`, the trained weights, the
