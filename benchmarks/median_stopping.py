@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
   if any(r.get("median_stop") for r in rows):
     sys.exit(f"{args.workdir}: some trials were already stopped by the rule; replay a search "
              "run with --median_stop_epoch=0.")
-  ids = sorted((r["trial_id"] for r in rows), key=lambda t: (len(t), t))
+  ids = sorted((r["trial_id"] for r in rows), key=tune.trial_order)
   best_id = rows[0]["trial_id"]  # trials.csv lists the best first.
   project = os.path.join(args.workdir, artifacts.TUNER_DIR)
   curves = [train.read_history(os.path.join(project, f"trial_{t}"), "stage2")["val_accuracy"]

@@ -440,10 +440,11 @@ def trial_rows(tuner: keras_tuner.Tuner) -> list[dict[str, Any]]:
     })
   # Ties go to the earlier trial, whatever order KerasTuner reloaded them in.
   return sorted(rows, key=lambda r: (r["val_accuracy"] is None, -(r["val_accuracy"] or 0.0),
-                                     _trial_order(r["trial_id"])))
+                                     trial_order(r["trial_id"])))
 
 
-def _trial_order(trial_id: str) -> tuple[int, str]:
+def trial_order(trial_id: str) -> tuple[int, str]:
+  """Sorts trial ids as KerasTuner numbers them: 0, 1, ..., 10 (others last)."""
   return (int(trial_id), "") if trial_id.isdigit() else (1 << 62, trial_id)
 
 
