@@ -26,6 +26,8 @@ EXPORT_REPORT = "export_report.json"
 TFLITE_NAMES = {"int8": "model_int8.tflite", "float16": "model_float16.tflite",
                 "dynamic": "model_dynamic.tflite", "none": "model_float32.tflite"}
 TRIALS = "trials.csv"  # One row per tuning trial, best first.
+# trials.csv columns after trial_id and the hyperparameters (flowers.tune writes them).
+TRIAL_RESULTS = ("val_accuracy", "seconds", "status", "tuner_id", "median_stop")
 BEST_HPARAMS = "best_hparams.json"
 SUMMARY = "summary.md"
 PLOTS_DIR = "plots"

@@ -41,8 +41,7 @@ DPI = 100
 TOP_CONFUSED = 15
 WORST_CLASSES = 20
 # Columns of trials.csv (written by flowers.tune) that are not hyperparameters.
-TRIAL_RESULT_COLUMNS = ("trial_id", "val_accuracy", "seconds", "status", "tuner_id",
-                        "median_stop")
+TRIAL_RESULT_COLUMNS = ("trial_id",) + artifacts.TRIAL_RESULTS
 
 # Pinned on top of matplotlib's defaults, so a user's matplotlibrc cannot change
 # the pictures.

@@ -65,8 +65,7 @@ from flowers.config import Tuner
 from flowers.errors import UserError
 
 OBJECTIVE = "val_accuracy"
-TRIAL_COLUMNS = ("trial_id",) + HPARAMS + ("val_accuracy", "seconds", "status", "tuner_id",
-                                           "median_stop")
+TRIAL_COLUMNS = ("trial_id",) + HPARAMS + artifacts.TRIAL_RESULTS
 MEDIAN_STOP_MIN_TRIALS = 2  # Finished trials the median stopping rule needs.
 
 
