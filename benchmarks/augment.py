@@ -18,7 +18,7 @@ not depend on their content):
 
 * augment: the augmentation layers alone, ms per image;
 * prefix pass: augmentation + MobileNetV2 preprocessing + the frozen prefix up
-  to the cut of `--unfreeze_ratio` (0.2: block_12_add, as flags/cpu.cfg): one
+  to the cut of `--unfreeze_ratio` (default 0.2: block_12_add; flags/cpu.cfg's 0.3 cuts lower): one
   augmented view of the frozen-prefix cache, images/s (random weights: the
   same cost as ImageNet's).
 

@@ -15,7 +15,7 @@ its original JPEG, then classified twice:
 
 It prints whether MediaPipe's category names, by index, equal `labels.txt`;
 the top-1 agreement of the two; both accuracies; and `export_report.json`'s
-int8 test accuracy for comparison. The issue's targets: agreement >= 0.99,
+int8 test accuracy for comparison. Targets: agreement >= 0.99,
 MediaPipe's accuracy within 0.5 points of the export's.
 
 What MediaPipe does to a photo (mediapipe 1.2.3, CPU; read off a probe model in

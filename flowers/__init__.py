@@ -1,15 +1,15 @@
 """flowers: transfer-learning image classifiers on TensorFlow.
 
-    from flowers import build_model, load_splits
-    splits = load_splits(tfds_data_dir="../shared/tensorflow_datasets")
+    from flowers import DataConfig, build_model, load_splits
+    splits = load_splits(DataConfig(tfds_data_dir="../shared/tensorflow_datasets"))
     model = build_model(len(splits.class_names), weights="imagenet")
 
 Names are imported lazily, so `import flowers` (and the split logic in
 `flowers.split`) does not load TensorFlow until a TensorFlow name is used.
 
 Importing flowers before TensorFlow switches on TensorFlow's oneDNN CPU kernels
-(`TF_ENABLE_ONEDNN_OPTS=1`), which run MobileNetV2 about 3x faster on x86 CPUs
-(22.5 -> 76 img/s forward on a 2-core machine). TensorFlow reads the variable
+(`TF_ENABLE_ONEDNN_OPTS=1`), which run MobileNetV2 about 3x faster on x86 CPUs.
+TensorFlow reads the variable
 once, when it loads: a value you set yourself wins, and importing TensorFlow
 first leaves its own default.
 """

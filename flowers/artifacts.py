@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 from typing import Any, Iterator
 
@@ -17,11 +18,11 @@ from typing import Any, Iterator
 SPLITS = "splits.csv"  # file_name,label,split: the split the run was made with.
 FLAGS = "flags.cfg"  # The resolved flags, reusable as a --flagfile.
 RUN = "run.json"  # What the run was made from; a resume must match it.
+LINEAGE = "lineage.json"  # Which run and model each file was made from (flowers.lineage).
 MODEL = "model.keras"
 LABELS = "labels.txt"  # One class name a line, beside every model.
 HISTORY = "history.json"  # Per-epoch metrics of both stages.
 REPORT = "report.json"  # Test (and val) metrics of the model.
-TFLITE_REPORT = "report_tflite.json"  # --mode=evaluate of a .tflite model.
 EXPORT_REPORT = "export_report.json"
 TFLITE_NAMES = {"int8": "model_int8.tflite", "float16": "model_float16.tflite",
                 "dynamic": "model_dynamic.tflite", "none": "model_float32.tflite"}
@@ -40,7 +41,9 @@ TUNING_PNG = "tuning.png"
 
 # Training state, per run folder (WORKDIR, or a tuning trial's folder).
 STAGE1_WEIGHTS = "stage1.weights.h5"  # Marks a finished stage 1.
-BACKUP_DIR = "backup"  # keras.callbacks.BackupAndRestore, per stage.
+BACKUP_DIR = "backup"  # Per stage: its saved state (RESUME_STATE), to resume from.
+STAGE2_WEIGHTS = "stage2.weights.h5"  # Marks a finished stage 2: its final weights.
+RESUME_STATE = "state.npz"  # In BACKUP_DIR/<stage>: all the next epoch depends on.
 LOGS_DIR = "logs"  # TensorBoard, per stage.
 CACHE_DIR = "cache"  # Frozen-prefix activations; the disk pipeline cache.
 
@@ -48,6 +51,16 @@ CACHE_DIR = "cache"  # Frozen-prefix activations; the disk pipeline cache.
 TUNER_DIR = "tuner"
 TRIAL_RESULT = "result.json"  # Per trial, beside KerasTuner's trial.json.
 TRIAL_WEIGHTS = "checkpoint.weights.h5"  # KerasTuner's name for a trial's weights.
+
+
+def evaluation_report(model_path: str) -> str:
+  """`--mode=evaluate`'s own report for a model: `evaluation_<model file stem>.json`.
+
+  Evaluating never replaces the training report.json (which holds what only
+  training knows: val metrics, train time, the search's figures).
+  """
+  stem = os.path.splitext(os.path.basename(model_path))[0]
+  return f"evaluation_{stem}.json"
 
 
 def stage_history(stage: str) -> str:
@@ -65,7 +78,7 @@ def atomic_path(path: str) -> Iterator[str]:
   """
   folder = os.path.dirname(os.path.abspath(path)) or "."
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path),
+  fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(), suffix="-" + os.path.basename(path),
                              dir=folder)
   os.close(fd)
   os.remove(tmp)  # Writers (Keras, TFLite) want to create the file themselves.
@@ -75,6 +88,48 @@ def atomic_path(path: str) -> Iterator[str]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+_TMP = ".tmp-"
+
+
+def _temporary_prefix() -> str:
+  """`.tmp-<host>-<pid>-`: whose temporary a file is, so a later run can tell it is orphaned."""
+  host = socket.gethostname().replace("-", "_") or "host"
+  return f"{_TMP}{host}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_orphaned_temporaries(folder: str) -> int:
+  """Deletes the temporaries that killed processes of this host left under `folder`.
+
+  A run killed while writing (a 1 GB frozen-prefix cache, say) leaves its
+  `.tmp-*` file behind; the process that wrote it is named in it, so only
+  files of dead processes on this host are removed (a distributed worker on
+  another host sharing the folder keeps its own). Returns how many.
+  """
+  host = socket.gethostname().replace("-", "_") or "host"
+  removed = 0
+  for root, _, files in os.walk(folder):
+    for name in files:
+      if not name.startswith(_TMP):
+        continue
+      parts = name[len(_TMP):].split("-", 2)
+      if len(parts) == 3 and parts[1].isdigit():
+        if parts[0] != host or _alive(int(parts[1])):
+          continue
+      os.remove(os.path.join(root, name))  # Ours and orphaned, or an older flowers'.
+      removed += 1
+  return removed
 
 
 def write_text(path: str, text: str) -> None:
@@ -89,15 +144,25 @@ def write_json(path: str, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str, made_by: str | None = None) -> Any:
-  """Reads a JSON artifact; a missing file is a `UserError` naming its maker."""
+def read_json(path: str, made_by: str | None = None, fix: str | None = None) -> Any:
+  """Reads a JSON artifact; a missing or damaged file is a one-line `UserError`.
+
+  `made_by` names the mode that writes it; `fix` says what to do when it is
+  damaged (default: delete it and run that mode again).
+  """
   from flowers.errors import UserError  # pylint: disable=g-import-not-at-top
 
   if not os.path.exists(path):
     hint = f" (run --mode={made_by} first)" if made_by else ""
     raise UserError(f"{path} not found{hint}.")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError.
+    what = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+    fix = fix or ("delete it and run " + (f"--mode={made_by}" if made_by else "the mode that "
+                                          "wrote it") + " again")
+    raise UserError(f"{path} is damaged ({what}); {fix}.") from e
 
 
 def labels_beside(model_path: str) -> str:

@@ -7,8 +7,8 @@ Chaining Keras's RandomFlip, RandomRotation, RandomZoom and RandomTranslation
 resamples every image three times (bilinear, with reflection at the borders)
 and blurs it a little each time. `RandomGeometry` draws the same four random
 transforms, from the same distributions, composes them into one matrix and
-resamples once: a sharper image, and less than half the work (7.62 -> 3.24 ms
-per 224 px image on a 2-core CPU; benchmarks/augment.py).
+resamples once: a sharper image, and less than half the work
+(benchmarks/augment.py measures it).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ class RandomGeometry(keras.layers.Layer):
   rectangle of U(crop_area, 1) of the image's area and aspect ratio
   exp(U(log 3/4, log 4/3)) (each side at most the image's), placed uniformly
   inside the image and stretched to the full output; the four transforms
-  above then act on the crop. Its draws come after the others, so settings
-  without a crop draw exactly what they drew before it existed.
+  above then act on the crop. Its draws come after the others, so the other
+  transforms' draws do not depend on whether a crop is drawn.
 
   Attributes:
     flip: random horizontal flips.

@@ -216,6 +216,9 @@ class TrainConfig:
       keeps its best weights (0: off).
     feature_cache: run the frozen prefix of the base once per cached view instead
       of every step (auto: on without a GPU).
+    cache_cut_ratio: the unfreeze ratio the frozen-prefix cache is cut for (at least
+      --unfreeze_ratio; the layers between the two cuts run frozen); unset:
+      --unfreeze_ratio. A search sets it for its trials and in best_hparams.json.
     cache_views: cached views of each training image (1 plain + augmented ones).
     int8_grid_weights: round the trained conv kernels to the int8 export's grid,
       so the int8 model answers like the float one.
@@ -239,6 +242,7 @@ class TrainConfig:
   weight_decay: float = 1e-4
   early_stopping_patience: int = 3
   feature_cache: FeatureCache = FeatureCache.AUTO
+  cache_cut_ratio: float | None = None
   cache_views: int = 4
   int8_grid_weights: bool = True
   distribution_strategy: Strategy = Strategy.DEFAULT
@@ -263,12 +267,22 @@ class TrainConfig:
     _require(self.weight_decay >= 0, f"--weight_decay={self.weight_decay} must be >= 0.")
     _require(self.early_stopping_patience >= 0,
              f"--early_stopping_patience={self.early_stopping_patience} must be >= 0.")
+    _require(self.cache_cut_ratio is None
+             or self.unfreeze_ratio <= self.cache_cut_ratio <= 1.0,
+             f"--cache_cut_ratio={self.cache_cut_ratio} must be in [--unfreeze_ratio, 1] "
+             f"(here [{self.unfreeze_ratio:g}, 1]): the cache is cut at or below the "
+             "layers that train; leave it unset to cut at --unfreeze_ratio.")
     _require(self.cache_views >= 1, f"--cache_views={self.cache_views} must be >= 1.")
     _require(self.verbose in (0, 1, 2), f"--verbose={self.verbose} must be 0, 1 or 2.")
 
   @property
   def stage2_learning_rate(self) -> float:
     return self.fine_tune_learning_rate or self.learning_rate / 10.0
+
+  @property
+  def cache_cut(self) -> float:
+    """The unfreeze ratio the frozen-prefix cache is cut for."""
+    return self.unfreeze_ratio if self.cache_cut_ratio is None else self.cache_cut_ratio
 
   @property
   def fine_tunes(self) -> bool:
@@ -288,8 +302,7 @@ class SearchConfig:
 
   Attributes:
     tuner: the KerasTuner search algorithm.
-    max_trials: trials to run.
-    executions_per_trial: fits averaged per trial.
+    max_trials: trials to run (a trial is one training run, scored and shipped as is).
     dropout_range: min,max dropout (min == max fixes it).
     unfreeze_ratio_range: min,max unfreeze ratio.
     fine_tune_learning_rate_range: min,max stage 2 learning rate (log scale).
@@ -302,7 +315,6 @@ class SearchConfig:
 
   tuner: Tuner = Tuner.BAYESIAN
   max_trials: int = 10
-  executions_per_trial: int = 1
   dropout_range: tuple[float, float] = (0.0, 0.5)
   unfreeze_ratio_range: tuple[float, float] = (0.0, 0.5)
   fine_tune_learning_rate_range: tuple[float, float] = (1e-5, 1e-3)
@@ -312,8 +324,6 @@ class SearchConfig:
   def __post_init__(self):
     _choices(self)
     _require(self.max_trials >= 1, f"--max_trials={self.max_trials} must be >= 1.")
-    _require(self.executions_per_trial >= 1,
-             f"--executions_per_trial={self.executions_per_trial} must be >= 1.")
     _require(self.median_stop_epoch >= 0,
              f"--median_stop_epoch={self.median_stop_epoch} must be >= 0 (0 turns the "
              "median stopping rule off).")

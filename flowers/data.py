@@ -10,10 +10,13 @@ the whole dataset as one array.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import re
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -24,8 +27,12 @@ from flowers.config import DataConfig
 from flowers.config import PipelineCache
 from flowers.errors import UserError
 
-TFDS_SPLITS = ("train", "validation", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+TFDS_SPLITS = ("train", "validation", "test")  # Listed first, in this order.
+# Usual image file extensions (e.g. for --mode=predict's folder walk). An image
+# folder reads whatever Pillow reads, whatever its extension; a file it cannot
+# read is skipped and counted, as "not an image" unless its extension is here.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif",
+                    ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 SHUFFLE_BUFFER_ON_DISK = 2048
 # How pixels are made (`decode_image`, `resize`); recorded in each run.json.
 PREPROCESSING = "jpeg integer-accurate DCT; squash, bilinear at x*W/S, no antialias"
@@ -44,6 +51,10 @@ class Source:
     encoded: makes a dataset of (key, encoded image bytes), in a fixed order.
     decoder: "tf" (JPEG/PNG/BMP/GIF through TensorFlow) or "pil" (Pillow, for
       image folders: CMYK, palettes, 16-bit and the rest).
+    skipped: files the listing left out, relative path -> one short reason
+      (image folders; empty for TFDS). Reports count them.
+    describe: what the images are beyond their keys and labels, independent of
+      where they live (file sizes, dataset version); see `content_sha256`.
   """
 
   name: str
@@ -53,6 +64,10 @@ class Source:
   source_splits: list[str] | None
   encoded: Callable[[], tf.data.Dataset]
   decoder: str = "tf"
+  skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+  describe: Callable[[], dict[str, Any]] = dataclasses.field(default=dict, repr=False)
+  _content_sha256: str | None = dataclasses.field(default=None, init=False, repr=False,
+                                                  compare=False)
 
   @property
   def num_classes(self) -> int:
@@ -60,6 +75,22 @@ class Source:
 
   def label_of(self) -> dict[str, int]:
     return dict(zip(self.keys, self.labels))
+
+  def content_sha256(self) -> str:
+    """A digest of what the images are, not where they live (computed once).
+
+    It covers the class names, each key and label, and `describe()`: each
+    file's size for an image folder; the dataset's name, version and prepared
+    files (base name and size) for TFDS. Caches keyed by it are rebuilt when
+    the images change, and stay valid when the data moves.
+    """
+    if self._content_sha256 is None:
+      rows = sorted((key, int(label)) for key, label in zip(self.keys, self.labels))
+      text = json.dumps({"describe": self.describe(), "class_names": list(self.class_names),
+                         "decoder": self.decoder, "images": rows},
+                        sort_keys=True, separators=(",", ":"))
+      self._content_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return self._content_sha256
 
 
 def load_tfds(name: str = DataConfig.tfds_name, data_dir: str | None = None,
@@ -98,6 +129,11 @@ def load_tfds(name: str = DataConfig.tfds_name, data_dir: str | None = None,
                       "image, label and file_name.")
   class_names = list(features["label"].names)
 
+  # The dataset's own splits, the usual three first; TFDS's names if it lists none.
+  available = list(builder.info.splits.keys()) or list(TFDS_SPLITS)
+  splits = ([s for s in TFDS_SPLITS if s in available] +
+            sorted(s for s in available if s not in TFDS_SPLITS))
+
   def read(split: str, decode_image: bool) -> tf.data.Dataset:
     decoders = None if decode_image else {"image": tfds.decode.SkipDecoding()}
     return builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
@@ -105,7 +141,7 @@ def load_tfds(name: str = DataConfig.tfds_name, data_dir: str | None = None,
   # Listing parses only the names and labels: no image bytes are materialized.
   listing = tfds.decode.PartialDecoding({"file_name": True, "label": True})
   keys, labels, source_splits = [], [], []
-  for split in TFDS_SPLITS:
+  for split in splits:
     metadata = builder.as_dataset(split=split, decoders=listing, shuffle_files=False).map(
         lambda ex: (ex["file_name"], ex["label"]))
     for names, labs in metadata.batch(4096).as_numpy_iterator():
@@ -114,13 +150,39 @@ def load_tfds(name: str = DataConfig.tfds_name, data_dir: str | None = None,
       source_splits.extend([split] * len(names))
 
   def encoded() -> tf.data.Dataset:
-    datasets = [read(s, decode_image=False) for s in TFDS_SPLITS]
+    datasets = [read(s, decode_image=False) for s in splits]
     ds = datasets[0]
     for other in datasets[1:]:
       ds = ds.concatenate(other)
     return ds.map(lambda ex: (ex["file_name"], ex["image"]))
 
-  return Source(f"tfds:{name}", keys, labels, class_names, source_splits, encoded)
+  version = str(builder.info.version)
+  data_dir_of_version = str(builder.data_dir)
+
+  def describe() -> dict[str, Any]:
+    return {"tfds": name, "version": version, "splits": splits,
+            "files": _prepared_files(data_dir_of_version)}
+
+  return Source(f"tfds:{name}", keys, labels, class_names, source_splits, encoded,
+                describe=describe)
+
+
+def _prepared_files(folder: str) -> list[tuple[str, int]]:
+  """(base name, size) of each file of a prepared TFDS dataset, sorted."""
+  try:
+    names = tf.io.gfile.listdir(folder)
+  except (tf.errors.OpError, OSError):
+    return []
+  files = []
+  for base in sorted(names):
+    path = os.path.join(folder, base)
+    if base.startswith(".") or tf.io.gfile.isdir(path):
+      continue
+    try:
+      files.append((base, int(tf.io.gfile.stat(path).length)))
+    except (tf.errors.OpError, OSError):
+      continue
+  return files
 
 
 def _sniff_image(path: str) -> str | None:
@@ -128,58 +190,108 @@ def _sniff_image(path: str) -> str | None:
 
   Pillow's `verify` reads headers and checksums without decoding pixels, which
   keeps listing fast; a file that fails later at decode time is still caught
-  and reported by path in `make_dataset`.
+  and reported by path in `make_dataset`. Any format Pillow reads is accepted,
+  whatever the file's extension.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   try:
     with Image.open(path) as im:
       im.verify()
+  except Image.UnidentifiedImageError:
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+      return "unreadable (not a format Pillow reads)"
+    return "not an image"
   except Exception as e:  # pylint: disable=broad-except
-    return f"{type(e).__name__}: {e}"
+    return f"unreadable ({_one_line(f'{type(e).__name__}: {e}')})"
   return None
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+  """`text` on one line, at most `limit` characters."""
+  text = " ".join(text.split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _printable(path: str) -> str:
+  """`path` as text that can always be printed (undecodable bytes as \\xNN)."""
+  return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(path: str) -> bool:
+  try:
+    path.encode("utf-8")
+  except UnicodeEncodeError:  # os.listdir's surrogate escapes of undecodable bytes.
+    return False
+  return True
+
+
+NOT_UTF8 = "file name is not UTF-8; rename it"
+HIDDEN = "hidden file"
 
 
 def load_image_dir(path: str, strict: bool = False) -> Source:
   """Lists a folder of class subfolders (`path/<class>/<image>`).
 
-  Class names are the subfolder names in sorted order. JPEG, PNG, BMP and GIF
-  (first frame) are read; grayscale, RGBA, palette and CMYK become RGB.
-  Unreadable files are skipped with a warning naming each one, or are an error
-  under `strict`.
+  Class names are the subfolder names in sorted order. Every file Pillow reads
+  is used (JPEG, PNG, BMP, GIF's first frame, TIFF, WebP, ..., whatever the
+  extension); grayscale, RGBA, palette, CMYK and 16-bit images become 8-bit
+  RGB. Every other file under the class subfolders, or beside them, is left
+  out and recorded in `Source.skipped` with its reason (not an image,
+  unreadable, a name that is not UTF-8, hidden), each with a warning. Under
+  `strict` a skipped file is an error, hidden files (.DS_Store, ...) excepted.
   """
   if not os.path.isdir(path):
     raise UserError(f"--image_dir={path} is not a folder; give a folder with one "
                     "subfolder of images per class.")
-  class_names = sorted(d for d in os.listdir(path)
-                       if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+  skipped: dict[str, str] = {}
+
+  def skip(full: str, reason: str) -> None:
+    skipped[_printable(os.path.relpath(full, path).replace(os.sep, "/"))] = reason
+
+  class_names = []
+  for entry in sorted(os.listdir(path)):
+    full = os.path.join(path, entry)
+    if os.path.isdir(full):
+      if entry.startswith("."):
+        continue  # .git and the like: not a class.
+      if _is_utf8(entry):
+        class_names.append(entry)
+      else:
+        for root, _, files in os.walk(full):
+          for file in files:
+            skip(os.path.join(root, file), "class folder name is not UTF-8; rename it")
+    else:
+      skip(full, HIDDEN if entry.startswith(".") else "not in a class subfolder")
   if not class_names:
     raise UserError(f"--image_dir={path} has no class subfolders; put each class's "
                     "images in its own subfolder.")
-  keys, labels, bad = [], [], []
+  keys, labels, sizes = [], [], {}
   for label, name in enumerate(class_names):
     folder = os.path.join(path, name)
     for root, dirs, files in os.walk(folder):
       dirs.sort()
       for file in sorted(files):
-        if file.startswith(".") or not file.lower().endswith(IMAGE_EXTENSIONS):
-          continue
         full = os.path.join(root, file)
+        key = os.path.relpath(full, path).replace(os.sep, "/")
+        if file.startswith("."):
+          skip(full, HIDDEN)
+          continue
+        if not _is_utf8(key):
+          skip(full, NOT_UTF8)
+          continue
         problem = _sniff_image(full)
         if problem:
-          bad.append((full, problem))
+          skip(full, problem)
           continue
-        keys.append(os.path.relpath(full, path).replace(os.sep, "/"))
+        keys.append(key)
         labels.append(label)
-  if bad:
-    if strict:
-      raise UserError(f"{bad[0][0]} is not a readable image ({bad[0][1]}); remove it "
-                      f"or drop --strict to skip it ({len(bad)} bad file(s) in all).")
-    for file, problem in bad:
-      logging.warning("Skipping unreadable image %s (%s).", file, problem)
+        sizes[key] = os.path.getsize(full)
+  _report_skipped(path, skipped, strict)
   if not keys:
-    raise UserError(f"--image_dir={path} holds no images ({', '.join(IMAGE_EXTENSIONS)}) "
-                    "in its class subfolders.")
+    raise UserError(f"--image_dir={path} holds no images in its class subfolders "
+                    f"({len(skipped)} other file(s) skipped); add JPEG, PNG or other "
+                    "images Pillow reads.")
   empty = [n for i, n in enumerate(class_names) if i not in set(labels)]
   if empty:
     raise UserError(f"Class folder(s) {empty[:5]} under {path} hold no readable "
@@ -191,7 +303,27 @@ def load_image_dir(path: str, strict: bool = False) -> Source:
     return ds.map(lambda k: (k, tf.io.read_file(tf.strings.join([root, "/", k]))))
 
   return Source(os.path.abspath(path), keys, labels, class_names, None, encoded,
-                decoder="pil")
+                decoder="pil", skipped=skipped,
+                describe=lambda: {"image_dir": True, "sizes": sizes})
+
+
+def _report_skipped(path: str, skipped: dict[str, str], strict: bool) -> None:
+  """Warns once per skipped file and once in all; under `strict`, refuses them."""
+  if not skipped:
+    return
+  refused = [k for k, reason in skipped.items() if reason != HIDDEN]
+  if strict and refused:
+    first = os.path.join(path, refused[0])
+    raise UserError(f"--strict: {first} was skipped ({skipped[refused[0]]}); fix or remove "
+                    f"it, or drop --strict to skip it ({len(refused)} skipped file(s) in all).")
+  for key, reason in skipped.items():
+    logging.warning("Skipping %s: %s.", os.path.join(path, key), reason)
+  reasons: dict[str, int] = {}
+  for reason in skipped.values():
+    reason = re.split(r" \(|;", reason)[0]  # "unreadable (...)" -> "unreadable".
+    reasons[reason] = reasons.get(reason, 0) + 1
+  logging.warning("Skipped %d file(s) under %s: %s.", len(skipped), path,
+                  ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
 
 
 def load_source(data: DataConfig = DataConfig()) -> Source:
@@ -209,7 +341,7 @@ def resize(images: tf.Tensor, image_size: int) -> tf.Tensor:
   MediaPipe's ImageClassifier does before the model on a phone (read off a
   probe model in tests/test_tflite_metadata.py). Training, evaluation and
   `--mode=predict` all call this, so the exported model sees in an app the
-  pixels it was trained and measured on (BUILD.md, "Preprocessing").
+  pixels it was trained and measured on (docs/design.md, "Preprocessing matched to MediaPipe").
   Accepts one image (H, W, C) or a batch; returns uint8.
   """
   images = tf.convert_to_tensor(images)
@@ -220,8 +352,18 @@ def resize(images: tf.Tensor, image_size: int) -> tf.Tensor:
   return resized if images.shape.rank == 4 else resized[0]
 
 
+# Pillow modes holding more than 8 bits a pixel (16-bit grayscale PNG and TIFF,
+# 32-bit integer images): read at full depth, scaled from 16 bits to 8.
+_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def decode_with_pil(data: bytes) -> np.ndarray | None:
-  """Decodes any Pillow-readable image (first frame) to uint8 RGB, or None."""
+  """Decodes any Pillow-readable image (first frame) to uint8 RGB, or None.
+
+  8-bit images become RGB through Pillow's own conversion. 16-bit grayscale
+  is scaled to 8 bits (v * 255 / 65535, rounded) instead of being clipped at
+  255. (Pillow reads 16-bit RGB(A) PNGs as 8-bit already, by their high byte.)
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
 
@@ -230,9 +372,18 @@ def decode_with_pil(data: bytes) -> np.ndarray | None:
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.seek(0)
+      if im.mode in _DEEP_MODES:
+        return _gray16_to_rgb8(np.asarray(im))
       return np.asarray(im.convert("RGB"), dtype=np.uint8)
   except Exception:  # pylint: disable=broad-except
     return None
+
+
+def _gray16_to_rgb8(values: np.ndarray) -> np.ndarray:
+  """16-bit grayscale (H, W) -> uint8 RGB, round(v * 255 / 65535), exactly."""
+  v = np.clip(values.astype(np.int64), 0, 65535)
+  gray = ((v * 255 + 32767) // 65535).astype(np.uint8)
+  return np.repeat(gray[:, :, np.newaxis], 3, axis=2)
 
 
 def _pil_decode(data: bytes) -> tuple[np.ndarray, bool]:
@@ -391,10 +542,55 @@ def prepare_split(source: Source, workdir: str | None,
                   spec: split_lib.SplitSpec) -> dict[str, str]:
   """The key -> split assignment, reusing or writing `workdir/splits.csv`."""
   split_lib.check_fractions_cover(source.labels, spec)
+  if spec.is_official and source.source_splits is not None:
+    _check_official_splits(source)
   if workdir is None:
     return split_lib.assign(source.keys, source.labels, source.source_splits, spec)
   return split_lib.load_or_create(workdir, source.keys, source.labels,
                                   source.source_splits, spec)
+
+
+def _check_official_splits(source: Source) -> None:
+  """Refuses `--split=official` for a source without its own train, val and test."""
+  have = set(source.source_splits or ())
+  names = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
+  missing = [n for n, aliases in names.items() if not have.intersection(aliases)]
+  if missing:
+    raise UserError(f"--split=official needs train, validation and test splits, but "
+                    f"{source.name} has no {', '.join(missing)} split (it has "
+                    f"{', '.join(sorted(have))}); use --split=64,16,20 instead.")
+
+
+# A pipeline cache's files: `<split>_<size>[_<digest>]` then `.index`, `.data-*`,
+# or a writer's `_<n>.lockfile` and temporaries.
+_PIPELINE_CACHE = re.compile(
+    r"^(?P<stem>(?P<split>train|val|test)_\d+(?:_[0-9a-f]{16})?)(?:_\d+)?(?:\..*)?$")
+
+
+def pipeline_cache(folder: str, split: str, keys: Sequence[str], image_size: int,
+                   source: Source) -> str:
+  """The file cache prefix of one split in `folder`, keyed by what decides its bytes.
+
+  The name is `<split>_<size>_<digest>`, the digest covering the split's keys,
+  the image size, `PREPROCESSING`, the source's content, its decoder (and
+  Pillow's version for it) and TensorFlow's version: a change of any of them
+  gets a new cache rather than stale pixels. Caches of the same split under
+  other names (and their lock files) are deleted.
+  """
+  recipe = {"keys": sorted(keys), "image_size": image_size,
+            "preprocessing": PREPROCESSING, "source": source.content_sha256(),
+            "decoder": source.decoder, "tensorflow": tf.__version__}
+  if source.decoder == "pil":
+    import PIL  # pylint: disable=g-import-not-at-top
+    recipe["pillow"] = PIL.__version__
+  digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode("utf-8")).hexdigest()
+  stem = f"{split}_{image_size}_{digest[:16]}"
+  if os.path.isdir(folder):
+    for file in os.listdir(folder):
+      match = _PIPELINE_CACHE.match(file)
+      if match and match["split"] == split and match["stem"] != stem:
+        os.remove(os.path.join(folder, file))
+  return os.path.join(folder, stem)
 
 
 def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None,
@@ -415,7 +611,8 @@ def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None
 
   def cache_for(name: str) -> str:
     if data.cache is PipelineCache.DISK and workdir is not None:
-      return os.path.join(workdir, artifacts.CACHE_DIR, f"{name}_{data.image_size}")
+      return pipeline_cache(os.path.join(workdir, artifacts.CACHE_DIR), name,
+                            split_lib.keys_of(assignment, name), data.image_size, source)
     return "none" if data.cache is PipelineCache.NONE else "memory"
 
   datasets = {

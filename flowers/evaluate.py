@@ -100,7 +100,10 @@ def keras_predictor(model) -> Predictor:
   def infer(images):
     return model(images, training=False)
 
-  return lambda images: infer(tf.convert_to_tensor(images)).numpy()
+  def predict(images: np.ndarray) -> np.ndarray:
+    return infer(tf.convert_to_tensor(images)).numpy()
+
+  return predict
 
 
 def tflite_predictor(path: str, num_threads: int | None = None) -> Predictor:
@@ -146,6 +149,7 @@ def tflite_predictor(path: str, num_threads: int | None = None) -> Predictor:
     return np.stack(results)
 
   predict.input_size = int(inp["shape"][1])  # type: ignore[attr-defined]
+  predict.num_outputs = int(out["shape"][-1])  # type: ignore[attr-defined]
   return predict
 
 
@@ -166,8 +170,32 @@ def load_predictor(path: str) -> tuple[Predictor, int]:
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f"--model={path} could not be loaded ({type(e).__name__}); "
                       "is it a model saved by flowers?") from e
-    return keras_predictor(model), int(model.input.shape[1])
+    predictor = keras_predictor(model)
+    predictor.num_outputs = int(model.output.shape[-1])  # type: ignore[attr-defined]
+    return predictor, int(model.input.shape[1])
   raise UserError(f"--model={path}: expected a .keras or .tflite file.")
+
+
+def check_labels(path: str, class_names: Sequence[str], num_outputs: int) -> None:
+  """Refuses class names that cannot be the model's: one name per output, in order.
+
+  A labels.txt with a name too few or too many would shift every name after
+  it (or fail on an index); a labels.txt written for another model (its
+  lineage record says so) is refused too.
+  """
+  if len(class_names) != num_outputs:
+    raise UserError(f"{path} has {num_outputs} outputs but its labels name "
+                    f"{len(class_names)} classes; put the model's own {artifacts.LABELS} "
+                    "beside it (or export it again, which embeds the names).")
+  folder = os.path.dirname(os.path.abspath(path))
+  from flowers import lineage  # pylint: disable=g-import-not-at-top
+
+  if path.endswith(".keras") and os.path.exists(os.path.join(folder, artifacts.LINEAGE)):
+    why = lineage.check(folder, artifacts.LABELS, model=lineage.model_sha256(path),
+                        run=lineage.owner(folder))
+    if why not in (None, "missing"):
+      raise UserError(f"{artifacts.labels_beside(path)} does not belong to {path} ({why}); "
+                      "put the model's own labels.txt beside it.")
 
 
 def model_class_names(path: str) -> list[str]:

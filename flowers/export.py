@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Iterable
@@ -37,6 +38,7 @@ import tensorflow as tf
 from flowers import artifacts
 from flowers import data as data_lib
 from flowers import evaluate as evaluate_lib
+from flowers import lineage
 from flowers import model as model_lib
 from flowers import runs
 from flowers import tflite_metadata
@@ -147,19 +149,31 @@ def metadata_info(options: ExportOptions, source_name: str, num_classes: int,
       author=METADATA_AUTHOR)
 
 
-def load_keras_model(path: str) -> keras.Model:
-  """Loads a `.keras` model saved by flowers; a bad path is a `UserError`."""
+def check_model_path(path: str) -> None:
+  """Refuses a path that is no `.keras` file, in one line."""
   if not path.endswith(".keras"):
     raise UserError(f"--model={path}: export converts a .keras model (from "
                     "--mode=train or --mode=tune).")
   if not os.path.isfile(path):
     raise UserError(f"--model={path} does not exist; train a model first "
                     "(--mode=train or --mode=tune).")
+
+
+def load_keras_model(path: str) -> keras.Model:
+  """Loads a `.keras` model saved by flowers; a bad path is a `UserError`."""
+  check_model_path(path)
   try:
-    return keras.models.load_model(path)
+    model = keras.models.load_model(path)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"--model={path} could not be loaded ({type(e).__name__}); "
                     "is it a model saved by flowers?") from e
+  names = {layer.name for layer in model.layers}
+  missing = [n for n in (model_lib.BASE_NAME, model_lib.CLASSIFIER_NAME) if n not in names]
+  if missing or len(model.inputs) != 1 or len(model.outputs) != 1:
+    raise UserError(f"--model={path} is a Keras model but not one flowers made (no "
+                    f"{' or '.join(repr(n) for n in missing) or 'single input and output'});"
+                    " export a model.keras from --mode=train or --mode=tune.")
+  return model
 
 
 def _details(interpreter) -> tuple[dict, dict]:
@@ -238,6 +252,25 @@ def _class_names(model_path: str, splits: data_lib.Splits, num_outputs: int) -> 
   return names
 
 
+def _remove_stale_exports(workdir: str, file_name: str, model_sha: str | None,
+                          model_run: str) -> None:
+  """Deletes an earlier export in `workdir` made from another model or run.
+
+  An export of this very model is kept until the new one replaces it (a
+  failed conversion then leaves a valid one, not a missing one); an export of
+  another model would pass for this one's, so it goes first.
+  """
+  if not os.path.exists(os.path.join(workdir, artifacts.LINEAGE)):
+    return
+  stale = [n for n in (file_name, artifacts.EXPORT_REPORT)
+           if lineage.check(workdir, n, model=model_sha, run=model_run) not in (None, "missing")]
+  for name in stale:
+    os.remove(os.path.join(workdir, name))
+    print(f"flowers_main: removed {os.path.join(workdir, name)}: it was made from another "
+          "model.", file=sys.stderr)
+  lineage.forget(workdir, stale)
+
+
 def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
                         source: data_lib.Source | None = None) -> dict:
   """Converts `model_path`, verifies it on the test split, and writes it.
@@ -255,11 +288,16 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
   """
   options = config.export
   start = time.time()
+  check_model_path(model_path)
+  data = runs.model_data(model_path, workdir, config.data)
   model = load_keras_model(model_path)
+  model_sha = lineage.model_sha256(model_path)
+  model_run = (lineage.owner(os.path.dirname(os.path.abspath(model_path)))
+               or f"model:{model_sha}")
+  _remove_stale_exports(workdir, options.file_name, model_sha, model_run)
   image_size = int(model.input.shape[1])
   num_outputs = int(model.output.shape[-1])
-  data = dataclasses.replace(runs.model_data(model_path, workdir, config.data),
-                             image_size=image_size)
+  data = dataclasses.replace(data, image_size=image_size)
   source = source or data_lib.load_source(data)
   splits = data_lib.load_splits(data, source=source, workdir=workdir)
   class_names = _class_names(model_path, splits, num_outputs)
@@ -325,11 +363,14 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
         "export_seconds": round(time.time() - start, 1),
     })
     artifacts.write_json(report_path, report)
+    lineage.record(workdir, artifacts.EXPORT_REPORT, mode="export", model=model_sha,
+                   run=model_run)
     if not passed:
       # An older export beside it would now pass for this model's: remove it.
       stale = os.path.exists(final_path)
       if stale:
         os.remove(final_path)
+        lineage.forget(workdir, [options.file_name])
       raise UserError(
           f"{options.file_name} loses {report['accuracy_drop_points']:.2f} points of "
           f"test accuracy ({report['float_test_accuracy']:.4f} -> "
@@ -337,6 +378,8 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
           f"{options.max_accuracy_drop:g}; not written"
           + (", and the older one there removed" if stale else "") + f" (see {report_path}).")
   artifacts.write_labels(os.path.join(workdir, artifacts.LABELS), class_names)
+  lineage.record(workdir, [options.file_name, artifacts.LABELS, artifacts.EXPORT_REPORT],
+                 mode="export", model=model_sha, run=model_run)
   print(f"{options.file_name}: {len(tflite_model) / 1e6:.2f} MB, test_accuracy="
         f"{report['tflite_test_accuracy']:.4f} (float {report['float_test_accuracy']:.4f}, "
         f"drop {report['accuracy_drop_points']:.2f} points, top-1 agreement "

@@ -135,6 +135,13 @@ def help_text() -> str:
   return "\n".join(lines)
 
 
+REMOVED_FLAGS = {
+    "executions_per_trial": "--executions_per_trial was removed: a trial is one execution, "
+                            "scored and shipped as is; run more trials with --max_trials",
+}
+"""Flags older flagfiles may hold -> what replaced them (said instead of "unknown flag")."""
+
+
 def _parse(argv: list[str]) -> list[str]:
   """absl's parsing, with our own `--help`/`-h`/`--helpshort` (absl's lists no flag).
 
@@ -147,12 +154,18 @@ def _parse(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"flowers_main: error: {e}; see flowers_main --help.", file=sys.stderr)
+    message = str(e)
+    removed = [note for name, note in REMOVED_FLAGS.items() if f"'{name}'" in message
+               or f"'no{name}'" in message]
+    print(f"flowers_main: error: {removed[0] if removed else message}; see flowers_main "
+          "--help.", file=sys.stderr)
     sys.exit(2)
 
 
 def _check_inputs(mode: str, config: config_lib.RunConfig, workdir: str) -> None:
   """What a mode needs that no setting can check alone, before TensorFlow loads."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir} is a file; give a folder (a new one, or a run's).")
   if mode == "predict" and not config.predict.images:
     raise UserError("--mode=predict needs --images=FILE_OR_DIR[,...].")
   if mode in ("evaluate", "predict", "export"):

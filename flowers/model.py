@@ -53,7 +53,16 @@ def load_base(image_size: int = 224, weights: str | None = "imagenet",
         input_shape=(image_size, image_size, 3), include_top=False,
         weights=weights, alpha=alpha, name=BASE_NAME)
   except ValueError as e:
-    raise UserError(f"Cannot load MobileNetV2 weights {weights!r}: {e}") from e
+    what = " ".join(str(e).split())[:160]
+    raise UserError(f"Cannot load MobileNetV2 weights {weights!r}: {what}; give the "
+                    f"no-top .h5 of MobileNetV2 with alpha={alpha:g}, or "
+                    "--weights=imagenet.") from e
+  except (OSError, KeyError) as e:
+    # h5py: a truncated or damaged file, or one that is not HDF5 at all.
+    what = " ".join(str(e).split())[:120] or type(e).__name__
+    raise UserError(f"--weights={weights} cannot be read as a Keras .h5 weights file "
+                    f"({what}); it may be truncated or damaged: copy or download it "
+                    "again, or use --weights=imagenet.") from e
   base.trainable = False
   return base
 
@@ -191,10 +200,10 @@ def round_kernels_to_int8_grid(model: keras.Model,
   reconstructed from an int8 model, frozen layers) do not change; fine-tuned
   ones move by at most half a step. After this the float model holds exactly
   the weights the int8 model will, and the two differ only by activation
-  rounding (top-1 agreement 0.977 -> 0.991 on the cpu.cfg model).
+  rounding.
 
-  Rounding shifts each channel's mean output by dW . E[input]; on its own it
-  cost the cpu.cfg model about a point of val accuracy (0.9534 -> 0.9435).
+  Rounding shifts each channel's mean output by dW . E[input], which on its own
+  costs accuracy.
   Given `calibration_images` (uint8 batches), that shift is measured on them
   and added to the moving mean of the BatchNorm that follows the conv (bias
   correction, as in Nagel et al. 2019, "Data-Free Quantization"), so each

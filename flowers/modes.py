@@ -2,9 +2,10 @@
 
 Every mode takes the run's `RunConfig` and its workdir, and reads and writes
 inside the workdir: `prepare` writes splits.csv; `train` and `tune` write
-model.keras, labels.txt, report.json and the rest; `export` writes
-model_int8.tflite and its export report; `report` redraws plots and
-summary.md from what is already there.
+model.keras, labels.txt, report.json and the rest; `evaluate` writes
+evaluation_<model>.json; `export` writes model_int8.tflite and its export
+report; `report` redraws plots and summary.md from what is already there.
+Each records what it wrote in lineage.json (`flowers.lineage`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ def _write_plots(workdir: str, enabled: bool) -> None:
   print(f"Report: {path}")
 
 
+def _print_finished(report: dict, workdir: str) -> None:
+  print(f"{workdir} already holds this run, finished: test_accuracy="
+        f"{report['test_accuracy']:.4f} val_accuracy={report.get('val_accuracy', float('nan')):.4f}"
+        f" ({report['num_test_examples']} test images) -> "
+        f"{os.path.join(workdir, artifacts.MODEL)}; nothing was changed (--overwrite starts "
+        "afresh).")
+
+
 def train(config: RunConfig, workdir: str) -> dict:
   """Two-stage training, test evaluation and artifacts (see `train.py`)."""
   from flowers import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -66,6 +75,9 @@ def train(config: RunConfig, workdir: str) -> dict:
   source = data_lib.load_source(config.data)
   report = train_lib.train_and_evaluate(config, workdir, source)
   if not report.get("is_chief", True):
+    return report
+  if report.get("already_finished"):
+    _print_finished(report, workdir)
     return report
   print(f"test_accuracy={report['test_accuracy']:.4f} "
         f"test_top5_accuracy={report['test_top5_accuracy']:.4f} "
@@ -80,12 +92,19 @@ def train(config: RunConfig, workdir: str) -> dict:
 
 
 def evaluate(config: RunConfig, workdir: str) -> dict:
-  """Test metrics of a .keras or .tflite model into `WORKDIR/report.json`."""
+  """Test metrics of a .keras or .tflite model into `WORKDIR/evaluation_<model>.json`.
+
+  The model is scored on its own run's test split (`runs.model_data`); the
+  training report.json is never touched. Results of another run's model are
+  written only into that run's folder or a fresh one.
+  """
   from flowers import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from flowers import lineage  # pylint: disable=g-import-not-at-top
 
   path = config.predict.model_path(workdir)
   predictor, image_size = evaluate_lib.load_predictor(path)
   class_names = evaluate_lib.model_class_names(path)
+  evaluate_lib.check_labels(path, class_names, predictor.num_outputs)
   data = dataclasses.replace(runs.model_data(path, workdir, config.data),
                              image_size=image_size)
   splits = data_lib.load_splits(data, workdir=workdir)
@@ -96,11 +115,18 @@ def evaluate(config: RunConfig, workdir: str) -> dict:
   report = evaluate_lib.metrics(probs, labels, class_names)
   report["num_skipped_images"] = {"test": evaluate_lib.count_skipped(
       "test", len(splits.keys("test")), len(labels), data.strict)}
+  listed = getattr(splits.source, "skipped", None)
+  if listed:
+    report["num_skipped_images"]["listing"] = len(listed)
+  model_sha = lineage.model_sha256(path)
   report.update({"model": os.path.abspath(path), "source": splits.source.name,
                  "split": data.split, "seed": data.seed})
-  out = os.path.join(workdir, artifacts.REPORT if path.endswith(".keras")
-                     else artifacts.TFLITE_REPORT)
+  name = artifacts.evaluation_report(path)
+  out = os.path.join(workdir, name)
   artifacts.write_json(out, report)
+  model_dir = os.path.dirname(os.path.abspath(path))
+  lineage.record(workdir, name, mode="evaluate", model=model_sha,
+                 run=lineage.owner(model_dir) or f"model:{model_sha}")
   print(f"test_accuracy={report['test_accuracy']:.4f} "
         f"test_top5_accuracy={report['test_top5_accuracy']:.4f} "
         f"test_macro_f1={report['test_macro_f1']:.4f} "
@@ -109,13 +135,16 @@ def evaluate(config: RunConfig, workdir: str) -> dict:
 
 
 def _image_files(paths: Sequence[str]) -> list[str]:
+  """The files `--images` names: files as given, folders walked (hidden files left out).
+
+  Whether a file is an image is decided by reading it, not by its extension.
+  """
   files = []
   for path in paths:
     if os.path.isdir(path):
       for root, dirs, names in os.walk(path):
-        dirs.sort()
-        files += [os.path.join(root, n) for n in sorted(names)
-                  if n.lower().endswith(data_lib.IMAGE_EXTENSIONS)]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]
     elif os.path.isfile(path):
       files.append(path)
     else:
@@ -133,11 +162,17 @@ def predict(config: RunConfig, workdir: str) -> list[dict]:
   path = config.predict.model_path(workdir)
   predictor, image_size = evaluate_lib.load_predictor(path)
   class_names = evaluate_lib.model_class_names(path)
+  evaluate_lib.check_labels(path, class_names, predictor.num_outputs)
   results = []
   files = _image_files(options.images)
   for file in files:
-    with open(file, "rb") as f:
-      encoded = f.read()
+    try:
+      with open(file, "rb") as f:
+        encoded = f.read()
+    except OSError as e:
+      print(f"flowers_main: warning: {file} cannot be read ({e.strerror or e}); skipped.",
+            file=sys.stderr)
+      continue
     image = data_lib.decode_with_pil(encoded)
     if image is None:
       print(f"flowers_main: warning: {file} is not a readable image; skipped.",
@@ -150,7 +185,10 @@ def predict(config: RunConfig, workdir: str) -> list[dict]:
                                              for l, p in top]})
   if not results:
     raise UserError(f"None of the {len(files)} file(s) given by --images is a readable "
-                    "image; give JPEG, PNG, BMP or GIF files.")
+                    "image; give image files Pillow reads (JPEG, PNG, TIFF, WebP, ...).")
+  if len(results) < len(files):
+    print(f"flowers_main: warning: {len(files) - len(results)} of the {len(files)} files "
+          "were skipped (named above).", file=sys.stderr)
   if options.output is OutputFormat.JSON:
     print(json.dumps(results, indent=2))
   else:
@@ -163,12 +201,17 @@ def predict(config: RunConfig, workdir: str) -> list[dict]:
 
 def tune(config: RunConfig, workdir: str) -> dict:
   """KerasTuner search, best model evaluated, saved and exported (see `tune.py`)."""
+  from flowers import lineage  # pylint: disable=g-import-not-at-top
   from flowers import tune as tune_lib  # pylint: disable=g-import-not-at-top
 
   source = data_lib.load_source(config.data)
   report = tune_lib.run_search(config, workdir, source)
   if not report["is_chief"]:
     return report
+  if report.get("already_finished"):
+    _print_finished(report, workdir)
+    return report
+  lineage.record(workdir, [artifacts.TRIALS, artifacts.BEST_HPARAMS], mode="tune", model=None)
   if config.search.export:
     from flowers import export as export_lib  # pylint: disable=g-import-not-at-top
 

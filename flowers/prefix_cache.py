@@ -11,6 +11,9 @@ per image. Val is cached once, un-augmented. Test is never cached: it is
 evaluated through the full model, as users run it.
 
 The cache is saved under `WORKDIR/cache/` so a resumed run skips this pass.
+Its id hashes everything that decides its bytes (`cache_identity`), which
+`prefix_<id>.json` records beside the arrays; a workdir keeps only the cache
+its run uses.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import json
 import logging
 import math
 import os
+import re
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -31,22 +35,59 @@ from flowers import artifacts
 from flowers import model as model_lib
 
 
-def _cache_id(model: keras.Model, cut: int, views: int, seed: int,
-              split_keys: dict[str, list[str]]) -> str:
-  """A short hash of everything the cached activations depend on."""
+# A cache's files: prefix_<id>_<array>.npy and prefix_<id>.json.
+_CACHE_FILE = re.compile(r"prefix_([0-9a-f]{16})[_.]")
+
+
+def cache_identity(model: keras.Model, cut: int, views: int, seed: int,
+                   split_keys: dict[str, list[str]],
+                   key: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Everything the cached activations depend on, as JSON.
+
+  The model's input, cut and augmentation; the views and their seed; which
+  images are in each split; the base's first conv kernel (which identifies
+  its weights) and `key`: what the caller knows decides the bytes besides
+  (the code's preprocessing and augmentation methods, package versions, the
+  weights file, the images' content; see `train.cache_key`).
+  """
   base = model_lib.base_of(model)
-  digest = hashlib.sha256()
-  digest.update(json.dumps({
+  first_conv = hashlib.sha256()
+  for w in base.layers[1].get_weights()[:1]:
+    first_conv.update(np.ascontiguousarray(w).tobytes())
+  return {
       "cut": base.layers[cut].name, "views": views, "seed": seed,
       "input": list(model.input.shape[1:]),
-      "augment": model.get_layer(model_lib.AUGMENT_NAME).get_config()
-                 if model_lib.AUGMENT_NAME in [l.name for l in model.layers] else None,
-  }, sort_keys=True, default=str).encode())
-  for split in sorted(split_keys):
-    digest.update("\n".join(split_keys[split]).encode())
-  for w in base.layers[1].get_weights()[:1]:  # First conv: identifies the weights.
-    digest.update(np.ascontiguousarray(w).tobytes())
-  return digest.hexdigest()[:16]
+      "augment": _augmentation(model),
+      "splits": {split: hashlib.sha256("\n".join(keys).encode()).hexdigest()
+                 for split, keys in sorted(split_keys.items())},
+      "first_conv_sha256": first_conv.hexdigest(),
+      "key": key or {},
+  }
+
+
+def _augmentation(model: keras.Model) -> list[dict[str, Any]] | None:
+  """The configs of the model's augmentation layers, without the input layer
+  (Keras numbers its name by how many models the process has built)."""
+  if model_lib.AUGMENT_NAME not in [l.name for l in model.layers]:
+    return None
+  config = model.get_layer(model_lib.AUGMENT_NAME).get_config()
+  return [l for l in config.get("layers", [config]) if l.get("class_name") != "InputLayer"]
+
+
+def _cache_id(identity: dict[str, Any]) -> str:
+  """A short hash of `cache_identity`."""
+  text = json.dumps(identity, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _keep_only(cache_dir: str, cache_id: str) -> None:
+  """Deletes the files of every other frozen-prefix cache in `cache_dir`: they
+  were made by another recipe or run of this workdir, and would never be read."""
+  for name in os.listdir(cache_dir):
+    found = _CACHE_FILE.match(name)
+    if found and found.group(1) != cache_id:
+      os.remove(os.path.join(cache_dir, name))
+      logging.info("Removed %s: a frozen-prefix cache this run does not use.", name)
 
 
 class PrefixCache:
@@ -69,15 +110,19 @@ class PrefixCache:
   def build(cls, model: keras.Model, cut: int, train_ds: tf.data.Dataset,
             val_ds: tf.data.Dataset, views: int, seed: int,
             cache_dir: str | None, split_keys: dict[str, list[str]],
-            verbose: int = 1) -> "PrefixCache":
+            key: dict[str, Any] | None = None, verbose: int = 1) -> "PrefixCache":
     """Computes (or loads from `cache_dir`) the activations at layer `cut`.
 
     `train_ds` and `val_ds` yield batches of (uint8 images, labels) in a fixed
-    order (not shuffled). The pass is the longest stretch of a CPU run, so it
-    shows a Keras progress bar (images done, images/s, time left) at
-    `verbose=1`, and logs a line per view at any verbosity.
+    order (not shuffled). `key`: what else decides the activations (see
+    `cache_identity`); a cache is reused only when all of it matches, and
+    the other caches in `cache_dir` are then deleted. The pass is the longest
+    stretch of a CPU run, so it shows a Keras progress bar (images done,
+    images/s, time left) at `verbose=1`, and logs a line per view at any
+    verbosity.
     """
-    cache_id = _cache_id(model, cut, views, seed, split_keys)
+    identity = cache_identity(model, cut, views, seed, split_keys, key)
+    cache_id = _cache_id(identity)
     paths = None
     if cache_dir:
       os.makedirs(cache_dir, exist_ok=True)
@@ -87,6 +132,7 @@ class PrefixCache:
         logging.info("Reusing the frozen-prefix cache %s.", cache_id)
         loaded = {k: np.load(p, mmap_mode="r" if k == "train" else None)
                   for k, p in paths.items()}
+        _record(cache_dir, cache_id, identity)
         return cls(model, cut, loaded["train"], loaded["train_labels"],
                    loaded["val"], loaded["val_labels"])
     embed = _prefix_fn(model, cut, seed)
@@ -108,7 +154,10 @@ class PrefixCache:
       train_labels = labels
       logging.info("Frozen-prefix cache: view %d/%d of %d images done (%.0f s).",
                    view + 1, views, len(labels), time.time() - start)
-    val, val_labels = _run(embed, val_ds, augment=False, on_batch=advance)
+    if split_keys["val"]:
+      val, val_labels = _run(embed, val_ds, augment=False, on_batch=advance)
+    else:  # No val split: no early stopping either.
+      val, val_labels = train[0][:0], train_labels[:0]
     cache = cls(model, cut, np.stack(train), train_labels, val, val_labels)
     if paths:
       for name, array in (("train", cache.train_views), ("train_labels", train_labels),
@@ -116,6 +165,7 @@ class PrefixCache:
         with artifacts.atomic_path(paths[name]) as tmp:
           with open(tmp, "wb") as f:
             np.save(f, array)
+      _record(cache_dir, cache_id, identity)
     return cache
 
   def pooled(self, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
@@ -128,12 +178,23 @@ class PrefixCache:
       return pool(suffix(tf.cast(acts, tf.float32), training=False))
 
     def run(array: np.ndarray) -> np.ndarray:
+      if not len(array):  # No val split.
+        return np.zeros((0, suffix.output.shape[-1]), np.float32)
       out = [features(array[i:i + batch_size]).numpy()
              for i in range(0, len(array), batch_size)]
       return np.concatenate(out).astype(np.float32)
 
     train = np.stack([run(self.train_views[v]) for v in range(self.num_views)])
     return train, run(self.val)
+
+
+def _record(cache_dir: str, cache_id: str, identity: dict[str, Any]) -> None:
+  """`prefix_<id>.json`: what made the cache, for people and lineage; then
+  the other caches go."""
+  path = os.path.join(cache_dir, f"prefix_{cache_id}.json")
+  if not os.path.exists(path):
+    artifacts.write_json(path, identity)
+  _keep_only(cache_dir, cache_id)
 
 
 def suffix_model(model: keras.Model, cut: int) -> keras.Model:
@@ -207,6 +268,11 @@ class ViewSampler(keras.utils.PyDataset):
     x = self.views[self.view_of[idx], idx].astype(np.float32)
     y = keras.utils.to_categorical(self.labels[idx], self.num_classes)
     return x, y
+
+  def set_epoch(self, epoch: int) -> None:
+    """Draws epoch `epoch`'s order and views (a resumed run's next epoch)."""
+    self.epoch = epoch
+    self._draw()
 
   def on_epoch_end(self) -> None:
     self.epoch += 1

@@ -15,23 +15,37 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 from typing import Any
 
 from flowers import artifacts
 from flowers import config as config_lib
+from flowers import lineage
 from flowers.errors import UserError
 
 # Settings that do not change what a run computes, left out of its fingerprint.
 _NOT_RESULTS = {
-    "data": ("image_dir", "tfds_data_dir", "download", "cache"),  # Where, not what.
+    # Where the data lives, whether to fetch it, how a bad image is handled (a --strict
+    # run that passes computes what a lenient one does), how the pipeline caches.
+    "data": ("image_dir", "tfds_data_dir", "download", "strict", "cache", "split"),
     "train": ("verbose",),
     "search": ("max_trials", "export"),  # A search may be extended.
 }
-_TRAINING_STATE = (artifacts.STAGE1_WEIGHTS, artifacts.BACKUP_DIR, artifacts.LOGS_DIR,
-                   artifacts.stage_history("stage1"), artifacts.stage_history("stage2"),
-                   artifacts.MODEL, artifacts.REPORT, artifacts.HISTORY)
+# Where a run's data lives: recorded in run.json for the modes that come after (evaluate,
+# export), never compared (a moved image folder or TFDS copy is the same data).
+_LOCATION = ("image_dir", "tfds_data_dir", "download")
+# ... and how its split was spelled (the fingerprint holds the fractions it means).
+# What a train or tune run leaves to resume from, and what it derives; --overwrite deletes
+# all of it (with every file lineage.json lists).
+_RUN_FILES = (artifacts.STAGE1_WEIGHTS, artifacts.STAGE2_WEIGHTS, artifacts.BACKUP_DIR, artifacts.LOGS_DIR,
+              artifacts.stage_history("stage1"), artifacts.stage_history("stage2"),
+              artifacts.MODEL, artifacts.REPORT, artifacts.HISTORY, artifacts.LABELS,
+              artifacts.TRIALS, artifacts.BEST_HPARAMS, artifacts.EXPORT_REPORT,
+              artifacts.SUMMARY, artifacts.PLOTS_DIR, artifacts.TUNER_DIR, artifacts.SPLITS,
+              artifacts.RUN, artifacts.FLAGS, artifacts.LINEAGE,
+              *artifacts.TFLITE_NAMES.values())
 
 
 def file_sha256(path: str) -> str:
@@ -73,8 +87,24 @@ def versions() -> dict[str, str]:
   return found
 
 
-def fingerprint(config: config_lib.RunConfig, mode: str, *, source_name: str,
-                listing: str, splits_sha256: str, feature_cache: bool,
+def split_identity(split: str, seed: int) -> Any:
+  """How a --split is spelled does not matter, only the fractions it means."""
+  from flowers import split as split_lib  # pylint: disable=g-import-not-at-top
+
+  spec = split_lib.parse_split(split, seed)
+  return "official" if spec.is_official else [round(f, 9) for f in spec.fractions]
+
+
+def source_identity(source: Any) -> dict[str, Any]:
+  """What a source's images are, not where they live (a moved folder is the same data)."""
+  name = source.name if source.name.startswith("tfds:") else "image_dir"
+  content = getattr(source, "content_sha256", None)
+  return {"name": name, "listing_sha256": listing_sha256(source.keys, source.labels),
+          "content_sha256": content() if callable(content) else None}
+
+
+def fingerprint(config: config_lib.RunConfig, mode: str, *, source: Any,
+                splits_sha256: str, feature_cache: bool,
                 methods: dict[str, str] | None = None) -> dict[str, Any]:
   """Everything a run's results depend on, as JSON.
 
@@ -83,7 +113,9 @@ def fingerprint(config: config_lib.RunConfig, mode: str, *, source_name: str,
   put on the int8 grid; so a run is not resumed on another recipe.
 
   A search (`mode="tune"`) leaves out the training values it searches; a
-  training run leaves out the search.
+  training run leaves out the search. Settings that change the model only
+  through another path are resolved: the shuffle buffer of the plain input path
+  (set by `--cache`), the calibration images of the int8-grid rounding.
   """
   settings = config.to_json()
   kept = {part: {k: v for k, v in settings[part].items()
@@ -91,11 +123,25 @@ def fingerprint(config: config_lib.RunConfig, mode: str, *, source_name: str,
           for part in ("data", "train") + (("search",) if mode == "tune" else ())}
   if mode == "tune":
     kept["train"] = {k: v for k, v in kept["train"].items() if k not in config_lib.HPARAMS}
+  kept["data"]["split"] = split_identity(config.data.split, config.data.seed)
+  if not feature_cache:  # The cached path reads its own sampler, not the shuffled pipeline.
+    kept["data"]["shuffle_buffer"] = ("whole split" if config.data.cache.value == "memory"
+                                      else "bounded")
   kept["train"]["feature_cache"] = "on" if feature_cache else "off"  # auto, resolved.
   kept["train"]["weights"] = weights_identity(config.train.weights)
-  return {"mode": mode, **kept,
-          "source": {"name": source_name, "listing_sha256": listing},
+  if config.train.int8_grid_weights:  # The rounding's bias correction uses these images.
+    kept["export"] = {"calibration_examples": config.export.calibration_examples}
+  return {"mode": mode, **kept, "source": source_identity(source),
           **(methods or {}), "splits_sha256": splits_sha256, "versions": versions()}
+
+
+def location(config: config_lib.RunConfig) -> dict[str, Any]:
+  """Where the run's data lives (absolute paths), for the modes that come after."""
+  found: dict[str, Any] = {"split": config.data.split}
+  for name in _LOCATION:
+    value = getattr(config.data, name)
+    found[name] = os.path.abspath(value) if isinstance(value, str) else value
+  return found
 
 
 def recipe() -> dict[str, str]:
@@ -113,56 +159,117 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
   if isinstance(old, dict) and isinstance(new, dict):
     found = []
     for key in sorted(set(old) | set(new)):
+      if not prefix and key == "location":
+        continue  # Where the data lives is not what it is.
       found += differences(old.get(key), new.get(key), f"{prefix}{key}.")
     return found
   return [] if old == new else [f"{prefix.rstrip('.')}: {old} -> {new}"]
+
+
+def run_fingerprint(config: config_lib.RunConfig, workdir: str, mode: str, source: Any,
+                    feature_cache: bool) -> dict[str, Any]:
+  """`fingerprint` of a run in `workdir`, whose splits.csv is already written."""
+  return fingerprint(config, mode, source=source,
+                     splits_sha256=file_sha256(os.path.join(workdir, artifacts.SPLITS)),
+                     feature_cache=feature_cache, methods=recipe())
+
+
+def _refuse_other_settings(workdir: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+  changed = differences(old, new)
+  if changed:
+    shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4
+                                       else "")
+    raise UserError(f"{workdir} holds a run made with other settings ({shown}); rerun "
+                    "with the same flags to resume it, add --overwrite to start afresh, "
+                    "or use a new --workdir.")
+
+
+def read_run(workdir: str) -> dict[str, Any] | None:
+  """The workdir's run.json, or None; a damaged one is a one-line error."""
+  path = os.path.join(workdir, artifacts.RUN)
+  if not os.path.exists(path):
+    return None
+  return artifacts.read_json(path, fix="add --overwrite to start afresh")
 
 
 def begin(config: config_lib.RunConfig, workdir: str, mode: str, source: Any, *,
           feature_cache: bool, chief: bool = True) -> dict[str, Any]:
   """Checks a run against the workdir's `run.json` and records it; returns it.
 
-  `source` is the run's `data.Source` (its name and listing are fingerprinted).
-
-  With `config.overwrite`, an earlier run's training state is deleted first.
-  A distributed worker (`chief=False`) only compares: the chief writes.
+  `source` is the run's `data.Source` (what its images are is fingerprinted).
+  Call `start_afresh` first for `--overwrite`. A distributed worker
+  (`chief=False`) only compares: the chief writes. Files already as they
+  should be are not rewritten, so a rerun of a finished run changes nothing.
   """
-  path = os.path.join(workdir, artifacts.RUN)
-  splits_path = os.path.join(workdir, artifacts.SPLITS)
-  new = fingerprint(config, mode, source_name=source.name,
-                    listing=listing_sha256(source.keys, source.labels),
-                    splits_sha256=file_sha256(splits_path), feature_cache=feature_cache,
-                    methods=recipe())
-  if os.path.exists(path) and not (config.overwrite and chief):
-    changed = differences(artifacts.read_json(path), new)
-    if changed:
-      shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4
-                                         else "")
-      raise UserError(f"{workdir} holds a run made with other settings ({shown}); rerun "
-                      "with the same flags to resume it, add --overwrite to start afresh, "
-                      "or use a new --workdir.")
+  new = run_fingerprint(config, workdir, mode, source, feature_cache)
+  old = read_run(workdir)
+  if old is not None:
+    _refuse_other_settings(workdir, old, new)
   if chief:
-    if config.overwrite:
-      clear_training_state(workdir)
-    artifacts.write_json(path, new)
-    artifacts.write_text(os.path.join(workdir, artifacts.FLAGS),
-                         "\n".join([f"--mode={mode}", f"--workdir={workdir}"]
-                                   + as_flags(config)) + "\n")
+    artifacts.remove_orphaned_temporaries(workdir)
+    _write_if_changed(os.path.join(workdir, artifacts.RUN),
+                      json.dumps({**new, "location": location(config)}, indent=2,
+                                 sort_keys=True) + "\n")
+    _write_if_changed(os.path.join(workdir, artifacts.FLAGS),
+                      "\n".join([f"--mode={mode}", f"--workdir={workdir}"]
+                                 + as_flags(config)) + "\n")
   return new
+
+
+def _write_if_changed(path: str, text: str) -> None:
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      if f.read() == text:
+        return
+  artifacts.write_text(path, text)
+
+
+def finished(config: config_lib.RunConfig, workdir: str, mode: str, source: Any, *,
+             feature_cache: bool) -> dict[str, Any] | None:
+  """The report of this very run when it already finished in `workdir`, else None.
+
+  Finished means: run.json records these settings and data, and report.json
+  is this run's and describes the model.keras beside it (`flowers.lineage`).
+  A search is finished for at most the trials it ran (a larger --max_trials
+  extends it) and, with its export on, once the export of that model is there.
+  """
+  old = read_run(workdir)
+  if old is None or config.overwrite or not os.path.exists(
+      os.path.join(workdir, artifacts.SPLITS)):
+    return None
+  if differences(old, run_fingerprint(config, workdir, mode, source, feature_cache)):
+    return None
+  model = lineage.workdir_model(workdir)
+  if model is None or lineage.check(workdir, artifacts.REPORT, model=model) is not None:
+    return None
+  report = artifacts.read_json(os.path.join(workdir, artifacts.REPORT))
+  if mode == "tune":
+    if report.get("max_trials", 0) < config.search.max_trials:
+      return None
+    if config.search.export and lineage.check(workdir, config.export.file_name,
+                                              model=model) is not None:
+      return None
+  return report
 
 
 def model_data(model_path: str, workdir: str,
                data: config_lib.DataConfig) -> config_lib.DataConfig:
-  """The data settings to evaluate a model with: those of the run that made it.
+  """The data settings to evaluate or export a model with: those of the run that made it.
 
-  A model is scored only on its own test split. When it comes from another
-  folder, that run's `splits.csv` is copied into `workdir` (which must not
-  hold another split), and its split and seed replace the ones given, so the
-  images it trained on are never scored as test images.
+  A model is scored only on its own test split, with the data its run used:
+  the split, seed and dataset come from the run.json beside the model, and
+  so does where the data lives unless the command line names a place
+  (`--tfds_data_dir`, `--image_dir`: the data may have moved). When the model
+  comes from another folder, that run's `splits.csv` is copied into
+  `workdir`, which must be fresh or already that run's (`refuse_foreign`).
   """
   model_dir = os.path.dirname(os.path.abspath(model_path))
-  if model_dir == os.path.abspath(workdir):
+  run = read_run(model_dir)
+  if run is not None:
+    data = data_of_run(run, data)
+  if same_folder(model_dir, workdir):
     return data
+  refuse_foreign(model_path, workdir)
   manifest = os.path.join(model_dir, artifacts.SPLITS)
   if not os.path.exists(manifest):
     raise UserError(f"{model_path} has no {artifacts.SPLITS} beside it, so which images it "
@@ -173,29 +280,87 @@ def model_data(model_path: str, workdir: str,
     raise UserError(f"{here} is another split than the one {model_path} was trained on; "
                     "use a fresh --workdir (its split is copied there) or the model's own.")
   os.makedirs(workdir, exist_ok=True)
-  shutil.copyfile(manifest, here)
-  run = os.path.join(model_dir, artifacts.RUN)
-  if os.path.exists(run):
-    made = artifacts.read_json(run).get("data", {})
-    data = dataclasses.replace(data, split=made.get("split", data.split),
-                               seed=made.get("seed", data.seed))
+  if not os.path.exists(here):
+    shutil.copyfile(manifest, here)
   return data
 
 
-def clear_training_state(workdir: str) -> None:
-  """Deletes what an earlier run left to resume from (the split and caches stay)."""
-  for name in _TRAINING_STATE:
+def data_of_run(run: dict[str, Any], data: config_lib.DataConfig) -> config_lib.DataConfig:
+  """`data` with the dataset, split and seed a run recorded, and where its data lived
+  unless `data` names a place itself."""
+  made = run.get("data", {})
+  where = run.get("location", {})
+  kept = {name: value for name, value in where.items()
+          if name in _LOCATION and getattr(data, name) in (None, True)}
+  if data.image_dir or data.tfds_data_dir:  # The command line says where the data is now.
+    kept = {}
+  if "tfds_name" in made:
+    kept["tfds_name"] = made["tfds_name"]
+  return dataclasses.replace(data, split=where.get("split", data.split),
+                             seed=made.get("seed", data.seed), **kept)
+
+
+def same_folder(a: str, b: str) -> bool:
+  """Whether two paths name one folder (symlinks and spellings resolved)."""
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_foreign(model_path: str, workdir: str) -> None:
+  """Refuses to write results of `model_path` into a workdir that holds another run.
+
+  A workdir belongs to one run (its run.json, or the model first evaluated or
+  exported into a fresh one); another run's results there would be mixed
+  with its own.
+  """
+  model_dir = os.path.dirname(os.path.abspath(model_path))
+  if not os.path.isdir(workdir):
+    return
+  if os.path.isfile(os.path.join(workdir, artifacts.MODEL)) or read_run(workdir) is not None:
+    theirs = lineage.owner(workdir)
+    if theirs is None or theirs != lineage.owner(model_dir):
+      raise UserError(f"--workdir={workdir} holds another run; write the results of "
+                      f"{model_path} into its own folder (--workdir={model_dir}) or a fresh "
+                      "--workdir.")
+    return
+  theirs = lineage.read(workdir)["owner"]
+  ours = lineage.owner(model_dir) or lineage.model_sha256(model_path)
+  if theirs is not None and theirs != ours:
+    raise UserError(f"--workdir={workdir} holds the results of another model; write those "
+                    f"of {model_path} into a fresh --workdir.")
+
+
+def start_afresh(workdir: str) -> None:
+  """`--overwrite`: deletes everything an earlier run made or derived in `workdir`.
+
+  That is every file lineage.json lists and every file a train or tune run
+  writes (its split and training state too). Caches stay: they are named by a
+  digest of everything that decides their bytes, so a new run reuses one only
+  when it would compute the same, and the other ones are pruned when the new
+  run sets up its own.
+  """
+  if not os.path.isdir(workdir):
+    return
+  names = set(lineage.recorded(workdir)) | set(_RUN_FILES)
+  names |= {n for n in os.listdir(workdir) if n.startswith("evaluation_")}
+  for name in sorted(names, key=len, reverse=True):
     path = os.path.join(workdir, name)
     if os.path.isdir(path):
       shutil.rmtree(path)
     elif os.path.exists(path):
       os.remove(path)
+  artifacts.remove_orphaned_temporaries(workdir)
+
+
+_ONE_SHOT = ("overwrite",)  # Actions, not settings: never recorded in flags.cfg.
 
 
 def as_flags(config: Any) -> list[str]:
-  """`config` as `flowers_main` flags, one per settings field (unset ones left out)."""
+  """`config` as `flowers_main` flags, one per settings field (unset ones and one-shot
+  actions such as --overwrite left out), so a run's flags.cfg resumes it."""
   lines = []
   for field in dataclasses.fields(config):
+    if field.name in _ONE_SHOT:
+      continue
     value = getattr(config, field.name)
     if dataclasses.is_dataclass(value):
       lines += as_flags(value)

@@ -15,11 +15,13 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from flowers import artifacts
+from flowers import lineage
 from flowers import plots as plots_lib
 from flowers import split as split_lib
 from flowers.errors import UserError
@@ -121,8 +123,12 @@ def summary_markdown(workdir: str, report: Mapping[str, Any], *,
                      history_found: bool = True,
                      export_report: Mapping[str, Any] | None = None,
                      trials: Sequence[Mapping[str, Any]] | None = None,
-                     best_hparams: Any = None) -> str:
-  """The text of summary.md; `plots` maps picture names to their file names."""
+                     best_hparams: Any = None,
+                     dropped: Sequence[tuple[str, str]] = ()) -> str:
+  """The text of summary.md; `plots` maps picture names to their file names.
+
+  `dropped` lists the workdir's files left out, with why (`flowers.lineage`).
+  """
   plots = plots or {}
   class_names = list(report.get("class_names") or [])
   out = [f"# flowers run: {os.path.basename(os.path.abspath(workdir))}", ""]
@@ -244,6 +250,12 @@ def summary_markdown(workdir: str, report: Mapping[str, Any], *,
     out += [_table(("#", "class", "accuracy", "test images", "most often predicted as"),
                    rows, ("r", "l", "r", "r", "l")), ""]
 
+  if dropped:
+    out += ["## Left out", "",
+            "These files are in the folder but were not made from this run and model, so "
+            "nothing above comes from them:", ""]
+    out += [f"- `{name}`: {why}." for name, why in dropped] + [""]
+
   config = report.get("config")
   if isinstance(config, Mapping) and config:
     out += ["## Configuration", "",
@@ -267,10 +279,32 @@ def write_report(workdir: str, command: str | None = None) -> str:
     command: the command line to record; None keeps the one an earlier
       summary.md recorded, else rebuilds it from flags.cfg.
   """
-  report_path = os.path.join(workdir, artifacts.REPORT)
-  if not os.path.exists(report_path):
-    raise UserError(f"{report_path} not found (run --mode=train or --mode=tune first).")
-  report = artifacts.read_json(report_path)
+  checked = os.path.exists(os.path.join(workdir, artifacts.LINEAGE))
+  model = lineage.workdir_model(workdir)
+  dropped: list[tuple[str, str]] = []
+
+  def usable(name: str, describes_model: bool = True) -> bool:
+    """Whether `name` is there and this run's (and this model's); notes a drop."""
+    if not os.path.exists(os.path.join(workdir, name)):
+      return False
+    if not checked:  # A workdir of an older flowers: nothing to check against.
+      return True
+    why = lineage.check(workdir, name, model=model if describes_model else None)
+    if why is not None:
+      dropped.append((name, why))
+      print(f"flowers_main: warning: {os.path.join(workdir, name)} left out of the "
+            f"summary: {why}.", file=sys.stderr)
+    return why is None
+
+  evaluations = sorted((n for n in os.listdir(workdir) if n.startswith("evaluation_")
+                        and n.endswith(".json")) if os.path.isdir(workdir) else [],
+                       key=lambda n: (n != artifacts.evaluation_report(artifacts.MODEL), n))
+  found = next((n for n in [artifacts.REPORT] + evaluations if usable(n)), None)
+  if found is None:
+    why = f" ({dropped[0][1]})" if dropped else ""
+    raise UserError(f"{os.path.join(workdir, artifacts.REPORT)} not found{why} (run "
+                    "--mode=train, --mode=tune or --mode=evaluate first).")
+  report = artifacts.read_json(os.path.join(workdir, found))
   plots_dir = os.path.join(workdir, artifacts.PLOTS_DIR)
   os.makedirs(plots_dir, exist_ok=True)
   plots: dict[str, str] = {}
@@ -289,7 +323,7 @@ def write_report(workdir: str, command: str | None = None) -> str:
   report = {**report, "class_names": class_names}
 
   history_path = os.path.join(workdir, artifacts.HISTORY)
-  history_found = os.path.exists(history_path)
+  history_found = usable(artifacts.HISTORY)
   if history_found:
     made("history", artifacts.HISTORY_PNG, plots_lib.plot_history(
         artifacts.read_json(history_path), plot_path(artifacts.HISTORY_PNG)))
@@ -323,21 +357,27 @@ def write_report(workdir: str, command: str | None = None) -> str:
         overall=report.get("test_accuracy"), class_names=class_names))
 
   export_path = os.path.join(workdir, artifacts.EXPORT_REPORT)
-  export_report = artifacts.read_json(export_path) if os.path.exists(export_path) else None
+  export_report = artifacts.read_json(export_path) if usable(artifacts.EXPORT_REPORT) else None
 
   trials = None
   trials_path = os.path.join(workdir, artifacts.TRIALS)
-  if os.path.exists(trials_path):
+  if usable(artifacts.TRIALS, describes_model=False):
     trials = plots_lib.read_trials(trials_path)
     made("tuning", artifacts.TUNING_PNG,
          plots_lib.plot_tuning(trials, plot_path(artifacts.TUNING_PNG)))
   best_path = os.path.join(workdir, artifacts.BEST_HPARAMS)
-  best_hparams = artifacts.read_json(best_path) if os.path.exists(best_path) else None
+  best_hparams = (artifacts.read_json(best_path)
+                  if usable(artifacts.BEST_HPARAMS, describes_model=False) else None)
 
   text = summary_markdown(
       workdir, report, command=command or previous_command(workdir),
       split_summary=split_summary, plots=plots, history_found=history_found,
-      export_report=export_report, trials=trials, best_hparams=best_hparams)
+      export_report=export_report, trials=trials, best_hparams=best_hparams,
+      dropped=dropped)
   path = os.path.join(workdir, artifacts.SUMMARY)
   artifacts.write_text(path, text)
+  if checked:
+    lineage.record(workdir, [artifacts.SUMMARY] + [
+        os.path.join(artifacts.PLOTS_DIR, f) for f in sorted(set(plots.values()))
+        if os.path.exists(os.path.join(plots_dir, f))], mode="report", model=model)
   return path

@@ -30,7 +30,7 @@ import flatbuffers
 import numpy as np
 
 from flowers import artifacts
-from flowers import metadata_schema_py_generated as meta_fb
+from flowers._vendor.tflite_metadata_schema import metadata_schema_py_generated as meta_fb
 
 METADATA_NAME = "TFLITE_METADATA"  # The model metadata entry clients look up.
 METADATA_IDENTIFIER = b"M001"

@@ -7,8 +7,11 @@
 each `--mode=tune` trial runs it with the trial's hyperparameters
 (`dataclasses.replace(config.train, dropout=..., ...)`), so both get the same
 callbacks (resume, CSV history, TensorBoard, early stopping), schedules and
-seeds. Each stage resumes after an interruption (`BackupAndRestore`), and a
-finished stage 1 is never run again: its weights are kept in the run folder.
+seeds. Each stage resumes after an interruption, at the epoch after the last
+finished one, as if never stopped: `StageState` keeps all the next epoch
+depends on (weights, optimizer, random seeds, early stopping, the data's
+position). A finished stage is never run again: its final weights are kept in
+the run folder (`stage1.weights.h5`, `stage2.weights.h5`).
 
 The stages read their inputs from one of two sources with the same interface
 (`Inputs.stage`), the model's weights being the same either way:
@@ -25,9 +28,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
+import random
+import shutil
 import time
 from typing import Any, Protocol, Sequence
 
@@ -92,19 +98,87 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 def stage_callbacks(run_dir: str, stage: str, config: TrainConfig,
                     validate: bool) -> list[keras.callbacks.Callback]:
-  """Resume, CSV history, TensorBoard and (with val data) early stopping."""
+  """CSV history, TensorBoard and (with val data) early stopping.
+
+  `_fit` adds the stage's `StageState` after these (and after its extra
+  callbacks), so what it saves at an epoch's end includes their updates.
+  """
   callbacks: list[keras.callbacks.Callback] = [
-      keras.callbacks.BackupAndRestore(os.path.join(run_dir, artifacts.BACKUP_DIR, stage)),
       keras.callbacks.CSVLogger(os.path.join(run_dir, artifacts.stage_history(stage)),
                                 append=True),
       keras.callbacks.TensorBoard(os.path.join(run_dir, artifacts.LOGS_DIR, stage),
                                   write_graph=False, profile_batch=0),
   ]
   if validate and config.early_stopping_patience > 0:
-    callbacks.append(keras.callbacks.EarlyStopping(
+    callbacks.append(ResumableEarlyStopping(
         monitor="val_accuracy", patience=config.early_stopping_patience,
         restore_best_weights=True, verbose=config.verbose))
   return callbacks
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+  """Keras `EarlyStopping` whose progress can be saved and restored.
+
+  A resumed stage must stop where the whole run would have stopped, and
+  restore the same best weights, so the best value, the epochs waited and the
+  best weights travel in the stage's saved state. Training behaves exactly as
+  `EarlyStopping`'s.
+  """
+
+  def get_state(self) -> dict[str, Any]:
+    """The progress, as JSON (the best weights apart: `best_weights`)."""
+    return {"wait": int(self.wait), "stopped_epoch": int(self.stopped_epoch),
+            "best": None if self.best is None else float(self.best),
+            "best_epoch": int(self.best_epoch)}
+
+  def set_state(self, state: dict[str, Any], best_weights: list[np.ndarray] | None) -> None:
+    """Restores `get_state()`'s progress and the best weights (after `on_train_begin`)."""
+    self.wait = state["wait"]
+    self.stopped_epoch = state["stopped_epoch"]
+    self.best = state["best"]
+    self.best_epoch = state["best_epoch"]
+    self.best_weights = best_weights
+
+
+def seed_states(model: keras.Model) -> list[Any]:
+  """The random-seed variables of `model`'s layers (dropout's, augmentation's).
+
+  They advance with every training step but are not weights, so neither
+  `save_weights` nor a `.keras` file keeps them.
+  """
+  weights = {id(w) for w in model.weights}
+  return [v for v in model.variables if id(v) not in weights]
+
+
+class CountedDataset(tf.data.Dataset):
+  """`dataset` itself, counting the iterators made of it.
+
+  A dataset shuffled with `reshuffle_each_iteration` draws a new order for
+  each iterator, from a sequence that restarts in a new process. Counting
+  the iterators (Keras makes one or more per epoch) lets a resumed process
+  skip to the draw the interrupted one had reached (`skip_to`).
+  """
+
+  def __init__(self, dataset: tf.data.Dataset):
+    self._dataset = dataset
+    self.iterators = 0
+    super().__init__(dataset._variant_tensor)  # pylint: disable=protected-access
+
+  def _inputs(self) -> list[tf.data.Dataset]:
+    return [self._dataset]
+
+  @property
+  def element_spec(self) -> Any:
+    return self._dataset.element_spec
+
+  def __iter__(self):
+    self.iterators += 1
+    return super().__iter__()
+
+  def skip_to(self, iterators: int) -> None:
+    """Makes (and drops) iterators until `iterators` were made; none is read."""
+    while self.iterators < iterators:
+      iter(self)
 
 
 def read_history(run_dir: str, stage: str) -> dict[str, list[float]]:
@@ -116,7 +190,8 @@ def read_history(run_dir: str, stage: str) -> dict[str, list[float]]:
   with open(path, newline="") as f:
     for row in csv.DictReader(f):
       try:  # A row torn by a kill mid-write is skipped; its epoch is redone.
-        values = {k: float(v) for k, v in row.items()}
+        # Without val data Keras writes its val_ columns as "NA".
+        values = {k: float(v) for k, v in row.items() if v != "NA"}
       except (TypeError, ValueError):
         continue
       rows[int(values.pop("epoch"))] = values
@@ -140,12 +215,15 @@ class Stage:
     train: training batches of (inputs, one-hot labels).
     val: val batches, an (inputs, one-hot labels) pair, or None without a val split.
     steps: training steps per epoch.
+    full_model: the full model `model` shares its layers with (its random seed
+      states are saved with the stage's state).
   """
 
   model: keras.Model
   train: Any
   val: Any
   steps: int
+  full_model: keras.Model | None = None
 
 
 class Inputs(Protocol):
@@ -164,13 +242,13 @@ class PlainInputs:
 
   def __init__(self, splits: data_lib.Splits, batch_size: int):
     num_classes = len(splits.class_names)
-    self.train = splits.train.map(one_hot(num_classes))
+    self.train = CountedDataset(splits.train.map(one_hot(num_classes)))
     self.val = splits.val.map(one_hot(num_classes)) if splits.keys("val") else None
     self.steps = steps_per_epoch(len(splits.keys("train")), batch_size)
 
   def stage(self, model: keras.Model, stage: int, seed: int) -> Stage:
     del stage, seed  # The train dataset shuffles with the data seed.
-    return Stage(model, self.train, self.val, self.steps)
+    return Stage(model, self.train, self.val, self.steps, full_model=model)
 
   def num_train_images(self) -> int:
     # After training this reads the pipeline's cache, not the image files.
@@ -212,7 +290,8 @@ class CachedInputs:
       train_features, val_features = self._pooled
       sampler = self._sampler(train_features, seed)
       val = (val_features, self.val_y) if self.val_y is not None else None
-      return Stage(head_model(model, train_features.shape[-1]), sampler, val, len(sampler))
+      return Stage(head_model(model, train_features.shape[-1]), sampler, val, len(sampler),
+                   full_model=model)
     base = model_lib.base_of(model)
     below = [l.name for l in base.layers[:self.cache.cut + 1] if l.trainable and l.weights]
     if base.trainable and below:
@@ -220,7 +299,8 @@ class CachedInputs:
                        "cache for a larger unfreeze ratio.")
     sampler = self._sampler(self.cache.train_views, seed + 1)
     val = (self._val_activations, self.val_y) if self.val_y is not None else None
-    return Stage(top_model(model, self.cache.cut), sampler, val, len(sampler))
+    return Stage(top_model(model, self.cache.cut), sampler, val, len(sampler),
+                 full_model=model)
 
 
 def head_model(model: keras.Model, feature_dim: int) -> keras.Model:
@@ -249,6 +329,20 @@ def uses_feature_cache(config: TrainConfig) -> bool:
   return config.feature_cache is FeatureCache.ON
 
 
+def cache_key(splits: data_lib.Splits, config: RunConfig) -> dict[str, Any]:
+  """What decides the frozen-prefix cache's bytes beyond the model and the split.
+
+  The code's methods (decoding, resizing, augmentation), the package versions,
+  the weights file and the images' content: a cache made by an older recipe or
+  from other images is then never reused.
+  """
+  source = splits.source
+  content = getattr(source, "content_sha256", None)
+  return {"recipe": runs.recipe(), "versions": runs.versions(),
+          "weights": runs.weights_identity(config.train.weights),
+          "images": content() if content else runs.listing_sha256(source.keys, source.labels)}
+
+
 def make_inputs(model: keras.Model, splits: data_lib.Splits, config: RunConfig,
                 workdir: str, largest_unfreeze_ratio: float) -> Inputs:
   """The stages' inputs for `config`: plain, or a cache cut for the largest ratio.
@@ -267,7 +361,7 @@ def make_inputs(model: keras.Model, splits: data_lib.Splits, config: RunConfig,
       model, cut, ordered["train"], ordered["val"], views=config.train.cache_views,
       seed=config.data.seed, cache_dir=os.path.join(workdir, artifacts.CACHE_DIR),
       split_keys={n: splits.keys(n) for n in ("train", "val")},
-      verbose=config.train.verbose)
+      key=cache_key(splits, config), verbose=config.train.verbose)
   return CachedInputs(cache, len(splits.class_names), config.data.batch_size)
 
 
@@ -277,11 +371,15 @@ def fit_stages(model: keras.Model, inputs: Inputs, config: TrainConfig, run_dir:
                stage2_callbacks: Sequence[keras.callbacks.Callback] = ()) -> Stage:
   """Trains `model` in place: stage 1 (frozen base), then stage 2 (top unfrozen).
 
+  Resumable: a stage interrupted in `run_dir` goes on from its last finished
+  epoch as if never stopped, and a finished stage is not trained again (its
+  final weights are loaded).
+
   Args:
     model: a `build_model` model; trained in place.
     inputs: where each stage's data comes from (plain or cached).
     config: the training settings (a tune trial's hyperparameters included).
-    run_dir: this run's folder: stage 1's weights, backups, CSV history, logs.
+    run_dir: this run's folder: the stages' weights and states, CSV history, logs.
     seed: seeds Python, NumPy, TensorFlow and the cached-view sampling.
     run_stage1: False to start stage 2 from the weights `model` holds (a
       Hyperband trial continuing an earlier one).
@@ -292,41 +390,256 @@ def fit_stages(model: keras.Model, inputs: Inputs, config: TrainConfig, run_dir:
       stopping rule), after the usual ones.
 
   Returns:
-    The last stage fitted.
+    The last stage fitted (or loaded).
   """
   keras.utils.set_random_seed(seed)
   os.makedirs(run_dir, exist_ok=True)
   model_lib.freeze_base(model)
-  stage = inputs.stage(model, 1, seed)
-  compile_model(stage.model, config, config.learning_rate, stage.steps * config.epochs)
-  done_path = os.path.join(run_dir, artifacts.STAGE1_WEIGHTS)
-  if run_stage1 and os.path.exists(done_path):
-    model.load_weights(done_path)
-    logging.info("Stage 1 already finished; loaded %s.", done_path)
-  elif run_stage1:
-    _fit(stage, config.epochs, 0, run_dir, "stage1", config)
-    with artifacts.atomic_path(done_path) as tmp:
-      model.save_weights(tmp)
+  stage1_done = os.path.join(run_dir, artifacts.STAGE1_WEIGHTS)
+  stage2_done = os.path.join(run_dir, artifacts.STAGE2_WEIGHTS)
+  stage = None
+  stage1_loaded = False  # Finished by an earlier process.
+  # (A stage 2 finished on a stage 1 that is gone is no finished stage 2.)
+  stage2_finished = config.fine_tunes and os.path.exists(stage2_done) and (
+      not run_stage1 or os.path.exists(stage1_done))
+  if not stage2_finished:
+    if run_stage1 and os.path.exists(stage1_done):
+      model.load_weights(stage1_done)
+      stage1_loaded = True
+      logging.info("Stage 1 already finished; loaded %s.", stage1_done)
+      if not config.fine_tunes:
+        stage = inputs.stage(model, 1, seed)
+        _restore_finished(run_dir, "stage1", stage)
+    else:
+      stage = inputs.stage(model, 1, seed)
+      compile_model(stage.model, config, config.learning_rate, stage.steps * config.epochs)
+      if run_stage1:
+        _fit(stage, config.epochs, 0, run_dir, "stage1", config)
+        _finish(run_dir, "stage1", model, stage1_done)
+        _forget(run_dir, "stage2")  # Whatever is there was not made on this stage 1.
 
   if not config.fine_tunes:
     return stage
   model_lib.unfreeze(model, config.unfreeze_ratio)
   stage = inputs.stage(model, 2, seed)
+  if os.path.exists(stage2_done):
+    model.load_weights(stage2_done)
+    logging.info("Stage 2 already finished; loaded %s.", stage2_done)
+    _restore_finished(run_dir, "stage2", stage)
+    return stage
+  if stage1_loaded:  # Carry on from where stage 1 left the random states and data.
+    _restore_finished(run_dir, "stage1", stage)
   compile_model(stage.model, config, config.stage2_learning_rate,
                 stage.steps * config.fine_tune_epochs)
   epochs = config.fine_tune_epochs if stage2_epochs is None else stage2_epochs
   _fit(stage, epochs, initial_epoch, run_dir, "stage2", config, stage2_callbacks)
+  if epochs >= config.fine_tune_epochs:  # (A Hyperband budget short of it is no end.)
+    _finish(run_dir, "stage2", model, stage2_done)
   return stage
+
+
+def _state_path(run_dir: str, name: str) -> str:
+  return os.path.join(run_dir, artifacts.BACKUP_DIR, name, artifacts.RESUME_STATE)
+
+
+def _finish(run_dir: str, name: str, model: keras.Model, done_path: str) -> None:
+  """Marks a stage finished: its final weights, then its state slimmed to what
+  the next stage carries on with (random states, the data's position)."""
+  with artifacts.atomic_path(done_path) as tmp:
+    model.save_weights(tmp)
+  saved = _read_state(_state_path(run_dir, name))
+  if saved is not None and not saved[0].get("finished"):
+    meta, arrays = saved
+    _write_state(_state_path(run_dir, name), {**meta, "finished": True},
+                 {k: v for k, v in arrays.items() if k.startswith(_CARRIED)})
+
+
+def _forget(run_dir: str, name: str) -> None:
+  """Deletes a stage's final weights and saved state."""
+  done = artifacts.STAGE1_WEIGHTS if name == "stage1" else artifacts.STAGE2_WEIGHTS
+  for path in (os.path.join(run_dir, done), os.path.dirname(_state_path(run_dir, name))):
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+      logging.warning("Removed %s: it was not trained on this run's stage 1.", path)
+
+
+def _restore_finished(run_dir: str, name: str, stage: Stage) -> None:
+  """After loading a finished stage's weights: its random states and data position."""
+  saved = _read_state(_state_path(run_dir, name))
+  if saved is not None:
+    _restore_carried(*saved, stage)
+
+
+# Saved-state arrays that a finished stage keeps for the next one.
+_CARRIED = ("numpy_keys", "seeds_")
+
+
+def _read_state(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+  """A stage's saved state: (JSON part, arrays), or None when there is none."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+  except (OSError, ValueError, KeyError) as e:  # Damaged: start the stage over.
+    logging.warning("Ignoring the unreadable training state %s (%s).", path, e)
+    return None
+  return meta, arrays
+
+
+def _write_state(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+  with artifacts.atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def _pack(group: str, values: Sequence[Any]) -> dict[str, np.ndarray]:
+  return {f"{group}_{i}": np.asarray(v) for i, v in enumerate(values)}
+
+
+def _unpack(arrays: dict[str, np.ndarray], group: str) -> list[np.ndarray]:
+  found = []
+  while f"{group}_{len(found)}" in arrays:
+    found.append(arrays[f"{group}_{len(found)}"])
+  return found
+
+
+def _fits(variables: Sequence[Any], values: Sequence[np.ndarray]) -> bool:
+  return len(variables) == len(values) and all(
+      tuple(v.shape) == x.shape for v, x in zip(variables, values))
+
+
+def _carried_state(stage: Stage) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """What runs on from one epoch (or stage) to the next outside the stage model:
+  Python's and NumPy's random states, the full model's seed states, and how
+  many shuffles a tf.data pipeline drew."""
+  version, internal, gauss = random.getstate()
+  name, keys, pos, has_gauss, cached = np.random.get_state()
+  meta = {"python_random": [version, list(internal), gauss],
+          "numpy_random": [name, int(pos), int(has_gauss), float(cached)]}
+  arrays = {"numpy_keys": np.asarray(keys)}
+  if stage.full_model is not None:
+    arrays.update(_pack("seeds", [v.numpy() for v in seed_states(stage.full_model)]))
+  if isinstance(stage.train, CountedDataset):
+    meta["dataset_iterators"] = stage.train.iterators
+  return meta, arrays
+
+
+def _restore_carried(meta: dict[str, Any], arrays: dict[str, np.ndarray], stage: Stage) -> None:
+  version, internal, gauss = meta["python_random"]
+  random.setstate((version, tuple(internal), gauss))
+  name, pos, has_gauss, cached = meta["numpy_random"]
+  np.random.set_state((name, arrays["numpy_keys"], pos, has_gauss, cached))
+  if stage.full_model is not None:
+    states, values = seed_states(stage.full_model), _unpack(arrays, "seeds")
+    if _fits(states, values):
+      for v, x in zip(states, values):
+        v.assign(x)
+  if isinstance(stage.train, CountedDataset) and "dataset_iterators" in meta:
+    stage.train.skip_to(meta["dataset_iterators"])
+
+
+class StageState(keras.callbacks.Callback):
+  """Saves, at each epoch's end, all a stage's next epoch depends on; restores it.
+
+  One file (`BACKUP_DIR/<stage>/state.npz`, replaced atomically) holds the
+  stage model's variables (its weights and its layers' random seed states,
+  which `save_weights` leaves out), the optimizer's variables, the early
+  stopping's progress and best weights, where the data stands (the view
+  sampler's epoch, or the tf.data shuffle's draw), the Python and NumPy random
+  states (Keras shuffles a `PyDataset`'s batches with Python's) and the full
+  model's seed states. Restored when training begins, after Keras has set up
+  the data, a fit from the next epoch runs as the uninterrupted one would.
+
+  Put it after every other callback: it saves what they updated at the epoch's end.
+  """
+
+  def __init__(self, path: str, stage: Stage,
+               early_stopping: ResumableEarlyStopping | None = None):
+    super().__init__()
+    self.path = path
+    self.stage = stage
+    self.early_stopping = early_stopping
+    self.pending: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
+    self._sampler_epoch: int | None = None
+
+  def load(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """The saved state, when there is one this stage's model and optimizer fit."""
+    saved = _read_state(self.path)
+    if saved is None or saved[0].get("finished"):
+      return None
+    model = self.stage.model
+    if model.optimizer is not None and not model.optimizer.built:
+      model.optimizer.build(model.trainable_variables)  # Its variables, to restore.
+    if not (_fits(model.variables, _unpack(saved[1], "variables"))
+            and _fits(model.optimizer.variables, _unpack(saved[1], "optimizer"))):
+      logging.warning("The training state %s does not fit this model; training the stage "
+                      "from its start.", self.path)
+      return None
+    return saved
+
+  def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Puts the stage back where `meta`/`arrays` (from `load`) left it."""
+    model = self.stage.model
+    for group, variables in (("variables", model.variables),
+                             ("optimizer", model.optimizer.variables)):
+      for v, x in zip(variables, _unpack(arrays, group)):
+        v.assign(x)
+    if self.early_stopping is not None and meta.get("early_stopping"):
+      self.early_stopping.set_state(meta["early_stopping"], _unpack(arrays, "best") or None)
+    _restore_carried(meta, arrays, self.stage)
+    if isinstance(self.stage.train, prefix_cache.ViewSampler) and "sampler_epoch" in meta:
+      self.stage.train.set_epoch(meta["sampler_epoch"])
+
+  def on_train_begin(self, logs=None):
+    if self.pending is not None:
+      self.restore(*self.pending)
+      self.pending = None
+
+  def on_epoch_begin(self, epoch, logs=None):
+    if isinstance(self.stage.train, prefix_cache.ViewSampler):
+      self._sampler_epoch = self.stage.train.epoch  # The draw this epoch uses.
+
+  def on_epoch_end(self, epoch, logs=None):
+    model = self.stage.model
+    meta, arrays = _carried_state(self.stage)
+    meta.update(epoch=epoch, stopped=bool(model.stop_training))
+    if self._sampler_epoch is not None:
+      meta["sampler_epoch"] = self._sampler_epoch + 1
+    arrays.update(_pack("variables", [v.numpy() for v in model.variables]))
+    arrays.update(_pack("optimizer", [v.numpy() for v in model.optimizer.variables]))
+    if self.early_stopping is not None:
+      meta["early_stopping"] = self.early_stopping.get_state()
+      arrays.update(_pack("best", self.early_stopping.best_weights or []))
+    _write_state(self.path, meta, arrays)
 
 
 def _fit(stage: Stage, epochs: int, initial_epoch: int, run_dir: str, name: str,
          config: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> None:
+  """Fits one stage up to `epochs`, resuming from its saved state when there is one."""
   if epochs <= initial_epoch:
     return
   callbacks = stage_callbacks(run_dir, name, config, stage.val is not None)
+  early = next((c for c in callbacks if isinstance(c, ResumableEarlyStopping)), None)
+  state = StageState(_state_path(run_dir, name), stage, early)
+  saved = state.load()
+  if saved is not None:
+    meta = saved[0]
+    if meta["stopped"] or meta["epoch"] + 1 >= epochs:  # Killed after its last epoch.
+      state.restore(*saved)
+      if early is not None:
+        early.set_model(stage.model)
+        early.on_train_end()  # Its best weights, as at the end of the fit.
+      return
+    state.pending = saved
+    initial_epoch = max(initial_epoch, meta["epoch"] + 1)
+    logging.info("Resuming %s at epoch %d.", name, initial_epoch + 1)
   stage.model.fit(stage.train, validation_data=stage.val, epochs=epochs,
                   initial_epoch=initial_epoch, verbose=config.verbose,
-                  callbacks=callbacks + list(extra_callbacks))
+                  callbacks=callbacks + list(extra_callbacks) + [state])
 
 
 def new_model(config: RunConfig, num_classes: int, *, random_base: bool = False) -> keras.Model:
@@ -387,12 +700,16 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
   the run was, `extra`) go to `workdir`. `num_train_images`: how many training
   images the stages saw, when known. Returns the report.
   """
+  from flowers import lineage  # pylint: disable=g-import-not-at-top
+
   as_trained = None  # Val accuracy before the rounding, to show what it costs.
   if config.train.int8_grid_weights and model_lib.kernels_off_int8_grid(model):
     if splits.keys("val"):  # (A tuned model comes here rounded already.)
       as_trained = evaluate_split(model, splits, "val")["val_accuracy"]
     round_for_int8(model, config, calibration_images(config, splits))
-  save_model(model, os.path.join(workdir, artifacts.MODEL))
+  model_path = os.path.join(workdir, artifacts.MODEL)
+  save_model(model, model_path)
+  model_sha = lineage.model_sha256(model_path)
   artifacts.write_labels(os.path.join(workdir, artifacts.LABELS), splits.class_names)
   artifacts.write_json(os.path.join(workdir, artifacts.HISTORY),
                        {stage: read_history(run_dir, stage) for stage in STAGES})
@@ -408,6 +725,9 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
   if num_train_images is not None:
     skipped["train"] = evaluate_lib.count_skipped(
         "train", len(splits.keys("train")), num_train_images, strict)
+  listed = getattr(splits.source, "skipped", None)
+  if listed:  # Files of an image folder that are no readable image (named in the log).
+    skipped["listing"] = len(listed)
   report.update({
       "source": splits.source.name,
       "split": config.data.split,
@@ -421,6 +741,11 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
     report["val_accuracy_before_int8_grid"] = as_trained
   report.update(extra)
   artifacts.write_json(os.path.join(workdir, artifacts.REPORT), report)
+  run = runs.read_run(workdir)
+  # report.json last: its record is what marks the run finished (`runs.finished`).
+  lineage.record(workdir, [artifacts.MODEL, artifacts.LABELS, artifacts.HISTORY,
+                           artifacts.REPORT], mode=(run or {}).get("mode", "train"),
+                 model=model_sha)
   return report
 
 
@@ -447,6 +772,9 @@ def train_and_evaluate(config: RunConfig, workdir: str,
   """
   start = time.time()
   strategy = distribute.make_strategy(config.train.distribution_strategy)
+  chief = distribute.is_chief(strategy)
+  if config.overwrite and chief:
+    runs.start_afresh(workdir)
   source = source or data_lib.load_source(config.data)
   splits = load_splits_seeded(config, source, workdir)
   if not splits.keys("train"):
@@ -454,14 +782,17 @@ def train_and_evaluate(config: RunConfig, workdir: str,
   if not splits.keys("test"):
     raise UserError(f"--split={config.data.split} leaves no test images to report on; give "
                     "test a share, e.g. --split=64,16,20.")
-  runs.begin(config, workdir, "train", source, feature_cache=uses_feature_cache(config.train),
-             chief=distribute.is_chief(strategy))
+  feature_cache = uses_feature_cache(config.train)
+  done = runs.finished(config, workdir, "train", source, feature_cache=feature_cache)
+  if done is not None:  # Done is done: rerunning a finished run changes nothing.
+    return {**done, "already_finished": True}
+  runs.begin(config, workdir, "train", source, feature_cache=feature_cache, chief=chief)
   num_classes = len(splits.class_names)
   with strategy.scope():
     model = new_model(config, num_classes)
-    inputs = make_inputs(model, splits, config, workdir, config.train.unfreeze_ratio)
+    inputs = make_inputs(model, splits, config, workdir, config.train.cache_cut)
     fit_stages(model, inputs, config.train, workdir, seed=config.data.seed)
-  if not distribute.is_chief(strategy):
+  if not chief:
     return {"is_chief": False}
   return save_run(model, splits, config, workdir, workdir,
                   num_train_images=inputs.num_train_images(),

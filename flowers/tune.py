@@ -3,14 +3,17 @@
 A trial is the `--mode=train` job run with the trial's dropout, unfreeze ratio
 and fine-tune learning rate: `train.fit_stages` with
 `dataclasses.replace(config.train, **values)`, the same loop, callbacks,
-schedules and seeds. It is scored by its val accuracy.
+schedules and seeds. It is one training run, scored by its val accuracy and
+shipped as it was scored.
 
 What does not depend on the trial is made once per search and passed in: the
 base weights (read once, copied into each trial's model), and on a CPU the
 frozen-prefix cache cut for the *largest* unfreeze ratio of the space, with the
 pooled base features stage 1 trains on (`train.CachedInputs`). A trial with a
 smaller ratio trains on the same cache, the layers between the cache's cut and
-its own cut kept frozen.
+its own cut kept frozen. That cut is part of the trial's settings
+(`cache_cut_ratio`, written to `best_hparams.json`), so `--mode=train` with the
+best trial's values computes exactly what the trial did.
 
 A trial that trails the others stops early (the median stopping rule of
 Google Vizier, Golovin et al. 2017): from stage 2 epoch `--median_stop_epoch`
@@ -30,17 +33,20 @@ its last finished epoch. Then the chief writes `trials.csv`,
 Distributed tuning is KerasTuner's: with `KERASTUNER_ORACLE_IP`,
 `KERASTUNER_ORACLE_PORT` and `KERASTUNER_TUNER_ID` (`chief`, `tuner0`,
 `tuner1`, ...) set, the chief only serves the oracle and the workers run the
-trials. With a shared WORKDIR the chief reuses the best trial's weights; without
-one it retrains the best hyperparameters itself.
+trials. The chief publishes its run fingerprint (`runs.fingerprint`) through the
+oracle, and a worker whose own differs refuses before it writes anything. The
+chief ships the best trial's weights from its folder, so the workers need the
+chief's WORKDIR on a shared disk (or the winning trial's folder copied there).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -57,6 +63,7 @@ from flowers import data as data_lib
 from flowers import distribute
 from flowers import model as model_lib
 from flowers import runs
+from flowers import split as split_lib
 from flowers import train as train_lib
 from flowers.config import HPARAMS
 from flowers.config import RunConfig
@@ -67,6 +74,9 @@ from flowers.errors import UserError
 OBJECTIVE = "val_accuracy"
 TRIAL_COLUMNS = ("trial_id",) + HPARAMS + artifacts.TRIAL_RESULTS
 MEDIAN_STOP_MIN_TRIALS = 2  # Finished trials the median stopping rule needs.
+# The chief's run fingerprint (JSON) among the oracle's hyperparameter values:
+# not in its space, so the trials' draws are unchanged, and served to workers.
+CHIEF_RUN_KEY = "flowers/chief_run"
 
 
 def declare_hyperparameters(hp: keras_tuner.HyperParameters,
@@ -207,13 +217,17 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     self._template: keras.Model | None = None
     self._inputs: train_lib.Inputs | None = None
     self._calibration: list[np.ndarray] | None = None
-    self._executions: collections.Counter = collections.Counter()
-    self._shipped: dict[str, dict[str, Any]] = {}  # Per trial: its best execution.
+
+  @property
+  def cache_cut_ratio(self) -> float:
+    """The unfreeze ratio every trial's frozen-prefix cache is cut for."""
+    return search_cache_cut_ratio(self.config)
 
   def trial_config(self, values: dict[str, float]) -> RunConfig:
-    """The run's config with a trial's hyperparameters."""
-    return dataclasses.replace(self.config,
-                               train=dataclasses.replace(self.config.train, **values))
+    """The run's config with a trial's hyperparameters and the search's cache cut."""
+    train = dataclasses.replace(self.config.train,
+                                **{**values, "cache_cut_ratio": self.cache_cut_ratio})
+    return dataclasses.replace(self.config, train=train)
 
   def template(self) -> keras.Model:
     """The untrained classifier, weights read once; the cache is built from it."""
@@ -230,8 +244,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     """The stages' inputs, cut (when cached) for the space's largest unfreeze ratio."""
     if self._inputs is None:
       self._inputs = train_lib.make_inputs(
-          self.template(), self.splits, self.config, self.workdir,
-          self.config.search.unfreeze_ratio_range[1])
+          self.template(), self.splits, self.config, self.workdir, self.cache_cut_ratio)
     return self._inputs
 
   def calibration(self) -> list[np.ndarray]:
@@ -253,23 +266,19 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
   def fit(self, hp: keras_tuner.HyperParameters, model: keras.Model, *args,
           trial_id: str = "best", trial_dir: str | None = None,
           checkpoint: str | None = None, epochs: int | None = None,
-          initial_epoch: int = 0, median_stopping: bool = True,
-          **kwargs) -> dict[str, float]:
+          initial_epoch: int = 0, **kwargs) -> dict[str, float]:
     """Trains both stages; returns val_accuracy (the objective) and seconds.
 
     The objective is measured on the model as it will be shipped: its kernels
     rounded to the int8 grid (`int8_grid_weights`), on the val images through
-    the full model, as `report.json` measures it. With several executions per
-    trial, the best one's weights are kept in `checkpoint` (KerasTuner scores
-    the trial by their mean; `result.json` records both).
+    the full model, as `report.json` measures it; those weights are saved to
+    `checkpoint`.
 
     `epochs`/`initial_epoch` (from Hyperband) bound stage 2; a Hyperband trial
     that continues an earlier one (`tuner/trial_id`) starts from its weights,
     so it skips stage 1. KerasTuner's default callbacks (`kwargs["callbacks"]`)
     checkpoint `model.fit`, but the stages fit sub-models: the full model's
-    weights are saved to `checkpoint` at the end instead. `median_stopping`
-    False trains in full whatever `--median_stop_epoch` says (the chief
-    retraining the best trial).
+    weights are saved to `checkpoint` at the end instead.
     """
     del args, kwargs
     trial_dir = trial_dir or os.path.join(self.workdir, artifacts.TUNER_DIR,
@@ -280,35 +289,28 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     with _user_errors_stop_the_search():
       inputs = self.inputs()
       start = time.time()
-      execution = self._executions[trial_id]
-      self._executions[trial_id] += 1
-      run_dir = trial_dir if execution == 0 else os.path.join(trial_dir, f"execution_{execution}")
       parent = hp.values.get("tuner/trial_id")
       if parent:
-        _copy_histories(os.path.join(os.path.dirname(trial_dir), f"trial_{parent}"), run_dir)
+        _copy_histories(os.path.join(os.path.dirname(trial_dir), f"trial_{parent}"), trial_dir)
       search = self.config.search
       stopper = None
-      if median_stopping and search.median_stop_epoch and search.tuner is not Tuner.HYPERBAND:
+      if search.median_stop_epoch and search.tuner is not Tuner.HYPERBAND:
         stopper = MedianStopping(
             finished_stage2_curves(os.path.dirname(trial_dir), os.path.basename(trial_dir)),
-            search.median_stop_epoch, run_dir)
+            search.median_stop_epoch, trial_dir)
       with self.strategy.scope():
         train_lib.fit_stages(
-            model, inputs, config.train, run_dir, seed=config.data.seed + execution,
+            model, inputs, config.train, trial_dir, seed=config.data.seed,
             run_stage1=not parent, stage2_epochs=epochs, initial_epoch=int(initial_epoch or 0),
             stage2_callbacks=[stopper] if stopper else [])
       train_lib.round_for_int8(model, config, self.calibration())
       val_accuracy = train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"]
-    shipped = self._shipped.get(trial_id)
-    if shipped is None or val_accuracy > shipped["val_accuracy"]:
-      shipped = {"execution": execution, "val_accuracy": val_accuracy, "run_dir": run_dir}
-      self._shipped[trial_id] = shipped
-      with artifacts.atomic_path(checkpoint) as tmp:
-        model.save_weights(tmp)
+    with artifacts.atomic_path(checkpoint) as tmp:
+      model.save_weights(tmp)
     seconds = time.time() - start
     result = {"trial_id": trial_id, "tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"),
-              "hyperparameters": values, "val_accuracy": val_accuracy,
-              "seconds": round(seconds, 2), "execution": execution, "shipped": shipped,
+              "hyperparameters": values, "cache_cut_ratio": config.train.cache_cut_ratio,
+              "val_accuracy": val_accuracy, "seconds": round(seconds, 2),
               "stage2_epochs": [int(initial_epoch or 0),
                                 config.train.fine_tune_epochs if epochs is None else int(epochs)],
               "continues_trial": parent,
@@ -368,7 +370,7 @@ def make_tuner(hypermodel: TwoStageHyperModel, workdir: str, *, overwrite: bool,
   search = config.search
   common = dict(hypermodel=hypermodel, objective=keras_tuner.Objective(OBJECTIVE, "max"),
                 seed=config.data.seed or 1,  # KerasTuner draws a random seed for 0.
-                executions_per_trial=search.executions_per_trial, overwrite=overwrite,
+                overwrite=overwrite,
                 directory=workdir, project_name=artifacts.TUNER_DIR,
                 distribution_strategy=strategy)
   if search.tuner is Tuner.BAYESIAN:
@@ -390,9 +392,17 @@ def run_search(config: RunConfig, workdir: str,
   """
   start = time.time()
   distributed, chief = _distributed_role()
+  search_cache_cut_ratio(config)  # A bad --cache_cut_ratio fails before any work.
   strategy = distribute.make_strategy(config.train.distribution_strategy)
-  os.makedirs(workdir, exist_ok=True)
+  feature_cache = train_lib.uses_feature_cache(config.train)
+  # Only the chief (or a single process) may wipe or record the run: a worker
+  # may share its WORKDIR.
+  if config.overwrite and chief:
+    runs.start_afresh(workdir)
   source = source or data_lib.load_source(config.data)
+  if not chief:  # Before it writes anything into a WORKDIR it may share.
+    check_chief_run(worker_fingerprint(config, source, feature_cache))
+  os.makedirs(workdir, exist_ok=True)
   splits = train_lib.load_splits_seeded(config, source, workdir)
   if not splits.keys("train"):
     raise UserError("The train split is empty; check --split.")
@@ -400,13 +410,16 @@ def run_search(config: RunConfig, workdir: str,
     raise UserError("--mode=tune scores trials on the val split, which is empty; give "
                     "--split a val share (e.g. 64,16,20).")
 
-  # Every process checks it runs the same search; a worker never wipes the
-  # shared project: only the chief (or a single process) may.
-  runs.begin(config, workdir, "tune", source,
-             feature_cache=train_lib.uses_feature_cache(config.train), chief=chief)
+  if not distributed:  # (A distributed chief serves its workers the finished oracle.)
+    done = runs.finished(config, workdir, "tune", source, feature_cache=feature_cache)
+    if done is not None:  # Done is done: rerunning a finished search changes nothing.
+      return {**done, "is_chief": True, "already_finished": True}
+  made = runs.begin(config, workdir, "tune", source, feature_cache=feature_cache) if chief else None
   hypermodel = TwoStageHyperModel(config, splits, workdir, strategy)
   tuner = make_tuner(hypermodel, workdir, overwrite=config.overwrite and chief,
                      strategy=strategy)
+  if chief:  # Served to the workers with the search space (`check_chief_run`).
+    tuner.oracle.hyperparameters.values[CHIEF_RUN_KEY] = json.dumps(made, sort_keys=True)
   tuner.search(verbose=config.train.verbose)
   if not chief:
     print(f"{tuner.tuner_id}: ran trial(s) {', '.join(hypermodel.trials_run) or 'none'}; "
@@ -416,6 +429,65 @@ def run_search(config: RunConfig, workdir: str,
   report = _finish(tuner, hypermodel, workdir, start, distributed=distributed)
   report["is_chief"] = True
   return report
+
+
+def search_cache_cut_ratio(config: RunConfig) -> float:
+  """The unfreeze ratio the trials' frozen-prefix cache is cut for.
+
+  --cache_cut_ratio when set, else the largest --unfreeze_ratio_range: every
+  trial's trainable layers must lie above the cut.
+  """
+  largest = config.search.unfreeze_ratio_range[1]
+  cut = config.train.cache_cut_ratio
+  if cut is None:
+    return largest
+  if cut < largest:
+    raise UserError(f"--cache_cut_ratio={cut:g} is below the largest --unfreeze_ratio_range "
+                    f"({largest:g}), so trials there would train layers below the cache's "
+                    "cut; leave it unset (the search cuts at the range's top) or raise it.")
+  return cut
+
+
+def splits_sha256(config: RunConfig, source: data_lib.Source) -> str:
+  """The sha256 of the splits.csv `config` gives for `source`, written nowhere."""
+  spec = split_lib.parse_split(config.data.split, config.data.seed)
+  assignment = split_lib.assign(source.keys, source.labels, source.source_splits, spec)
+  labels = {k: int(l) for k, l in zip(source.keys, source.labels)}
+  return hashlib.sha256(split_lib.manifest_text(assignment, labels).encode("utf-8")).hexdigest()
+
+
+def worker_fingerprint(config: RunConfig, source: data_lib.Source,
+                       feature_cache: bool) -> dict[str, Any]:
+  """The run fingerprint `runs.begin` would record for this search, computed
+  without touching a WORKDIR (a worker checks it before it writes there)."""
+  return runs.fingerprint(config, "tune", source=source,
+                          splits_sha256=splits_sha256(config, source),
+                          feature_cache=feature_cache, methods=runs.recipe())
+
+
+def check_chief_run(mine: dict[str, Any]) -> None:
+  """Refuses, in one line, a worker whose run fingerprint differs from the chief's.
+
+  The chief's comes with the oracle's search space (`CHIEF_RUN_KEY`); asking
+  for it waits until the chief serves.
+  """
+  # Imported here as KerasTuner does: its gRPC protos load only where needed.
+  from keras_tuner.src.distribute import oracle_client  # pylint: disable=g-import-not-at-top
+
+  worker = os.environ["KERASTUNER_TUNER_ID"]
+  chief = (f"the chief at {os.environ['KERASTUNER_ORACLE_IP']}:"
+           f"{os.environ['KERASTUNER_ORACLE_PORT']}")
+  logging.info("%s: checking its settings against %s's.", worker, chief)
+  announced = oracle_client.OracleClient(None).get_space().values.get(CHIEF_RUN_KEY)
+  if not isinstance(announced, str):
+    raise UserError(f"{chief} does not say which search it runs (another flowers version?); "
+                    f"run the chief and {worker} with the same flowers.")
+  changed = runs.differences(json.loads(announced), mine)
+  if changed:
+    shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4
+                                       else "")
+    raise UserError(f"{worker} runs another search than {chief} (chief -> {worker}: "
+                    f"{shown}); start {worker} with the chief's flags, data and flowers.")
 
 
 def trial_rows(tuner: keras_tuner.Tuner) -> list[dict[str, Any]]:
@@ -477,28 +549,20 @@ def format_trials(rows: Sequence[dict[str, Any]]) -> str:
   return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in table)
 
 
-def _best_model(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel,
-                trial) -> tuple[keras.Model, str]:
-  """The best trial's trained model and its folder (retrained when not on this disk)."""
-  model = hypermodel.build(trial.hyperparameters)
-  trial_dir = tuner.get_trial_dir(trial.trial_id)
+def _best_checkpoint(tuner: keras_tuner.Tuner, trial) -> str:
+  """The weights the best trial was scored with; refused when not on this disk.
+
+  Retraining elsewhere would ship another model than the one scored.
+  """
   checkpoint = tuner._get_checkpoint_fname(trial.trial_id)  # pylint: disable=protected-access
   if not os.path.exists(checkpoint):
-    # A distributed search whose workers do not share this WORKDIR.
-    logging.info("Trial %s's weights are not under %s; retraining its hyperparameters.",
-                 trial.trial_id, trial_dir)
-    trial_dir = os.path.join(tuner.project_dir, "best_retrained")
-    checkpoint = os.path.join(trial_dir, artifacts.TRIAL_WEIGHTS)
-    hp = trial.hyperparameters.copy()
-    for key in [k for k in hp.values if k.startswith("tuner/")]:
-      hp.values.pop(key)  # Hyperband's budget: retrain the full schedule instead.
-    hypermodel.fit(hp, model, trial_id="best_retrained", trial_dir=trial_dir,
-                   checkpoint=checkpoint, median_stopping=False)
-  model.load_weights(checkpoint)
-  result_path = os.path.join(trial_dir, artifacts.TRIAL_RESULT)
-  if os.path.exists(result_path):  # The history of the execution whose weights these are.
-    trial_dir = artifacts.read_json(result_path).get("shipped", {}).get("run_dir", trial_dir)
-  return model, trial_dir
+    folder = os.path.basename(tuner.get_trial_dir(trial.trial_id))
+    raise UserError(f"The best trial's weights {checkpoint} are not on this disk: a worker "
+                    f"trained {folder} under its own --workdir. Run the workers with the "
+                    "chief's --workdir on a shared disk, or copy that worker's "
+                    f"{artifacts.TUNER_DIR}/{folder} folder into {tuner.project_dir}/ and "
+                    "rerun the chief's command.")
+  return checkpoint
 
 
 def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: str,
@@ -515,17 +579,22 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
                     + (f" (the last error: {messages[-1]})" if messages else "")
                     + f"; see the trials under {tuner.project_dir}.")
   best = tuner.oracle.get_trial(rows[0]["trial_id"])  # The table's first: same tie-break.
-  best_hparams = {name: float(best.hyperparameters.get(name)) for name in HPARAMS}
+  checkpoint = _best_checkpoint(tuner, best)
+  values = {name: float(best.hyperparameters.get(name)) for name in HPARAMS}
+  # With the cache's cut, `--mode=train` on these values repeats the trial exactly.
+  best_hparams = {**values, "cache_cut_ratio": hypermodel.cache_cut_ratio}
   artifacts.write_json(os.path.join(workdir, artifacts.BEST_HPARAMS), best_hparams)
 
-  model, trial_dir = _best_model(tuner, hypermodel, best)
+  model = hypermodel.build(best.hyperparameters)
+  model.load_weights(checkpoint)
   search = hypermodel.config.search
   report = train_lib.save_run(
-      model, hypermodel.splits, hypermodel.trial_config(best_hparams), workdir, trial_dir,
-      num_train_images=hypermodel.num_train_images(), best_trial_id=best.trial_id, best_trial_val_accuracy=float(best.score),
+      model, hypermodel.splits, hypermodel.trial_config(values), workdir,
+      tuner.get_trial_dir(best.trial_id), num_train_images=hypermodel.num_train_images(),
+      best_trial_id=best.trial_id, best_trial_val_accuracy=float(best.score),
       best_hparams=best_hparams, num_trials=len(completed),
       search_seconds=round(time.time() - start, 1), tuner=search.tuner.value,
-      max_trials=search.max_trials, executions_per_trial=search.executions_per_trial,
+      max_trials=search.max_trials,
       distribution_strategy=hypermodel.config.train.distribution_strategy.value, **extra)
   print(f"Best trial {best.trial_id} of {len(completed)}: "
         + ", ".join(f"{k}={v:.4g}" for k, v in best_hparams.items())

@@ -13,6 +13,7 @@ import contextlib
 import io
 import os
 from typing import Iterator, Sequence
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -72,7 +73,9 @@ def mock_flowers(counts_per_split: dict[str, Sequence[int]], size: int = 40,
   """Patches TFDS so oxford_flowers102 yields the given controlled examples.
 
   `shuffle_seed` permutes the order in which each split yields its examples,
-  to test that results do not depend on read order.
+  to test that results do not depend on read order. The dataset has exactly
+  the splits of `counts_per_split` (`info.splits` lists them); reading any
+  other split raises, as TFDS does.
   """
   examples = make_examples(counts_per_split, size, corrupt=corrupt)
   if shuffle_seed is not None:
@@ -82,7 +85,9 @@ def mock_flowers(counts_per_split: dict[str, Sequence[int]], size: int = 40,
 
   def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
     del self, read_config, shuffle_files
-    rows = examples.get(str(split), [])
+    if str(split) not in examples:
+      raise ValueError(f"Unknown split {str(split)!r}. Should be one of {list(examples)}.")
+    rows = examples[str(split)]
     names = [r[0] for r in rows]
     labels = np.array([r[1] for r in rows], np.int64)
     images = [r[2] for r in rows]
@@ -97,7 +102,14 @@ def mock_flowers(counts_per_split: dict[str, Sequence[int]], size: int = 40,
       ds = ds.map(lambda ex: {**ex, "image": tf.io.decode_jpeg(ex["image"], channels=3)})
     return ds
 
-  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(tfds.testing.mock_data(as_dataset_fn=as_dataset))
+    splits = tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=name, shard_lengths=[len(rows)], num_bytes=0)
+        for name, rows in examples.items()])
+    stack.enter_context(mock.patch.object(
+        tfds.core.DatasetInfo, "splits", new_callable=mock.PropertyMock,
+        return_value=splits))
     yield examples
 
 
@@ -123,3 +135,20 @@ def write_image_dir(root: str, counts: Sequence[int], size: int = 40,
       with open(path, "wb") as f:
         f.write(encode(class_image(label, serial, size), fmt, mode))
   return names
+
+
+def write_gray16_png(path: str, values: np.ndarray) -> None:
+  """Writes a 16-bit grayscale PNG of `values` (H, W) in 0..65535."""
+  Image.fromarray(np.asarray(values, np.uint16)).save(path, format="PNG")
+
+
+def write_raw(root: str, relative: bytes, data: bytes) -> str:
+  """Writes `data` under `root` at `relative` given as bytes (any, not only UTF-8).
+
+  Returns the path as `os.listdir` spells it (undecodable bytes as surrogates).
+  """
+  path = os.path.join(os.fsencode(root), relative)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(data)
+  return os.fsdecode(path)

@@ -13,6 +13,17 @@ from flowers import model as model_lib
 from flowers.config import Augmentation
 
 SIZE = 48
+# RandomGeometry(rotation=20, zoom=0.2, translation=0.2, seed=6).sample_matrices
+# twice on [3, 40, 56, 3], as recorded from the layer before the random resized
+# crop was added: crop-free settings must keep drawing exactly these.
+GOLDEN_MATRICES = np.array([
+    [-1.134506, -0.154592, 57.7714, -0.154592, 1.134506, -3.789608, 0, 0],
+    [-1.036651, 0.226811, 58.31319, 0.226811, 1.036651, -16.339168, 0, 0],
+    [0.85436, 0.259192, -8.131912, -0.259192, 0.85436, 16.319313, 0, 0],
+    [-0.809871, -0.081544, 45.432201, -0.081544, 0.809871, 7.234452, 0, 0],
+    [1.17132, -0.233779, 5.000462, 0.233779, 1.17132, -9.321045, 0, 0],
+    [-1.060725, -0.066934, 51.938866, -0.066934, 1.060725, -5.893616, 0, 0],
+], np.float32)
 
 
 def smooth_images(count: int, seed: int = 0) -> np.ndarray:
@@ -138,15 +149,24 @@ class RandomGeometryTest(parameterized.TestCase):
                                atol=1e-2)
 
   def test_without_a_crop_the_draws_are_unchanged(self):
-    shape = (16, SIZE, SIZE, 3)
-    plain = augment.RandomGeometry(rotation=20, zoom=0.2, translation=0.2, seed=6)
+    """Without a crop, two batches draw the matrices recorded before the crop existed."""
+    shape = (3, 40, 56, 3)  # Not square: width and height must not trade places.
+    images = np.random.default_rng(6).uniform(0, 255, shape).astype(np.float32)
+    for crop_area in (None, 0.0):
+      kwargs = {} if crop_area is None else {"crop_area": crop_area}
+      layer = augment.RandomGeometry(rotation=20, zoom=0.2, translation=0.2, seed=6, **kwargs)
+      matrices = np.concatenate([np.asarray(layer.sample_matrices(shape)) for _ in range(2)])
+      np.testing.assert_allclose(matrices, GOLDEN_MATRICES, rtol=1e-5, atol=1e-4)
+      # The layer resamples with those very draws, batch after batch.
+      layer = augment.RandomGeometry(rotation=20, zoom=0.2, translation=0.2, seed=6, **kwargs)
+      for golden in np.split(GOLDEN_MATRICES, 2):
+        out = np.asarray(layer(images, training=True))
+        np.testing.assert_allclose(out, apply(images, golden), atol=0.05)
+    # The crop's draws follow the others: its matrix is the crop, then the same map.
     cropped = augment.RandomGeometry(rotation=20, zoom=0.2, translation=0.2, seed=6,
                                      crop_area=0.5)
-    reference = augment.RandomGeometry(rotation=20, zoom=0.2, translation=0.2, seed=6)
-    expected = np.asarray(plain.sample_matrices(shape))
-    np.testing.assert_array_equal(np.asarray(reference.sample_matrices(shape)), expected)
-    # The crop's draws follow the others: its matrix is the crop, then the same map.
     with_crop = np.asarray(cropped.sample_matrices(shape))
+    expected = GOLDEN_MATRICES[:len(with_crop)]
     square = lambda m: np.concatenate([m, np.ones((len(m), 1), m.dtype)], -1).reshape(-1, 3, 3)
     crops = np.linalg.solve(square(expected).transpose(0, 2, 1),
                             square(with_crop).transpose(0, 2, 1)).transpose(0, 2, 1)

@@ -79,6 +79,9 @@ def test_bad_search_ranges_are_one_line_errors(field, value, flag, why):
     (lambda: config_lib.TrainConfig(fine_tune_learning_rate=0.0),
      "--fine_tune_learning_rate=0.0"),
     (lambda: config_lib.TrainConfig(verbose=3), "--verbose=3"),
+    (lambda: config_lib.TrainConfig(unfreeze_ratio=0.3, cache_cut_ratio=0.2),
+     "--cache_cut_ratio=0.2 must be in [--unfreeze_ratio, 1] (here [0.3, 1])"),
+    (lambda: config_lib.TrainConfig(cache_cut_ratio=1.5), "--cache_cut_ratio=1.5"),
     (lambda: config_lib.Augmentation(zoom=-0.1), "--zoom=-0.1"),
     (lambda: config_lib.Augmentation(crop_area=1.5), "--crop_area=1.5"),
     (lambda: config_lib.SearchConfig(tuner="grid"), "--tuner=grid"),
@@ -103,6 +106,17 @@ def test_a_trial_is_a_replaced_train_config():
   assert train.stage2_learning_rate == pytest.approx(train.learning_rate / 10)
   with pytest.raises(UserError, match="--dropout=1.2"):
     dataclasses.replace(train, dropout=1.2)  # A replace validates too.
+
+
+def test_the_cache_cut_is_the_unfreeze_ratio_unless_set():
+  assert config_lib.TrainConfig(unfreeze_ratio=0.3).cache_cut == 0.3
+  assert config_lib.TrainConfig(unfreeze_ratio=0.3, cache_cut_ratio=0.6).cache_cut == 0.6
+
+
+def test_a_trial_is_one_execution():
+  # A trial is scored and shipped as one run; there is no setting for several.
+  assert "executions_per_trial" not in {f.name for f in dataclasses.fields(
+      config_lib.SearchConfig)}
 
 
 @pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])

@@ -1,6 +1,7 @@
 """build_model, unfreezing, cut points, determinism, save/load."""
 
 import os
+import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -84,6 +85,39 @@ class BuildModelTest(parameterized.TestCase):
   def test_missing_weights_file(self):
     with self.assertRaisesRegex(UserError, "not a file"):
       build_model(3, image_size=SIZE, weights="/no/such/weights.h5")
+
+  def test_damaged_weights_file_is_one_line_error(self):
+    import h5py  # pylint: disable=g-import-not-at-top
+
+    folder = self.create_tempdir().full_path
+    whole = os.path.join(folder, "whole.h5")
+    with h5py.File(whole, "w") as f:
+      f.create_dataset("kernel", data=np.arange(50_000, dtype=np.float32))
+    with open(whole, "rb") as f:
+      head = f.read()
+    truncated = os.path.join(folder, "truncated_no_top.h5")
+    with open(truncated, "wb") as f:
+      f.write(head[:len(head) // 2])
+    not_hdf5 = os.path.join(folder, "page_no_top.h5")
+    with open(not_hdf5, "w") as f:
+      f.write("<html>Download quota exceeded</html>")
+    for path in (truncated, not_hdf5):
+      with self.assertRaises(UserError) as cm:
+        model_lib.load_base(SIZE, path)
+      message = str(cm.exception)
+      self.assertIn(path, message)
+      self.assertIn("again", message)
+      self.assertNotIn("\n", message)
+
+  def test_weights_of_another_shape_are_one_line_error(self):
+    path = os.path.join(self.create_tempdir().full_path, "narrow.weights.h5")
+    keras.applications.MobileNetV2(input_shape=(SIZE, SIZE, 3), include_top=False,
+                                   weights=None, alpha=0.35).save_weights(path)
+    with self.assertRaises(UserError) as cm, warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # Keras warns once per layer it cannot fill.
+      model_lib.load_base(SIZE, path)
+    self.assertIn(path, str(cm.exception))
+    self.assertNotIn("\n", str(cm.exception))
 
 
 class UnfreezeTest(parameterized.TestCase):

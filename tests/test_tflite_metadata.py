@@ -1,7 +1,8 @@
 """TFLite metadata: written by export, read back by predict/evaluate and by MediaPipe.
 
-`ExportMetadataTest` exports the tiny random-weight MobileNetV2 of
-`test_export.WorkdirTestCase` (32 px, mock TFDS) and reads its metadata back.
+`ExportMetadataTest` exports, from a `test_export.WorkdirTestCase` workdir
+(32 px, mock TFDS), a model that tells the mock classes apart by their mean
+colour, and reads its metadata back: a class name on the wrong output shows.
 `MediaPipeTest` runs MediaPipe Tasks' `ImageClassifier`, a client nobody here
 wrote, on an exported model: it is skipped only where mediapipe cannot be
 imported (`pip install mediapipe`).
@@ -26,9 +27,10 @@ from flowers import artifacts
 from flowers import data as data_lib
 from flowers import evaluate
 from flowers import export
+from flowers import model as model_lib
 from flowers import modes
 from flowers import tflite_metadata
-from flowers import metadata_schema_py_generated as meta_fb
+from flowers._vendor.tflite_metadata_schema import metadata_schema_py_generated as meta_fb
 from flowers.config import DataConfig
 from flowers.config import ExportOptions
 from flowers.config import PredictConfig
@@ -41,6 +43,8 @@ from test_export import WorkdirTestCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFO = tflite_metadata.ModelInfo("test model", "what it does", "1.2.3", "tests")
+# The classes with images in test_export.COUNTS.
+DATA_LABELS = [0, 1, 2, 3]
 
 
 def write_images(folder, labels, sizes):
@@ -72,8 +76,6 @@ class AddMetadataTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    from flowers import model as model_lib  # pylint: disable=g-import-not-at-top
-
     model = model_lib.build_model(3, image_size=32, weights=None, seed=SEED)
     cls.plain = export.convert(model, ExportOptions(quantization="dynamic"))
     cls.names = ["pink primrose", "globe-flower", "bird of paradise"]
@@ -149,13 +151,20 @@ class ExportMetadataTest(WorkdirTestCase):
   """--mode=export writes the metadata; predict and evaluate read it."""
 
   @classmethod
+  def prepare_model(cls):
+    # The mock data fills the first classes of the 102; each answers its own.
+    cls.model = colour_model(len(DATA_LABELS), cls.image_size,
+                             num_outputs=len(cls.splits.class_names))
+
+  @classmethod
   def setUpClass(cls):
     super().setUpClass()
     cls.report = cls.run_export(max_accuracy_drop=ANY_DROP)
     cls.int8_path = os.path.join(cls.workdir, "model_int8.tflite")
     cls.plain = export.convert(cls.model, ExportOptions(quantization="dynamic"))  # No metadata.
-    cls.images = write_images(os.path.join(cls.root, "images"), [0, 1, 2, 3],
+    cls.images = write_images(os.path.join(cls.root, "images"), DATA_LABELS,
                               [(40, 40), (30, 50), (50, 30), (36, 44)])
+    cls.expected = [cls.source.class_names[l] for l in DATA_LABELS]
 
   def bare_model(self, data=None):
     """The int8 export (or `data`) alone in a new folder, with splits.csv."""
@@ -174,12 +183,20 @@ class ExportMetadataTest(WorkdirTestCase):
       report = json.load(f)
     self.assertTrue(report["metadata_written"])
     self.assertEqual(report["metadata_labels"], len(self.source.class_names))
+    # The model knows the classes, so the names below are put to the test.
+    self.assertGreaterEqual(report["int8_test_accuracy"], 0.9)
 
   def test_exported_model_names_its_classes(self):
     self.assertEqual(tflite_metadata.read_class_names(self.int8_path), self.source.class_names)
     metadata = tflite_metadata.read_metadata(open(self.int8_path, "rb").read())
     self.assertIn(b"oxford_flowers102", metadata.name)
     self.assertIn(b"32x32", metadata.description)
+    # Output i answers class i, and the metadata names it.
+    pixels = np.stack([fake_data.class_image(l, 500 + l, size=32) for l in DATA_LABELS])
+    top1 = evaluate.tflite_predictor(self.int8_path)(pixels).argmax(-1)
+    self.assertEqual(top1.tolist(), DATA_LABELS)
+    names = tflite_metadata.read_class_names(self.int8_path)
+    self.assertEqual([names[i] for i in top1], self.expected)
     # labels.txt stays beside the model.
     self.assertEqual(artifacts.read_labels(os.path.join(self.workdir, artifacts.LABELS)),
                      self.source.class_names)
@@ -187,9 +204,9 @@ class ExportMetadataTest(WorkdirTestCase):
   def test_predict_without_labels_txt_uses_the_metadata(self):
     folder, path = self.bare_model()
     results, _ = predict_json(path, self.images, folder)
-    self.assertLen(results, 4)
-    for result in results:
-      self.assertIn(result["top_k"][0]["label"], self.source.class_names)
+    top1 = [r["top_k"][0]["label"] for r in results]
+    self.assertLen(set(top1), len(DATA_LABELS))  # Each image its own class...
+    self.assertEqual(top1, self.expected)  # ...named as the data names it.
 
   def test_evaluate_without_labels_txt_uses_the_metadata(self):
     folder, path = self.bare_model()
@@ -199,12 +216,15 @@ class ExportMetadataTest(WorkdirTestCase):
       report = modes.evaluate(config, folder)
     self.assertEqual(report["class_names"], self.source.class_names)
     self.assertEqual(report["num_test_examples"], len(self.splits.keys("test")))
+    # Per-class accuracy is keyed by name: each data class under its own.
+    self.assertEqual(set(report["per_class_accuracy"]), set(self.expected))
+    self.assertGreaterEqual(min(report["per_class_accuracy"].values()), 0.8)
 
   def test_metadata_wins_over_a_different_labels_txt(self):
     folder, path = self.bare_model()
     artifacts.write_labels(os.path.join(folder, artifacts.LABELS), ["w", "x", "y", "z"])
-    results, err = predict_json(path, self.images[:1], folder)
-    self.assertIn(results[0]["top_k"][0]["label"], self.source.class_names)
+    results, err = predict_json(path, self.images[:2], folder)
+    self.assertEqual([r["top_k"][0]["label"] for r in results], self.expected[:2])
     self.assertIn("differs from the class names inside", err)
 
   def test_labels_txt_names_a_model_without_metadata(self):
@@ -230,23 +250,33 @@ class ExportMetadataTest(WorkdirTestCase):
     self.assertNotIn("Traceback", proc.stderr)
 
 
-def colour_model(num_classes: int, image_size: int) -> keras.Model:
+def colour_model(num_classes: int, image_size: int,
+                 num_outputs: int | None = None) -> keras.Model:
   """A nearest-mean-colour classifier of the mock classes: uint8 in, softmax out.
 
   Its answer depends on the image (unlike the random-weight MobileNetV2, whose
-  features vanish), so agreement between two clients means something.
+  features vanish), so agreement between two clients means something. Output
+  i is mock class i; outputs past `num_classes` (up to `num_outputs`) never win.
+  Its parts bear `build_model`'s names (a pooling "base", a "classifier"), so
+  export takes it for a flowers model.
   """
+  num_outputs = num_outputs or num_classes
   centroids = np.stack([fake_data.class_image(label, 0, size=image_size).reshape(-1, 3).mean(0)
                         for label in range(num_classes)]) / 255.0
   inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
   x = keras.layers.Rescaling(1.0 / 255.0, dtype="float32")(inputs)
-  x = keras.layers.GlobalAveragePooling2D()(x)
-  dense = keras.layers.Dense(num_classes, activation="softmax")
+  base = keras.Sequential([keras.Input((image_size, image_size, 3)),
+                           keras.layers.GlobalAveragePooling2D()], name=model_lib.BASE_NAME)
+  x = base(x)
+  dense = keras.layers.Dense(num_outputs, activation="softmax", name=model_lib.CLASSIFIER_NAME)
   outputs = dense(x)
   # Softmax of -|x - c|^2 / t, up to a constant: logits 2 c.x - |c|^2, over t.
+  # The spare outputs sit farther than any colour in the unit cube (|x - c|^2 <= 3).
   temperature = 0.01
-  dense.set_weights([2.0 * centroids.T / temperature,
-                     -(centroids ** 2).sum(1) / temperature])
+  spare = num_outputs - num_classes
+  kernel = np.concatenate([2.0 * centroids.T, np.zeros((3, spare))], 1)
+  bias = np.concatenate([-(centroids ** 2).sum(1), np.full(spare, -4.0)])
+  dense.set_weights([kernel / temperature, bias / temperature])
   return keras.Model(inputs, outputs)
 
 

@@ -159,7 +159,8 @@ class SmallHolesTest(parameterized.TestCase):
     artifacts.write_labels(artifacts.labels_beside(model_path), ["a", "b", "c"])
     config = config_lib.RunConfig(predict=config_lib.PredictConfig(
         model=model_path, images=[folder]))
-    with self.assertRaisesRegex(UserError, "None of the 2 file"):
+    # The folder's four files (the model and its labels too) are read; none is an image.
+    with self.assertRaisesRegex(UserError, "None of the 4 file"):
       modes.predict(config, folder)
 
   def test_a_corrupt_tflite_is_a_user_error(self):
@@ -265,10 +266,12 @@ class EvaluatePredictTest(absltest.TestCase):
       source = data.load_tfds()
       config = tiny_config()
       trained = train.train_and_evaluate(config, workdir, source)
-      os.remove(os.path.join(workdir, "report.json"))
       evaluated = modes.evaluate(config, workdir)
     self.assertAlmostEqual(evaluated["test_accuracy"], trained["test_accuracy"], places=6)
-    self.assertTrue(os.path.exists(os.path.join(workdir, "report.json")))
+    # Its own report; the training one (val metrics, times) stays as it was.
+    self.assertTrue(os.path.exists(os.path.join(workdir, "evaluation_model.json")))
+    with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
+      self.assertEqual(json.load(f)["val_accuracy"], trained["val_accuracy"])
 
     image_dir = self.create_tempdir().full_path
     for i, (name, label, jpeg) in enumerate(examples["test"][:3]):

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import types
 
 import keras
@@ -19,13 +20,20 @@ import numpy as np
 import pytest
 
 import fake_data
+import run_configs
+import shared_data
 import tune_worker
 from flowers import artifacts
 from flowers import config as config_lib
 from flowers import data
+from flowers import model as model_lib
 from flowers import train
 from flowers import tune
 from flowers.errors import UserError
+
+# Real ranges: the trials draw different values, and on the cached path their
+# own cuts lie above the cache's (cut for the range's top, 0.6).
+RANGES = {"dropout_range": (0.1, 0.4), "unfreeze_ratio_range": (0.2, 0.6)}
 
 def search(workdir, config=None, overwrite=False, **search_settings):
   """A search on the mock data, in this process; `search_settings` override SearchConfig."""
@@ -177,6 +185,11 @@ def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
   assert fits == [("trial_1", "stage1"), ("trial_1", "stage2")]
   killed = read_json(trial_file(workdir, "1", "trial.json"))
   assert killed["status"] == "RUNNING"
+  # The chief (here the one process) serves its run's fingerprint with the space.
+  oracle = read_json(workdir, artifacts.TUNER_DIR, "oracle.json")
+  served = json.loads(oracle["hyperparameters"]["values"][tune.CHIEF_RUN_KEY])
+  assert served == {k: v for k, v in read_json(workdir, artifacts.RUN).items()
+                    if k != "location"}
 
   fits.clear()
   kill["trial"] = None
@@ -199,7 +212,8 @@ def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
   assert all(float(r["seconds"]) > 0 and r["status"] == "COMPLETED" for r in rows)
 
   best = read_json(workdir, artifacts.BEST_HPARAMS)
-  assert set(best) == set(config_lib.HPARAMS)
+  assert set(best) == set(config_lib.HPARAMS) | {"cache_cut_ratio"}
+  assert best["cache_cut_ratio"] == tune_worker.small_config().search.unfreeze_ratio_range[1]
   assert best["dropout"] == pytest.approx(float(rows[0]["dropout"]))
   saved = read_json(workdir, "report.json")
   for key in ("test_accuracy", "test_top5_accuracy", "num_test_examples", "val_accuracy",
@@ -225,51 +239,151 @@ def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
     search(workdir, tuner="bayesian", max_trials=2, dropout_range=(0.1, 0.2))
 
 
-def test_several_executions_ship_the_best_one(tmp_path):
-  report = search(tmp_path, executions_per_trial=2)
-  result = read_json(trial_file(tmp_path, "0", artifacts.TRIAL_RESULT))
-  assert result["execution"] == 1
-  shipped = result["shipped"]
-  assert shipped["val_accuracy"] >= result["val_accuracy"]
-  assert report["val_accuracy"] == pytest.approx(shipped["val_accuracy"], abs=5e-5)
+def read_rows(workdir, columns=("trial_id", "status", "median_stop") + config_lib.HPARAMS
+              + ("val_accuracy",)):
+  return sorted(({k: r[k] for k in columns} for r in read_trials(workdir)),
+                key=lambda r: r["trial_id"])
 
 
-@pytest.mark.parametrize("feature_cache", ["off", "on"])
-def test_a_trial_is_the_train_job_with_its_hyperparameters(tmp_path, feature_cache):
-  hparams = {"dropout": 0.3, "unfreeze_ratio": 0.1, "fine_tune_learning_rate": 3e-3}
+@pytest.mark.slow
+def test_a_search_killed_in_a_trial_and_resumed_scores_what_one_left_alone_does(
+    tmp_path, monkeypatch):
+  # small_config's ranges: real, with small unfrozen tops (quick to trace).
+  config = tune_worker.small_config(fine_tune_epochs=2, search={"max_trials": 2})
+  alone = search(tmp_path / "alone", config=config)
+
+  class Kill(keras.callbacks.Callback):
+    """Stops the process after the first epoch of trial 1's stage 2."""
+
+    def on_epoch_end(self, epoch, logs=None):
+      raise KeyboardInterrupt
+
+  original = train.stage_callbacks
+  kill = {"on": True}
+
+  def with_kill(run_dir, stage, train_config, validate):
+    callbacks = original(run_dir, stage, train_config, validate)
+    if kill["on"] and stage == "stage2" and os.path.basename(run_dir) == "trial_1":
+      callbacks.append(Kill())
+    return callbacks
+
+  monkeypatch.setattr(train, "stage_callbacks", with_kill)
+  killed = tmp_path / "killed"
+  with pytest.raises(KeyboardInterrupt):
+    search(killed, config=config)
+  stage2 = train.read_history(os.path.dirname(trial_file(killed, "1", "x")), "stage2")
+  assert len(stage2["val_accuracy"]) == 1  # Killed midway through stage 2.
+  kill["on"] = False
+  resumed = search(killed, config=config)
+  assert read_rows(killed) == read_rows(tmp_path / "alone")
+  for key in ("best_trial_id", "val_accuracy", "test_accuracy", "best_hparams"):
+    assert resumed[key] == alone[key], key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("feature_cache, weights", [
+    ("off", None), ("on", None),
+    # Trained weights do not saturate as random ones do: the float16 cache's cut
+    # shows in every number.
+    pytest.param("on", shared_data.WEIGHTS,
+                 marks=[pytest.mark.real_data, shared_data.requires_weights])])
+def test_train_with_best_hparams_repeats_the_best_trial(tmp_path, feature_cache, weights):
+  # The plain path has no cut: small_config's ranges (small unfrozen tops) do.
+  ranges = RANGES if feature_cache == "on" else {}
   config = tune_worker.small_config(
       feature_cache=feature_cache, lr_schedule="cosine", epochs=2, fine_tune_epochs=2,
-      early_stopping_patience=1, search={f"{k}_range": (v, v) for k, v in hparams.items()},
-      **hparams)
+      early_stopping_patience=1, weights=weights, search={**ranges, "max_trials": 2})
   with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
     source = data.load_tfds()
-    trained = train.train_and_evaluate(config, str(tmp_path / "train"), source)
     tuned = tune.run_search(config, str(tmp_path / "tune"), source)
-  assert tuned["best_hparams"] == pytest.approx(hparams)
+    best = read_json(tmp_path / "tune", artifacts.BEST_HPARAMS)
+    # The values of best_hparams.json, given as --mode=train flags.
+    trained = train.train_and_evaluate(run_configs.with_train(config, **best),
+                                       str(tmp_path / "train"), source)
+  assert len(read_trials(tmp_path / "tune")) == 2
+  assert best["dropout"] != config.search.dropout_range[0]  # Drawn, not pinned.
+  models = [keras.models.load_model(tmp_path / folder / artifacts.MODEL)
+            for folder in ("train", "tune")]
   assert read_json(tmp_path / "tune", artifacts.HISTORY) == read_json(
       tmp_path / "train", artifacts.HISTORY)
   for key in ("val_accuracy", "test_accuracy", "confusion_matrix"):
     assert tuned[key] == trained[key], key
-  models = [keras.models.load_model(tmp_path / folder / artifacts.MODEL)
-            for folder in ("train", "tune")]
   for a, b in zip(*(m.get_weights() for m in models)):
     np.testing.assert_array_equal(a, b)
   if feature_cache == "on":
-    return
-  # The plain path trains the full model: no cache, no stage-1 file at the top.
-  assert tuned["feature_cache"] is False
-  assert not os.path.exists(tmp_path / "tune" / "cache")
-  assert not os.path.exists(tmp_path / "tune" / artifacts.STAGE1_WEIGHTS)
-  # The finished search again, its best weights gone (as on a chief whose
-  # workers wrote to their own disks): no new trial, the best one retrained,
-  # to the same weights.
-  os.remove(trial_file(tmp_path / "tune", "0", artifacts.TRIAL_WEIGHTS))
-  with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
-    again = tune.run_search(config, str(tmp_path / "tune"), data.load_tfds())
-  assert again["num_trials"] == 1 and again["best_hparams"] == tuned["best_hparams"]
-  assert os.path.exists(tmp_path / "tune" / artifacts.TUNER_DIR / "best_retrained" /
-                        artifacts.TRIAL_WEIGHTS)
-  assert again["val_accuracy"] == tuned["val_accuracy"]
+    # The trial's own cut lies above the cache's: the layers between ran frozen
+    # on the cache's float16 activations, and the train run did the same (its
+    # cache is named by a digest of its cut, views, seed and images). On random
+    # weights most activations saturate, so the weights alone might not tell.
+    base = model_lib.base_of(models[1])
+    assert (model_lib.cut_index(base, best["unfreeze_ratio"])
+            != model_lib.cut_index(base, RANGES["unfreeze_ratio_range"][1]))
+    caches = [sorted(n for n in os.listdir(tmp_path / folder / artifacts.CACHE_DIR)
+                     if n.startswith("prefix_")) for folder in ("train", "tune")]
+    assert caches[0] == caches[1] and caches[0]
+  else:  # The plain path trains the full model: no cache, no stage-1 file at the top.
+    assert tuned["feature_cache"] is False
+    assert not os.path.exists(tmp_path / "tune" / "cache")
+    assert not os.path.exists(tmp_path / "tune" / artifacts.STAGE1_WEIGHTS)
+
+
+def test_a_chief_without_the_best_trials_weights_refuses_and_ships_them_once_copied(
+    tmp_path):
+  workdir = tmp_path / "chief"
+  config = tune_worker.small_config(feature_cache="off")
+  first = search(workdir, config=config)
+  # As on a chief whose worker trained trial 0 on its own disk: the chief's
+  # oracle wrote trial.json there, the worker everything else.
+  trial_dir = os.path.dirname(trial_file(workdir, "0", "x"))
+  worker_copy = tmp_path / "worker_trial_0"
+  shutil.copytree(trial_dir, worker_copy)
+  for name in os.listdir(trial_dir):
+    if name != "trial.json":
+      path = os.path.join(trial_dir, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  for name in (artifacts.MODEL, artifacts.REPORT, artifacts.BEST_HPARAMS):
+    os.remove(workdir / name)
+  with pytest.raises(UserError, match=r"trial_0.*not on this disk.*shared disk.*copy that "
+                                      r"worker's tuner/trial_0 folder into .*chief/tuner/"):
+    search(workdir, config=config)
+  for name in (artifacts.MODEL, artifacts.REPORT, artifacts.BEST_HPARAMS):
+    assert not os.path.exists(workdir / name), name  # Nothing shipped.
+  shutil.copytree(worker_copy, trial_dir, dirs_exist_ok=True)
+  again = search(workdir, config=config)
+  assert again["num_trials"] == 1
+  for key in ("best_hparams", "val_accuracy", "test_accuracy"):
+    assert again[key] == first[key], key
+
+
+def test_a_cache_cut_below_the_searched_ratios_is_refused(tmp_path):
+  config = tune_worker.small_config(unfreeze_ratio=0.1, cache_cut_ratio=0.3,
+                                    search={"unfreeze_ratio_range": (0.2, 0.6)})
+  with pytest.raises(UserError, match=r"--cache_cut_ratio=0.3 is below the largest "
+                                      r"--unfreeze_ratio_range \(0.6\)"):
+    search(tmp_path, config=config)
+  assert not os.listdir(tmp_path)  # Refused before any work.
+
+
+def test_the_chief_serves_its_run_with_the_space_and_the_draws_stay_put(tmp_path):
+  """The chief's fingerprint rides in the oracle's values, outside its space."""
+  config = tune_worker.small_config(data={"seed": 42}, search={**RANGES, "max_trials": 3})
+  classes = types.SimpleNamespace(class_names=list("abcd"))
+  drawn = {}
+  for announce in (False, True):
+    hypermodel = tune.TwoStageHyperModel(config, classes, str(tmp_path / str(announce)))
+    tuner = tune.make_tuner(hypermodel, hypermodel.workdir, overwrite=True)
+    if announce:
+      tuner.oracle.hyperparameters.values[tune.CHIEF_RUN_KEY] = json.dumps({"mode": "tune"})
+    drawn[announce] = [tuner.oracle.create_trial(f"tuner{i}").hyperparameters.values
+                       for i in range(3)]
+  assert drawn[True] == drawn[False]  # KerasTuner draws one seed step per hp in the space.
+  assert len({v["dropout"] for v in drawn[True]}) == 3
+  # What a worker reads: the space through KerasTuner's gRPC message, and after a reload.
+  served = keras_tuner.HyperParameters.from_proto(tuner.oracle.get_space().to_proto())
+  assert json.loads(served.values[tune.CHIEF_RUN_KEY]) == {"mode": "tune"}
+  tuner.save()
+  reloaded = tune.make_tuner(hypermodel, hypermodel.workdir, overwrite=False)
+  assert reloaded.oracle.get_space().values[tune.CHIEF_RUN_KEY] == '{"mode": "tune"}'
 
 
 @pytest.mark.parametrize("schedule, factor", [("constant", 1.0), ("cosine", 0.0)])

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+import fake_data
 from flowers import artifacts
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -85,3 +86,43 @@ def test_distributed_search_shares_trials_between_workers(tmp_path):
   assert len(rows) == 2 and {r["tuner_id"] for r in rows} == {"tuner0", "tuner1"}
   for name in ("model.keras", "report.json", "best_hparams.json", "labels.txt"):
     assert os.path.exists(os.path.join(workdir, name)), name
+
+
+def flowers_main(args, env):
+  return subprocess.Popen([sys.executable, "-m", "flowers.main", *args],
+                          env={**os.environ, **env}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_a_worker_with_other_settings_than_the_chief_refuses_before_it_writes(tmp_path):
+  images = str(tmp_path / "images")
+  fake_data.write_image_dir(images, [5] * 4)
+  flags = ["--mode=tune", f"--flagfile={os.path.join(REPO, 'flags', 'smoke.cfg')}",
+           f"--image_dir={images}", "--seed=3"]
+  oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
+  # Workers on disks of their own: only the chief can tell them apart.
+  changed = {"tuner0": ("--dropout_range=0.1,0.4",
+                        "search.dropout_range: [0.0, 0.5] -> [0.1, 0.4]"),
+             "tuner1": ("--seed=4", "data.seed: 3 -> 4")}
+  chief = flowers_main(flags + [f"--workdir={tmp_path / 'chief'}"],
+                       {**oracle, "KERASTUNER_TUNER_ID": "chief"})
+  workers = {name: flowers_main(flags + [flag, f"--workdir={tmp_path / name}"],
+                                {**oracle, "KERASTUNER_TUNER_ID": name})
+             for name, (flag, _) in changed.items()}
+  try:
+    ended = {name: proc.communicate(timeout=300) for name, proc in workers.items()}
+  finally:
+    for proc in [chief, *workers.values()]:
+      if proc.poll() is None:
+        proc.kill()
+      proc.communicate()
+  for name, (_, difference) in changed.items():
+    out, err = ended[name]
+    assert workers[name].returncode == 2, err[-3000:]
+    [line] = [l for l in err.splitlines() if l.startswith("flowers_main: error:")]
+    assert f"{name} runs another search than the chief at 127.0.0.1" in line, line
+    assert difference in line, line
+    assert not os.path.exists(tmp_path / name)  # Refused before it wrote anything.
+  assert not [n for n in os.listdir(tmp_path / "chief" / artifacts.TUNER_DIR)
+              if n.startswith("trial_")]
