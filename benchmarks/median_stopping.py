@@ -26,9 +26,9 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from flowers import artifacts  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flowers import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flowers import tune  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flowers import artifacts  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from flowers import train  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from flowers import tune  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
           "nothing to check.")
     return 0
   try:
-    import mediapipe  # pylint: disable=g-import-not-at-top,unused-import
+    import mediapipe  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     print(f"mediapipe cannot be imported ({e}); pip install mediapipe.", file=sys.stderr)
     return 2

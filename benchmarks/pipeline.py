@@ -122,7 +122,7 @@ def iterate_epochs(ds, epochs: int) -> tuple[int, list[float]]:
 
 def run_ours(args: argparse.Namespace) -> None:
   """Our tf.data pipeline over the first `limit` images (all by default)."""
-  import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+  import tensorflow_datasets  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
 
   import_rss = peak_rss_mib()
@@ -141,7 +141,7 @@ def run_ours(args: argparse.Namespace) -> None:
 
 def run_ours_train(args: argparse.Namespace) -> None:
   """Our pipeline exactly as training builds it: the train split of load_splits."""
-  import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+  import tensorflow_datasets  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
   from flowers.config import DataConfig  # pylint: disable=g-import-not-at-top
 

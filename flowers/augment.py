@@ -77,7 +77,10 @@ class RandomGeometry(keras.layers.Layer):
     """Draws one composed output -> input transform per image: [batch, 8]."""
     batch, height, width = shape[0], shape[1], shape[2]
     u = keras.random.uniform((batch, 5), seed=self.seed_generator)
-    symmetric = lambda column, limit: (2.0 * u[:, column] - 1.0) * limit
+
+    def symmetric(column, limit):
+      return (2.0 * u[:, column] - 1.0) * limit
+
     flipped = u[:, 0] <= 0.5 if self.flip else keras.ops.zeros((batch,), "bool")
     return compose_transforms(
         flipped=flipped, degrees=symmetric(1, self.rotation),

@@ -8,16 +8,15 @@ Keras 3 (3.15 measured) cannot `fit` under a multi-worker strategy: it reduces
 each input batch across workers just to learn its shapes, and reduces scalar
 metrics along an axis they do not have (keras-team/keras#20585, open). Making
 the multi-worker strategy here also mends those two steps, for this process
-only; `tests/test_distributed_train.py` trains two workers on 127.0.0.1 and
-checks they end with the same weights.
+only (`compat.let_keras_fit_on_several_workers`); `tests/test_distributed_train.py`
+trains two workers on 127.0.0.1 and checks they end with the same weights.
 """
 
 from __future__ import annotations
 
-import logging
-
 import tensorflow as tf
 
+from flowers import compat
 from flowers.config import Strategy
 from flowers.errors import UserError
 
@@ -45,7 +44,7 @@ def make_strategy(name: Strategy | str) -> tf.distribute.Strategy:
         raise UserError(
             "--distribution_strategy=multi_worker must be set up before TensorFlow "
             f"starts ({e}); create it first with flowers.distribute.make_strategy.") from e
-      _let_keras_fit_on_several_workers()
+      compat.let_keras_fit_on_several_workers()
   return _STRATEGIES[name]
 
 
@@ -62,48 +61,3 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "chief"
   return resolver.task_type == "worker" and resolver.task_id == 0
 
-
-def _let_keras_fit_on_several_workers() -> None:
-  """Mends Keras's TensorFlow trainer for multi-worker training (keras#20585)."""
-  from keras import tree  # pylint: disable=g-import-not-at-top
-  from keras.src.backend.tensorflow import trainer  # pylint: disable=g-import-not-at-top
-
-  if getattr(trainer, "_flowers_multi_worker", False):
-    return
-  if not (hasattr(trainer.TensorFlowTrainer, "_maybe_symbolic_build")
-          and hasattr(trainer, "reduce_per_replica")):
-    logging.warning("This Keras has no _maybe_symbolic_build/reduce_per_replica to mend; "
-                    "multi-worker training may fail (keras-team/keras#20585).")
-    return
-
-  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    # Keras reduces a distributed batch across workers to see its shapes, which
-    # a multi-worker strategy cannot do; this worker's own first batch shows them.
-    if self._distribute_strategy is None:  # pylint: disable=protected-access
-      return
-    strategy = self.distribute_strategy
-    if iterator is not None:
-      for _, _, batches in iterator:
-        data_batch = tree.map_structure(
-            lambda v: strategy.experimental_local_results(v)[0]
-            if isinstance(v, tf.distribute.DistributedValues) else v, next(batches))
-        break
-    with strategy.scope():
-      self._symbolic_build(data_batch=data_batch)  # pylint: disable=protected-access
-
-  reduce_per_replica = trainer.reduce_per_replica
-
-  def reduce_scalars_too(values, strategy, reduction):
-    # A per-replica scalar (a metric) has no axis 0 to reduce along: average it.
-    if (reduction in ("auto", "mean")
-        and trainer._collective_all_reduce_multi_worker(strategy)):  # pylint: disable=protected-access
-      def mean(value):
-        local = strategy.experimental_local_results(value)[0] if isinstance(
-            value, tf.distribute.DistributedValues) else value
-        return strategy.reduce("MEAN", value, axis=None if local.shape.rank == 0 else 0)
-      return tree.map_structure(mean, values)
-    return reduce_per_replica(values, strategy, reduction)
-
-  trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build  # pylint: disable=protected-access
-  trainer.reduce_per_replica = reduce_scalars_too
-  trainer._flowers_multi_worker = True  # pylint: disable=protected-access

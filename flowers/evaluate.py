@@ -163,7 +163,7 @@ def load_predictor(path: str) -> tuple[Predictor, int]:
   if path.endswith(".keras"):
     import keras  # pylint: disable=g-import-not-at-top
 
-    from flowers import augment  # pylint: disable=g-import-not-at-top,unused-import  (its layer)
+    from flowers import augment  # noqa: F401  (registers its layer)  pylint: disable=unused-import
 
     try:
       model = keras.models.load_model(path)
@@ -230,7 +230,8 @@ def model_class_names(path: str) -> list[str]:
                   "--mode=export (which embeds them).")
 
 
-def top_k(probs: np.ndarray, class_names: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
+def top_k(probs: np.ndarray, class_names: Sequence[str],
+          k: int = 5) -> list[list[tuple[str, float]]]:
   """The k most likely (class name, probability) pairs per row."""
   k = min(k, probs.shape[1])
   order = np.argsort(-probs, axis=1)[:, :k]

@@ -39,7 +39,8 @@ _LOCATION = ("image_dir", "tfds_data_dir", "download")
 # ... and how its split was spelled (the fingerprint holds the fractions it means).
 # What a train or tune run leaves to resume from, and what it derives; --overwrite deletes
 # all of it (with every file lineage.json lists).
-_RUN_FILES = (artifacts.STAGE1_WEIGHTS, artifacts.STAGE2_WEIGHTS, artifacts.BACKUP_DIR, artifacts.LOGS_DIR,
+_RUN_FILES = (artifacts.STAGE1_WEIGHTS, artifacts.STAGE2_WEIGHTS, artifacts.BACKUP_DIR,
+              artifacts.LOGS_DIR,
               artifacts.stage_history("stage1"), artifacts.stage_history("stage2"),
               artifacts.MODEL, artifacts.REPORT, artifacts.HISTORY, artifacts.LABELS,
               artifacts.TRIALS, artifacts.BEST_HPARAMS, artifacts.EXPORT_REPORT,
@@ -367,7 +368,8 @@ def as_flags(config: Any) -> list[str]:
     elif isinstance(value, bool):
       lines.append(f"--{'' if value else 'no'}{field.name}")
     elif isinstance(value, tuple):
-      lines.append(f"--{field.name}={','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value)}")
+      items = (f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+      lines.append(f"--{field.name}={','.join(items)}")
     elif value is None:
       if field.name == "weights":
         lines.append("--weights=none")

@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from flowers import artifacts
+from flowers import compat
 from flowers import data as data_lib
 from flowers import distribute
 from flowers import evaluate as evaluate_lib
@@ -150,7 +151,7 @@ def seed_states(model: keras.Model) -> list[Any]:
   return [v for v in model.variables if id(v) not in weights]
 
 
-class CountedDataset(tf.data.Dataset):
+class CountedDataset(compat.DatasetView):
   """`dataset` itself, counting the iterators made of it.
 
   A dataset shuffled with `reshuffle_each_iteration` draws a new order for
@@ -160,16 +161,8 @@ class CountedDataset(tf.data.Dataset):
   """
 
   def __init__(self, dataset: tf.data.Dataset):
-    self._dataset = dataset
     self.iterators = 0
-    super().__init__(dataset._variant_tensor)  # pylint: disable=protected-access
-
-  def _inputs(self) -> list[tf.data.Dataset]:
-    return [self._dataset]
-
-  @property
-  def element_spec(self) -> Any:
-    return self._dataset.element_spec
+    super().__init__(dataset)
 
   def __iter__(self):
     self.iterators += 1

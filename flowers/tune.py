@@ -59,6 +59,7 @@ import numpy as np
 import tensorflow as tf
 
 from flowers import artifacts
+from flowers import compat
 from flowers import data as data_lib
 from flowers import distribute
 from flowers import model as model_lib
@@ -330,20 +331,16 @@ def _copy_histories(parent_dir: str, run_dir: str) -> None:
       shutil.copyfile(source, target)
 
 
-class _TrialContext:
+class _TrialContext(compat.DeclaredSpaceTuner):
   """Gives `TwoStageHyperModel.fit` its trial's id, folder and checkpoint path."""
 
-  def _populate_initial_space(self):
-    # KerasTuner builds a model just to see the hyperparameters (AutoKeras's
-    # hook); this space has no conditions, so declaring them is enough, and
-    # saves a model build (and the chief of a distributed search needs none).
-    hp = self.oracle.get_space()
+  def declare_space(self, hp: keras_tuner.HyperParameters) -> None:
+    # The space has no conditions: declaring it is enough, no model is built.
     declare_hyperparameters(hp, self.hypermodel.config.search)
-    self.oracle.update_space(hp)
 
   def run_trial(self, trial, *args, **kwargs):
     kwargs.update(trial_id=trial.trial_id, trial_dir=self.get_trial_dir(trial.trial_id),
-                  checkpoint=self._get_checkpoint_fname(trial.trial_id))
+                  checkpoint=compat.trial_checkpoint(self, trial.trial_id))
     return super().run_trial(trial, *args, **kwargs)
 
 
@@ -419,7 +416,7 @@ def run_search(config: RunConfig, workdir: str,
   tuner = make_tuner(hypermodel, workdir, overwrite=config.overwrite and chief,
                      strategy=strategy)
   if chief:  # Served to the workers with the search space (`check_chief_run`).
-    tuner.oracle.hyperparameters.values[CHIEF_RUN_KEY] = json.dumps(made, sort_keys=True)
+    compat.publish_with_space(tuner.oracle, CHIEF_RUN_KEY, json.dumps(made, sort_keys=True))
   tuner.search(verbose=config.train.verbose)
   if not chief:
     print(f"{tuner.tuner_id}: ran trial(s) {', '.join(hypermodel.trials_run) or 'none'}; "
@@ -471,14 +468,11 @@ def check_chief_run(mine: dict[str, Any]) -> None:
   The chief's comes with the oracle's search space (`CHIEF_RUN_KEY`); asking
   for it waits until the chief serves.
   """
-  # Imported here as KerasTuner does: its gRPC protos load only where needed.
-  from keras_tuner.src.distribute import oracle_client  # pylint: disable=g-import-not-at-top
-
   worker = os.environ["KERASTUNER_TUNER_ID"]
   chief = (f"the chief at {os.environ['KERASTUNER_ORACLE_IP']}:"
            f"{os.environ['KERASTUNER_ORACLE_PORT']}")
   logging.info("%s: checking its settings against %s's.", worker, chief)
-  announced = oracle_client.OracleClient(None).get_space().values.get(CHIEF_RUN_KEY)
+  announced = compat.chief_published(CHIEF_RUN_KEY)
   if not isinstance(announced, str):
     raise UserError(f"{chief} does not say which search it runs (another flowers version?); "
                     f"run the chief and {worker} with the same flowers.")
@@ -554,7 +548,7 @@ def _best_checkpoint(tuner: keras_tuner.Tuner, trial) -> str:
 
   Retraining elsewhere would ship another model than the one scored.
   """
-  checkpoint = tuner._get_checkpoint_fname(trial.trial_id)  # pylint: disable=protected-access
+  checkpoint = compat.trial_checkpoint(tuner, trial.trial_id)
   if not os.path.exists(checkpoint):
     folder = os.path.basename(tuner.get_trial_dir(trial.trial_id))
     raise UserError(f"The best trial's weights {checkpoint} are not on this disk: a worker "

@@ -1,12 +1,11 @@
-"""Where the real data lives (../shared beside the checkout), and a skip when absent.
+"""Where the real data lives: ../shared beside the checkout, or $FLOWERS_SHARED.
 
-Where the real data must be there (CI sets FLOWERS_REQUIRE_SHARED=1), a missing
-copy stops the whole run (see conftest.py) instead of skipping those tests.
+A test that needs it carries `@pytest.mark.real_data`; conftest.py skips those
+tests where the data is absent, and with FLOWERS_REQUIRE_SHARED=1 (CI) stops
+the whole run instead of skipping them.
 """
 
 import os
-
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("FLOWERS_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
@@ -21,10 +20,3 @@ def missing() -> list[str]:
   """The real-data paths that are not there."""
   return [p for p in (os.path.join(TFDS_DIR, "oxford_flowers102"), WEIGHTS)
           if not os.path.exists(p)]
-
-
-requires_tfds = pytest.mark.skipif(
-    not os.path.isdir(os.path.join(TFDS_DIR, "oxford_flowers102")),
-    reason=f"real data not found at {TFDS_DIR}")
-requires_weights = pytest.mark.skipif(
-    not os.path.isfile(WEIGHTS), reason=f"ImageNet weights not found at {WEIGHTS}")

@@ -167,7 +167,10 @@ class RandomGeometryTest(parameterized.TestCase):
                                      crop_area=0.5)
     with_crop = np.asarray(cropped.sample_matrices(shape))
     expected = GOLDEN_MATRICES[:len(with_crop)]
-    square = lambda m: np.concatenate([m, np.ones((len(m), 1), m.dtype)], -1).reshape(-1, 3, 3)
+
+    def square(m):
+      return np.concatenate([m, np.ones((len(m), 1), m.dtype)], -1).reshape(-1, 3, 3)
+
     crops = np.linalg.solve(square(expected).transpose(0, 2, 1),
                             square(with_crop).transpose(0, 2, 1)).transpose(0, 2, 1)
     np.testing.assert_allclose(crops[:, 0, 1], 0.0, atol=1e-4)  # Axis-aligned rectangles.

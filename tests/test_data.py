@@ -9,6 +9,7 @@ from unittest import mock
 from absl.testing import absltest
 import numpy as np
 from PIL import Image
+import pytest
 import tensorflow as tf
 
 import fake_data
@@ -70,7 +71,7 @@ class TfdsSourceTest(absltest.TestCase):
     self.assertEqual(list(dict.fromkeys(source.source_splits)), list(data.TFDS_SPLITS))
     self.assertEqual(source.skipped, {})
     label_of = source.label_of()
-    for split, rows in examples.items():
+    for rows in examples.values():
       for name, label, _ in rows:
         self.assertEqual(label_of[name], label)
 
@@ -426,7 +427,8 @@ class ImageDirTest(absltest.TestCase):
       data.prepare_split(source, None, split_lib.parse_split("64,16,20"))
 
 
-@shared_data.requires_tfds
+@pytest.mark.slow
+@pytest.mark.real_data
 class RealDataTest(absltest.TestCase):
 
   def test_prepare_split_on_real_data(self):

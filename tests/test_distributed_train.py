@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+from absl.testing import absltest
 import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -95,23 +96,33 @@ def run_cluster(workdirs, logdir, timeout=TIMEOUT_S):
   return results
 
 
-@pytest.mark.slow
-def test_multi_worker_training_is_synchronous_and_only_the_chief_writes(tmp_path):
-  workdirs = [str(tmp_path / "worker0"), str(tmp_path / "worker1")]
-  chief, worker = run_cluster(workdirs, str(tmp_path))
-  assert chief["replicas"] == 2 and worker["replicas"] == 2
-  assert chief["arrived"] == worker["arrived"] == 2  # A collective after training.
-  assert chief["is_chief"] and chief["report_is_chief"]
-  assert not worker["is_chief"] and not worker["report_is_chief"]
-  assert 0.0 <= chief["test_accuracy"] <= 1.0
-  assert chief["num_test_examples"] == 16 and chief["num_train_examples"] == 32
-  assert chief["stage2_epochs"] == 1
-  assert "test_accuracy" not in worker
-  assert os.path.exists(os.path.join(workdirs[0], "model.keras"))
-  assert os.path.exists(os.path.join(workdirs[0], "report.json"))
-  assert not os.path.exists(os.path.join(workdirs[1], "model.keras"))
-  assert not os.path.exists(os.path.join(workdirs[1], "report.json"))
-  # Synchronous training: both workers end with the same weights.
-  assert chief["classifier_digest"] == worker["classifier_digest"]
-  assert chief["trainable_digest"] == worker["trainable_digest"]
-  assert chief["num_trainable"] == worker["num_trainable"] > 2
+class MultiWorkerTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_multi_worker_training_is_synchronous_and_only_the_chief_writes(self):
+    tmp = self.create_tempdir().full_path
+    workdirs = [os.path.join(tmp, "worker0"), os.path.join(tmp, "worker1")]
+    chief, worker = run_cluster(workdirs, tmp)
+    self.assertEqual((chief["replicas"], worker["replicas"]), (2, 2))
+    # A collective after training.
+    self.assertEqual((chief["arrived"], worker["arrived"]), (2, 2))
+    self.assertTrue(chief["is_chief"] and chief["report_is_chief"])
+    self.assertFalse(worker["is_chief"] or worker["report_is_chief"])
+    self.assertBetween(chief["test_accuracy"], 0.0, 1.0)
+    self.assertEqual(chief["num_test_examples"], 16)
+    self.assertEqual(chief["num_train_examples"], 32)
+    self.assertEqual(chief["stage2_epochs"], 1)
+    self.assertNotIn("test_accuracy", worker)
+    self.assertTrue(os.path.exists(os.path.join(workdirs[0], "model.keras")))
+    self.assertTrue(os.path.exists(os.path.join(workdirs[0], "report.json")))
+    self.assertFalse(os.path.exists(os.path.join(workdirs[1], "model.keras")))
+    self.assertFalse(os.path.exists(os.path.join(workdirs[1], "report.json")))
+    # Synchronous training: both workers end with the same weights.
+    self.assertEqual(chief["classifier_digest"], worker["classifier_digest"])
+    self.assertEqual(chief["trainable_digest"], worker["trainable_digest"])
+    self.assertEqual(chief["num_trainable"], worker["num_trainable"])
+    self.assertGreater(chief["num_trainable"], 2)
+
+
+if __name__ == "__main__":
+  absltest.main()

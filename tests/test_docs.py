@@ -13,6 +13,8 @@ import glob
 import os
 import re
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import pytest
 
 import fake_data
@@ -44,42 +46,6 @@ def python_blocks(markdown: str) -> list[str]:
   return re.findall(r"^```python\n(.*?)^```", markdown, re.MULTILINE | re.DOTALL)
 
 
-def test_readme_has_library_code_and_the_substitutions_apply():
-  code = "\n".join(python_blocks(read("README.md")))
-  assert code, "README.md has no ```python block"
-  for old, _ in SUBSTITUTIONS:
-    assert old in code, f"README.md's code no longer holds {old!r}; update SUBSTITUTIONS"
-  for block in python_blocks(read("README.md")):
-    ast.parse(block)
-
-
-@pytest.mark.slow
-def test_readme_library_code_runs_on_mock_data(tmp_path, monkeypatch):
-  checkout = tmp_path / "flowers"
-  checkout.mkdir()
-  (tmp_path / "shared" / "tensorflow_datasets").mkdir(parents=True)
-  monkeypatch.chdir(checkout)
-  namespace = {"TINY_DATA": TINY_DATA, "TINY_TRAIN": TINY_TRAIN, "__name__": "readme"}
-  with fake_data.mock_flowers(fake_data.uniform_counts(4, train=6, val=2, test=2)):
-    for block in python_blocks(read("README.md")):
-      for old, new in SUBSTITUTIONS:
-        block = block.replace(old, new)
-      exec(compile(block, "README.md", "exec"), namespace)  # pylint: disable=exec-used
-  # The blocks did what they say: a model trained, a workdir written and loaded back.
-  assert namespace["report"]["num_test_examples"] == 8
-  assert 0.0 <= namespace["report"]["test_accuracy"] <= 1.0
-  assert (checkout / "runs" / "mine" / "model.keras").is_file()
-  assert namespace["model"].output_shape == (None, len(namespace["splits"].class_names))
-
-
-@pytest.mark.parametrize("name", DOCS + FLAGFILES)
-def test_no_machine_paths_or_issue_numbers(name):
-  text = read(name)
-  assert "/work/" not in text, f"{name} names a machine path"
-  found = re.findall(r"\bissues?\s*#?\d+", text, re.IGNORECASE)
-  assert not found, f"{name} cites {found}: say what the goal is instead"
-
-
 def _defined_tests() -> dict[str, set[str]]:
   """Test file -> the names of its test functions, classes and `Class::method`s."""
   found = {}
@@ -98,22 +64,68 @@ def _defined_tests() -> dict[str, set[str]]:
   return found
 
 
-@pytest.mark.parametrize("name", DOCS)
-def test_every_test_the_docs_cite_exists(name):
-  text = read(name)
-  defined = _defined_tests()
-  every = set().union(*defined.values())
-  for file, rest in re.findall(r"tests/(\w+\.py)(?:::([\w:]+))?", text):
-    assert file in defined or os.path.exists(os.path.join(REPO, "tests", file)), (
-        f"{name} cites tests/{file}, which does not exist")
-    if rest:
-      assert rest in defined.get(file, ()), f"{name} cites tests/{file}::{rest}: not found"
-  # A bare name: test_ and three words or more (shorter ones are report keys, test_accuracy).
-  for test in re.findall(r"\b(test(?:_[a-z0-9]+){3,})\b(?!\.py)", text):
-    assert test in every, f"{name} cites {test}, which no file in tests/ defines"
+class ReadmeTest(absltest.TestCase):
+
+  def test_readme_has_library_code_and_the_substitutions_apply(self):
+    code = "\n".join(python_blocks(read("README.md")))
+    self.assertTrue(code, "README.md has no ```python block")
+    for old, _ in SUBSTITUTIONS:
+      self.assertIn(old, code,
+                    f"README.md's code no longer holds {old!r}; update SUBSTITUTIONS")
+    for block in python_blocks(read("README.md")):
+      ast.parse(block)
+
+  @pytest.mark.slow
+  def test_readme_library_code_runs_on_mock_data(self):
+    tmp = self.create_tempdir().full_path
+    checkout = os.path.join(tmp, "flowers")
+    os.mkdir(checkout)
+    os.makedirs(os.path.join(tmp, "shared", "tensorflow_datasets"))
+    self.addCleanup(os.chdir, os.getcwd())
+    os.chdir(checkout)
+    namespace = {"TINY_DATA": TINY_DATA, "TINY_TRAIN": TINY_TRAIN, "__name__": "readme"}
+    with fake_data.mock_flowers(fake_data.uniform_counts(4, train=6, val=2, test=2)):
+      for block in python_blocks(read("README.md")):
+        for old, new in SUBSTITUTIONS:
+          block = block.replace(old, new)
+        exec(compile(block, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+    # The blocks did what they say: a model trained, a workdir written and loaded back.
+    self.assertEqual(namespace["report"]["num_test_examples"], 8)
+    self.assertBetween(namespace["report"]["test_accuracy"], 0.0, 1.0)
+    self.assertTrue(os.path.isfile(os.path.join(checkout, "runs", "mine", "model.keras")))
+    self.assertEqual(namespace["model"].output_shape,
+                     (None, len(namespace["splits"].class_names)))
 
 
-def test_flagfile_headers_are_short():
-  for name in FLAGFILES:
-    comments = [l for l in read(name).splitlines() if l.startswith("#")]
-    assert len(comments) <= 9, f"{name} has {len(comments)} comment lines"
+class DocsTextTest(parameterized.TestCase):
+
+  @parameterized.parameters(*(DOCS + FLAGFILES))
+  def test_no_machine_paths_or_issue_numbers(self, name):
+    text = read(name)
+    self.assertNotIn("/work/", text, f"{name} names a machine path")
+    found = re.findall(r"\bissues?\s*#?\d+", text, re.IGNORECASE)
+    self.assertEmpty(found, f"{name} cites {found}: say what the goal is instead")
+
+  @parameterized.parameters(*DOCS)
+  def test_every_test_the_docs_cite_exists(self, name):
+    text = read(name)
+    defined = _defined_tests()
+    every = set().union(*defined.values())
+    for file, rest in re.findall(r"tests/(\w+\.py)(?:::([\w:]+))?", text):
+      self.assertTrue(
+          file in defined or os.path.exists(os.path.join(REPO, "tests", file)),
+          f"{name} cites tests/{file}, which does not exist")
+      if rest:
+        self.assertIn(rest, defined.get(file, ()), f"{name} cites tests/{file}::{rest}: not found")
+    # A bare name: test_ and three words or more (shorter ones are report keys, test_accuracy).
+    for test in re.findall(r"\b(test(?:_[a-z0-9]+){3,})\b(?!\.py)", text):
+      self.assertIn(test, every, f"{name} cites {test}, which no file in tests/ defines")
+
+  def test_flagfile_headers_are_short(self):
+    for name in FLAGFILES:
+      comments = [l for l in read(name).splitlines() if l.startswith("#")]
+      self.assertLessEqual(len(comments), 9, f"{name} has {len(comments)} comment lines")
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -67,6 +67,9 @@ class WorkdirTestCase(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
+    # The same pipeline order and weights whatever ran before in this process (tf.data
+    # combines its op seeds with TensorFlow's global one).
+    keras.utils.set_random_seed(SEED)
     cls.enterClassContext(fake_data.mock_flowers(COUNTS))
     cls.root = tempfile.mkdtemp()
     cls.addClassCleanup(shutil.rmtree, cls.root, ignore_errors=True)
@@ -223,8 +226,8 @@ class ExportTest(WorkdirTestCase):
       export.convert(self.model, ExportOptions(), [])
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
-@shared_data.requires_weights
 class FidelityTest(WorkdirTestCase):
   """int8 against float on a model that has learnt the mock classes."""
 

@@ -14,13 +14,13 @@ import tempfile
 from unittest import mock
 
 from absl.testing import absltest
+import pytest
 
 import fake_data
 import run_configs
 from flowers import artifacts
 from flowers import config as config_lib
 from flowers import modes
-from flowers import runs
 from flowers.errors import UserError
 
 
@@ -46,6 +46,7 @@ def read_json(*path):
     return json.load(f)
 
 
+@pytest.mark.slow
 class LifecycleTest(absltest.TestCase):
   """Two finished runs on one split (A exported, B another dropout), copied per test."""
 

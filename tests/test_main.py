@@ -21,6 +21,7 @@ from absl.testing import parameterized
 
 from absl import flags
 from absl.testing import flagsaver
+import pytest
 
 import fake_data
 from flowers import config as config_lib
@@ -46,6 +47,7 @@ def error_lines(proc):
   return [l for l in proc.stderr.splitlines() if l.startswith("flowers_main: error")]
 
 
+@pytest.mark.slow
 class EveryModeTest(absltest.TestCase):
   """prepare -> train -> evaluate -> predict -> export -> report -> tune."""
 
@@ -105,6 +107,7 @@ class EveryModeTest(absltest.TestCase):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
 
 
+@pytest.mark.slow
 class KillAndResumeTest(parameterized.TestCase):
   """`kill -9` in stage 2, then the same command: it continues, losing at most one epoch."""
 

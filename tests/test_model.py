@@ -7,6 +7,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import keras
 import numpy as np
+import pytest
 
 import shared_data
 from flowers import build_model
@@ -72,6 +73,7 @@ class BuildModelTest(parameterized.TestCase):
     np.testing.assert_allclose(loaded(images(), training=False),
                                self.model(images(), training=False), rtol=1e-5, atol=1e-6)
 
+  @pytest.mark.slow
   def test_usable_from_plain_keras(self):
     model = tiny_model(num_classes=3, augment=False)
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -263,7 +265,7 @@ class Int8GridTest(absltest.TestCase):
     self.assertFalse(np.array_equal(rounded, weights))
 
 
-@shared_data.requires_weights
+@pytest.mark.real_data
 class RealWeightsTest(absltest.TestCase):
 
   def test_loads_imagenet_weights_by_path(self):

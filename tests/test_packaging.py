@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+from absl.testing import absltest
 import flatbuffers
 import pytest
 
@@ -95,117 +96,124 @@ def _schema_declarations():
   return declarations
 
 
-def test_license_is_apache_2_with_the_projects_copyright():
-  text = _read(os.path.join(REPO, "LICENSE"))
-  assert text.splitlines()[0] == "Copyright 2026 The flowers Authors"
-  assert "Apache License\n                           Version 2.0, January 2004" in text
-  assert "END OF TERMS AND CONDITIONS" in text
-  assert _setup_cfg()["metadata"]["license"] == "Apache-2.0"
+class LicenceTest(absltest.TestCase):
+
+  def test_license_is_apache_2_with_the_projects_copyright(self):
+    text = _read(os.path.join(REPO, "LICENSE"))
+    self.assertEqual(text.splitlines()[0], "Copyright 2026 The flowers Authors")
+    self.assertIn("Apache License\n                           Version 2.0, January 2004", text)
+    self.assertIn("END OF TERMS AND CONDITIONS", text)
+    self.assertEqual(_setup_cfg()["metadata"]["license"], "Apache-2.0")
 
 
-def test_the_vendored_schema_keeps_its_source_and_licence():
-  licence = _read(os.path.join(VENDOR, "LICENSE"))
-  assert licence.startswith("Copyright 2020 The TensorFlow Authors.")
-  assert "Apache License" in licence and "END OF TERMS AND CONDITIONS" in licence
-  schema = _read(SCHEMA)
-  assert schema.startswith("// Copyright 2020 The TensorFlow Authors. All Rights Reserved.")
-  assert "root_type ModelMetadata;" in schema
+class VendoredSchemaTest(absltest.TestCase):
+
+  def test_the_vendored_schema_keeps_its_source_and_licence(self):
+    licence = _read(os.path.join(VENDOR, "LICENSE"))
+    self.assertStartsWith(licence, "Copyright 2020 The TensorFlow Authors.")
+    self.assertIn("Apache License", licence)
+    self.assertIn("END OF TERMS AND CONDITIONS", licence)
+    schema = _read(SCHEMA)
+    self.assertStartsWith(
+        schema, "// Copyright 2020 The TensorFlow Authors. All Rights Reserved.")
+    self.assertIn("root_type ModelMetadata;", schema)
+
+  def test_the_generated_file_has_the_digest_the_readme_records(self):
+    recorded = re.findall(r"sha256 of `metadata_schema_py_generated.py`:\s*`([0-9a-f]{64})`",
+                          _read(os.path.join(VENDOR, "README.md")))
+    with open(GENERATED, "rb") as f:
+      actual = hashlib.sha256(f.read()).hexdigest()
+    self.assertEqual(recorded, [actual], "edited by hand? regenerate it (README.md says how)")
+
+  def test_the_schema_is_the_version_the_classes_were_made_from(self):
+    schema = _read(SCHEMA)
+    self.assertEqual(re.findall(r'^file_identifier "(\w+)";', schema, re.M), ["M001"])
+    versions = re.findall(r"^// Schema Semantic version: (\S+)$", schema, re.M)
+    self.assertEqual(versions, ["1.2.1"])
+    header = "\n".join(_generated_header())
+    readme = _read(os.path.join(VENDOR, "README.md"))
+    for text in (header, readme):
+      self.assertIn(f"schema version {versions[0]}".lower(), text.lower())
+      self.assertIn('"M001"', text)
+      self.assertIn("49b22edaca62d3dc53db7c34836210a09595448f", text)
+    # The generated classes check the identifier of the schema, which flowers writes.
+    builder = flatbuffers.Builder(64)
+    builder.Finish(meta_fb.ModelMetadataT().Pack(builder), file_identifier=b"M001")
+    self.assertTrue(meta_fb.ModelMetadata.ModelMetadataBufferHasIdentifier(builder.Output(), 0))
+    self.assertEqual(tflite_metadata.METADATA_IDENTIFIER, b"M001")
+
+  def test_every_schema_declaration_has_its_generated_class(self):
+    declarations = _schema_declarations()
+    self.assertIn("RegexTokenizerOptions", declarations)  # Added in 1.2.1.
+    classes = {name for name, value in vars(meta_fb).items()
+               if isinstance(value, type) and value.__module__ == meta_fb.__name__}
+    object_api = {name + "T" for name in declarations}
+    self.assertEqual(classes - object_api, set(declarations))
+    for name, fields in declarations.items():
+      cls = getattr(meta_fb, name)
+      for field in fields:
+        method = "".join(part[:1].upper() + part[1:] for part in field.split("_"))
+        self.assertTrue(hasattr(cls, method), f"{name}.{field}")
+
+  def test_regenerate_script_writes_the_header_the_file_has(self):
+    script = _read(os.path.join(VENDOR, "regenerate.sh"))
+    heredoc = re.search(r"<<'EOF'\n(.*?)\nEOF\n", script, re.S).group(1)
+    self.assertEqual(heredoc.splitlines(), _generated_header())
+
+  def test_no_copy_of_the_schema_is_left_at_the_top_of_the_package(self):
+    self.assertIsNone(importlib.util.find_spec("flowers.metadata_schema_py_generated"))
+    self.assertIs(tflite_metadata.meta_fb, meta_fb)
+
+  @pytest.mark.slow
+  def test_regenerating_the_schema_gives_the_vendored_file(self):
+    flatc = shutil.which("flatc")
+    if flatc is None:
+      self.skipTest("flatc is not installed (apt-get install -y flatbuffers-compiler)")
+    version = subprocess.run([flatc, "--version"], capture_output=True, text=True,
+                             check=True).stdout.split()[-1]
+    if version != FLATC_VERSION:
+      self.skipTest(
+          f"flatc {version} is installed; the vendored file was made with {FLATC_VERSION}")
+    result = subprocess.run(["bash", os.path.join(VENDOR, "regenerate.sh"), "--check"],
+                            capture_output=True, text=True, check=False)
+    self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
 
-def test_the_generated_file_has_the_digest_the_readme_records():
-  recorded = re.findall(r"sha256 of `metadata_schema_py_generated.py`:\s*`([0-9a-f]{64})`",
-                        _read(os.path.join(VENDOR, "README.md")))
-  with open(GENERATED, "rb") as f:
-    actual = hashlib.sha256(f.read()).hexdigest()
-  assert recorded == [actual], "edited by hand? regenerate it (README.md says how)"
+class DistributionTest(absltest.TestCase):
+
+  def test_the_vendored_data_files_are_package_data(self):
+    patterns = {
+        package.strip(): [p.strip() for p in value.split(",")]
+        for package, value in _setup_cfg()["options.package_data"].items()}
+    vendor_root = os.path.join(REPO, "flowers", "_vendor")
+    for root, dirs, files in os.walk(vendor_root):
+      dirs[:] = [d for d in dirs if d != "__pycache__"]
+      package = os.path.relpath(root, REPO).replace(os.sep, ".")
+      for name in files:
+        if not name.endswith((".py", ".pyc")):
+          self.assertTrue(any(fnmatch.fnmatch(name, p) for p in patterns.get(package, ())),
+                          (package, name))
+
+  def test_every_third_party_import_in_flowers_is_declared(self):
+    config = _setup_cfg()
+    required = _requirements(config["options"]["install_requires"])
+    extras = set()
+    for value in config["options.extras_require"].values():
+      extras |= _requirements(value)
+    installed = metadata.packages_distributions()
+    for folder, declared in (("flowers", required), ("benchmarks", required | extras)):
+      imports = _third_party_imports(folder)
+      self.assertTrue(imports, folder)
+      for top, files in sorted(imports.items()):
+        distribution = DISTRIBUTIONS.get(top, top)
+        self.assertIn(_normalized(distribution), declared,
+                      f"{top} (imported by {sorted(files)}) needs {distribution} in setup.cfg")
+        # The map agrees with the installed distributions where they are installed.
+        providers = installed.get(top)
+        if providers:
+          self.assertIn(_normalized(distribution), {_normalized(p) for p in providers}, top)
+    self.assertNotIn("mediapipe", _third_party_imports("flowers"))
 
 
-def test_the_schema_is_the_version_the_classes_were_made_from():
-  schema = _read(SCHEMA)
-  assert re.findall(r'^file_identifier "(\w+)";', schema, re.M) == ["M001"]
-  versions = re.findall(r"^// Schema Semantic version: (\S+)$", schema, re.M)
-  assert versions == ["1.2.1"]
-  header = "\n".join(_generated_header())
-  readme = _read(os.path.join(VENDOR, "README.md"))
-  for text in (header, readme):
-    assert f"schema version {versions[0]}".lower() in text.lower()
-    assert '"M001"' in text
-    assert "49b22edaca62d3dc53db7c34836210a09595448f" in text
-  # The generated classes check the identifier of the schema, which flowers writes.
-  builder = flatbuffers.Builder(64)
-  builder.Finish(meta_fb.ModelMetadataT().Pack(builder), file_identifier=b"M001")
-  assert meta_fb.ModelMetadata.ModelMetadataBufferHasIdentifier(builder.Output(), 0)
-  assert tflite_metadata.METADATA_IDENTIFIER == b"M001"
-
-
-def test_every_schema_declaration_has_its_generated_class():
-  declarations = _schema_declarations()
-  assert "RegexTokenizerOptions" in declarations  # Added in 1.2.1.
-  classes = {name for name, value in vars(meta_fb).items()
-             if isinstance(value, type) and value.__module__ == meta_fb.__name__}
-  object_api = {name + "T" for name in declarations}
-  assert classes - object_api == set(declarations)
-  for name, fields in declarations.items():
-    cls = getattr(meta_fb, name)
-    for field in fields:
-      method = "".join(part[:1].upper() + part[1:] for part in field.split("_"))
-      assert hasattr(cls, method), f"{name}.{field}"
-
-
-def test_regenerate_script_writes_the_header_the_file_has():
-  script = _read(os.path.join(VENDOR, "regenerate.sh"))
-  heredoc = re.search(r"<<'EOF'\n(.*?)\nEOF\n", script, re.S).group(1)
-  assert heredoc.splitlines() == _generated_header()
-
-
-def test_no_copy_of_the_schema_is_left_at_the_top_of_the_package():
-  assert importlib.util.find_spec("flowers.metadata_schema_py_generated") is None
-  assert tflite_metadata.meta_fb is meta_fb
-
-
-def test_the_vendored_data_files_are_package_data():
-  patterns = {
-      package.strip(): [p.strip() for p in value.split(",")]
-      for package, value in _setup_cfg()["options.package_data"].items()}
-  vendor_root = os.path.join(REPO, "flowers", "_vendor")
-  for root, dirs, files in os.walk(vendor_root):
-    dirs[:] = [d for d in dirs if d != "__pycache__"]
-    package = os.path.relpath(root, REPO).replace(os.sep, ".")
-    for name in files:
-      if not name.endswith((".py", ".pyc")):
-        assert any(fnmatch.fnmatch(name, p) for p in patterns.get(package, ())), (package, name)
-
-
-def test_every_third_party_import_in_flowers_is_declared():
-  config = _setup_cfg()
-  required = _requirements(config["options"]["install_requires"])
-  extras = set()
-  for value in config["options.extras_require"].values():
-    extras |= _requirements(value)
-  installed = metadata.packages_distributions()
-  for folder, declared in (("flowers", required), ("benchmarks", required | extras)):
-    imports = _third_party_imports(folder)
-    assert imports, folder
-    for top, files in sorted(imports.items()):
-      distribution = DISTRIBUTIONS.get(top, top)
-      assert _normalized(distribution) in declared, (
-          f"{top} (imported by {sorted(files)}) needs {distribution} in setup.cfg")
-      # The map agrees with the installed distributions where they are installed.
-      providers = installed.get(top)
-      if providers:
-        assert _normalized(distribution) in {_normalized(p) for p in providers}, top
-  assert "mediapipe" not in _third_party_imports("flowers")
-
-
-@pytest.mark.slow
-def test_regenerating_the_schema_gives_the_vendored_file():
-  flatc = shutil.which("flatc")
-  if flatc is None:
-    pytest.skip("flatc is not installed (apt-get install -y flatbuffers-compiler)")
-  version = subprocess.run([flatc, "--version"], capture_output=True, text=True,
-                           check=True).stdout.split()[-1]
-  if version != FLATC_VERSION:
-    pytest.skip(f"flatc {version} is installed; the vendored file was made with {FLATC_VERSION}")
-  result = subprocess.run(["bash", os.path.join(VENDOR, "regenerate.sh"), "--check"],
-                          capture_output=True, text=True, check=False)
-  assert result.returncode == 0, result.stdout + result.stderr
+if __name__ == "__main__":
+  absltest.main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from absl.testing import absltest
 import numpy as np
 from PIL import Image
 
@@ -39,72 +40,76 @@ def confusion(num_classes: int, per_class: int, seed: int = 0) -> np.ndarray:
   return cm
 
 
-def test_confusion_plot_with_102_classes(tmp_path):
-  names = class_names(102)
-  cm = confusion(102, 10, seed=1)
-  path = plots.plot_confusion(cm, names, str(tmp_path / "cm.png"))
-  width, height = check_png(path, min_side=600)
-  assert width > height
+class PlotsTest(absltest.TestCase):
 
+  def test_confusion_plot_with_102_classes(self):
+    names = class_names(102)
+    cm = confusion(102, 10, seed=1)
+    path = plots.plot_confusion(cm, names, os.path.join(self.create_tempdir(), "cm.png"))
+    width, height = check_png(path, min_side=600)
+    self.assertGreater(width, height)
 
-def test_most_confused_on_hand_made_matrix():
-  cm = [[5, 3, 0, 1],
-        [0, 7, 4, 0],
-        [2, 0, 6, 3],
-        [0, 9, 0, 1]]
-  names = ["a", "b", "c", "d"]
-  pairs = plots.most_confused(cm, names, k=4)
-  assert [(p.true_name, p.predicted_name, p.count) for p in pairs] == [
-      ("d", "b", 9), ("b", "c", 4), ("a", "b", 3), ("c", "d", 3)]
-  assert (pairs[0].true_index, pairs[0].predicted_index) == (3, 1)
-  # Zero cells and the diagonal never appear, so fewer than k may come back.
-  assert len(plots.most_confused(cm, names, k=100)) == 6
-  assert plots.most_confused(np.eye(3, dtype=int) * 4, ["x", "y", "z"]) == []
+  def test_most_confused_on_hand_made_matrix(self):
+    cm = [[5, 3, 0, 1],
+          [0, 7, 4, 0],
+          [2, 0, 6, 3],
+          [0, 9, 0, 1]]
+    names = ["a", "b", "c", "d"]
+    pairs = plots.most_confused(cm, names, k=4)
+    self.assertEqual([(p.true_name, p.predicted_name, p.count) for p in pairs], [
+        ("d", "b", 9), ("b", "c", 4), ("a", "b", 3), ("c", "d", 3)])
+    self.assertEqual((pairs[0].true_index, pairs[0].predicted_index), (3, 1))
+    # Zero cells and the diagonal never appear, so fewer than k may come back.
+    self.assertLen(plots.most_confused(cm, names, k=100), 6)
+    self.assertEqual(plots.most_confused(np.eye(3, dtype=int) * 4, ["x", "y", "z"]), [])
 
+  def test_worst_classes_and_concat_history(self):
+    self.assertEqual(plots.worst_classes({"a": 0.9, "b": 0.5, "c": 0.5, "d": 1.0}, k=3), [
+        ("b", 0.5), ("c", 0.5), ("a", 0.9)])
+    metrics, n1 = plots.concat_history(
+        {"stage1": {"loss": [3.0, 2.0], "val_loss": [3.5, 2.5]}, "stage2": {"loss": [1.0]}})
+    self.assertEqual(n1, 2)
+    np.testing.assert_allclose(metrics["loss"], [3.0, 2.0, 1.0])
+    self.assertTrue(np.isnan(metrics["val_loss"][2]))
 
-def test_worst_classes_and_concat_history():
-  assert plots.worst_classes({"a": 0.9, "b": 0.5, "c": 0.5, "d": 1.0}, k=3) == [
-      ("b", 0.5), ("c", 0.5), ("a", 0.9)]
-  metrics, n1 = plots.concat_history(
-      {"stage1": {"loss": [3.0, 2.0], "val_loss": [3.5, 2.5]}, "stage2": {"loss": [1.0]}})
-  assert n1 == 2
-  np.testing.assert_allclose(metrics["loss"], [3.0, 2.0, 1.0])
-  assert np.isnan(metrics["val_loss"][2])
-
-
-def test_plot_history_with_empty_stage2(tmp_path):
-  path = plots.plot_history({"stage1": {"accuracy": [0.2, 0.4], "loss": [2.0, 1.5]},
-                              "stage2": {}}, str(tmp_path / "h.png"))
-  check_png(path)
-  assert plots.plot_history({"stage1": {}, "stage2": {}}, str(tmp_path / "none.png")) is None
-
-
-def test_write_augmented_samples_on_mock_data(tmp_path):
-  import fake_data  # pylint: disable=g-import-not-at-top
-  from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
-
-  workdir = str(tmp_path / "run")
-  config = config_lib.RunConfig(
-      data=config_lib.DataConfig(image_size=32, seed=3),
-      train=config_lib.TrainConfig(augmentation=config_lib.Augmentation(rotation=30)))
-  with fake_data.mock_flowers(fake_data.uniform_counts(4, 4, 2, 2), size=40):
-    source = data_lib.load_tfds()
-    # Writes splits.csv, as training does.
-    data_lib.load_splits(config.data, source=source, workdir=workdir)
-    path = plots.write_augmented_samples(workdir, source, config, count=8, columns=4)
-    assert path == os.path.join(workdir, "plots", "augmented_samples.png")
+  def test_plot_history_with_empty_stage2(self):
+    tmp = self.create_tempdir().full_path
+    path = plots.plot_history({"stage1": {"accuracy": [0.2, 0.4], "loss": [2.0, 1.5]},
+                                "stage2": {}}, os.path.join(tmp, "h.png"))
     check_png(path)
-    first = open(path, "rb").read()
-    plots.write_augmented_samples(workdir, source, config, count=8, columns=4)
-    assert open(path, "rb").read() == first  # Seeded: the same picture again.
-  assert plots.write_augmented_samples(workdir, source, config_lib.RunConfig(
-      train=config_lib.TrainConfig(augment=False))) is None
+    self.assertIsNone(plots.plot_history({"stage1": {}, "stage2": {}},
+                                         os.path.join(tmp, "none.png")))
+
+  def test_write_augmented_samples_on_mock_data(self):
+    import fake_data  # pylint: disable=g-import-not-at-top
+    from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
+
+    workdir = os.path.join(self.create_tempdir(), "run")
+    config = config_lib.RunConfig(
+        data=config_lib.DataConfig(image_size=32, seed=3),
+        train=config_lib.TrainConfig(augmentation=config_lib.Augmentation(rotation=30)))
+    with fake_data.mock_flowers(fake_data.uniform_counts(4, 4, 2, 2), size=40):
+      source = data_lib.load_tfds()
+      # Writes splits.csv, as training does.
+      data_lib.load_splits(config.data, source=source, workdir=workdir)
+      path = plots.write_augmented_samples(workdir, source, config, count=8, columns=4)
+      self.assertEqual(path, os.path.join(workdir, "plots", "augmented_samples.png"))
+      check_png(path)
+      first = open(path, "rb").read()
+      plots.write_augmented_samples(workdir, source, config, count=8, columns=4)
+      self.assertEqual(open(path, "rb").read(), first)  # Seeded: the same picture again.
+    self.assertIsNone(plots.write_augmented_samples(workdir, source, config_lib.RunConfig(
+        train=config_lib.TrainConfig(augment=False))))
+
+  def test_sample_keys_spreads_over_classes(self):
+    keys = [f"k{i:02d}" for i in range(12)]
+    label_of = {k: i % 4 for i, k in enumerate(keys)}
+    chosen = plots.sample_keys(keys, label_of, 6, seed=0)
+    self.assertLen(chosen, 6)
+    self.assertLen(set(chosen), 6)
+    self.assertEqual({label_of[k] for k in chosen}, {0, 1, 2, 3})
+    self.assertEqual(chosen, plots.sample_keys(list(reversed(keys)), label_of, 6, seed=0))
 
 
-def test_sample_keys_spreads_over_classes():
-  keys = [f"k{i:02d}" for i in range(12)]
-  label_of = {k: i % 4 for i, k in enumerate(keys)}
-  chosen = plots.sample_keys(keys, label_of, 6, seed=0)
-  assert len(chosen) == len(set(chosen)) == 6
-  assert {label_of[k] for k in chosen} == {0, 1, 2, 3}
-  assert chosen == plots.sample_keys(list(reversed(keys)), label_of, 6, seed=0)
+if __name__ == "__main__":
+  absltest.main()

@@ -14,6 +14,7 @@ import os
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import pytest
 
 import run_configs
 import shared_data
@@ -45,8 +46,8 @@ def read(workdir: str, name: str) -> dict:
     return json.load(f)
 
 
-@shared_data.requires_tfds
-@shared_data.requires_weights
+@pytest.mark.slow
+@pytest.mark.real_data
 class RepeatableTest(parameterized.TestCase):
 
   @parameterized.parameters("on", "off")

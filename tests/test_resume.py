@@ -14,6 +14,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import keras
 import numpy as np
+import pytest
 
 import fake_data
 import run_configs
@@ -93,6 +94,7 @@ def csv_rows(workdir: str, stage: str) -> int:
     return len(f.readlines()) - 1
 
 
+@pytest.mark.slow
 class KillAndResumeTest(parameterized.TestCase):
 
   @classmethod
@@ -193,6 +195,7 @@ class KillAndResumeTest(parameterized.TestCase):
     self.assertNotIn("val_accuracy", history["stage2"])
 
 
+@pytest.mark.slow
 class PrefixCacheKeyTest(parameterized.TestCase):
   """The cache is reused only when everything that made its bytes is the same."""
 

@@ -6,7 +6,6 @@ import random
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
-import pytest
 
 from flowers import split as split_lib
 from flowers.errors import UserError
@@ -104,7 +103,7 @@ class ParseSplitTest(parameterized.TestCase):
     self.assertIn("--split", str(cm.exception))
 
 
-class ManifestTest(absltest.TestCase):
+class ManifestTest(parameterized.TestCase):
 
   def test_round_trip_and_reuse(self):
     workdir = self.create_tempdir().full_path
@@ -151,14 +150,15 @@ class ManifestTest(absltest.TestCase):
       split_lib.check_fractions_cover([0, 0, 0, 1, 1], split_lib.parse_split("64,16,20"))
 
 
+  @parameterized.parameters("a.jpg,x,train", "a.jpg,1", "a.jpg,1,train,extra")
+  def test_a_malformed_manifest_row_is_a_one_line_error(self, row):
+    path = os.path.join(self.create_tempdir(), "splits.csv")
+    with open(path, "w") as f:
+      f.write("file_name,label,split\nb.jpg,0,val\n" + row + "\n")
+    with self.assertRaisesRegex(UserError, "line 3 is not file_name,label,split") as error:
+      split_lib.read_manifest(path)
+    self.assertNotIn("\n", str(error.exception))
+
+
 if __name__ == "__main__":
   absltest.main()
-
-
-@pytest.mark.parametrize("row", ["a.jpg,x,train", "a.jpg,1", "a.jpg,1,train,extra"])
-def test_a_malformed_manifest_row_is_a_one_line_error(tmp_path, row):
-  path = tmp_path / "splits.csv"
-  path.write_text("file_name,label,split\nb.jpg,0,val\n" + row + "\n")
-  with pytest.raises(UserError, match="line 3 is not file_name,label,split") as error:
-    split_lib.read_manifest(str(path))
-  assert "\n" not in str(error.value)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
+from absl.testing import absltest
 import numpy as np
 from PIL import Image
-import pytest
 
 from flowers import summary
 from flowers.errors import UserError
@@ -95,71 +97,83 @@ def snapshot(workdir) -> dict[str, bytes]:
 COMMAND = "flowers_main --mode=train --workdir=run"
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+class WriteReportTest(absltest.TestCase):
   """A finished train run (with an augmented_samples.png) reported once."""
-  workdir = str(tmp_path_factory.mktemp("report") / "run")
-  result = write_workdir(workdir)
-  os.makedirs(os.path.join(workdir, "plots"))
-  Image.new("RGB", (400, 300), "white").save(
-      os.path.join(workdir, "plots", "augmented_samples.png"))
-  path = summary.write_report(workdir, command=COMMAND)
-  return workdir, result, path, snapshot(workdir)
 
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    tmp = tempfile.mkdtemp()
+    cls.addClassCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    cls.workdir = os.path.join(tmp, "run")
+    cls.result = write_workdir(cls.workdir)
+    os.makedirs(os.path.join(cls.workdir, "plots"))
+    Image.new("RGB", (400, 300), "white").save(
+        os.path.join(cls.workdir, "plots", "augmented_samples.png"))
+    cls.path = summary.write_report(cls.workdir, command=COMMAND)
+    cls.first = snapshot(cls.workdir)
 
-def test_write_report_makes_every_plot_and_summary(run_dir):
-  workdir, result, path, _ = run_dir
-  assert path == os.path.join(workdir, "summary.md")
-  for name in TRAIN_PLOTS:
-    check_png(os.path.join(workdir, "plots", name))
-  text = open(path, encoding="utf-8").read()
-  assert f"{result['test_accuracy']:.4f}" in text
-  assert "0.9876" in text and "0.8123" in text and "0.8456" in text
-  assert COMMAND in text
-  for name in TRAIN_PLOTS + ("augmented_samples.png",):
-    assert f"(plots/{name})" in text, name
-  # Split sizes from splits.csv, export numbers, trials best first.
-  assert "| train | 50 |" in text and "| test | 15 |" in text
-  assert "0.9700" in text and "2.38 MiB" in text and "| Quantization | int8 |" in text
-  assert "flower 4, " not in text  # export_report.json's class list is not dumped.
-  tuning = text[text.index("## Tuning"):]
-  assert tuning.index("| 01 |") < tuning.index("| 00 |") < tuning.index("| 02 |") \
-      < tuning.index("| 03 |")
-  # The 102-class test below covers the big matrix; here the pairs are listed.
-  assert "most confused pairs" in text and "flower 0" in text
+  def test_write_report_makes_every_plot_and_summary(self):
+    workdir, result, path = self.workdir, self.result, self.path
+    self.assertEqual(path, os.path.join(workdir, "summary.md"))
+    for name in TRAIN_PLOTS:
+      check_png(os.path.join(workdir, "plots", name))
+    text = open(path, encoding="utf-8").read()
+    self.assertIn(f"{result['test_accuracy']:.4f}", text)
+    for figure in ("0.9876", "0.8123", "0.8456"):
+      self.assertIn(figure, text)
+    self.assertIn(COMMAND, text)
+    for name in TRAIN_PLOTS + ("augmented_samples.png",):
+      self.assertIn(f"(plots/{name})", text, name)
+    # Split sizes from splits.csv, export numbers, trials best first.
+    for part in ("| train | 50 |", "| test | 15 |", "0.9700", "2.38 MiB",
+                 "| Quantization | int8 |"):
+      self.assertIn(part, text)
+    self.assertNotIn("flower 4, ", text)  # export_report.json's class list is not dumped.
+    tuning = text[text.index("## Tuning"):]
+    self.assertTrue(tuning.index("| 01 |") < tuning.index("| 00 |") < tuning.index("| 02 |")
+                    < tuning.index("| 03 |"))
+    # The 102-class test below covers the big matrix; here the pairs are listed.
+    self.assertIn("most confused pairs", text)
+    self.assertIn("flower 0", text)
 
-
-def test_write_report_is_idempotent(run_dir):
-  workdir, _, _, first = run_dir
-  # As --mode=report does: no command given, so the recorded one is kept; the
-  # augmented samples (drawn from images by training) are left as they were.
-  summary.write_report(workdir)
-  second = snapshot(workdir)
-  assert sorted(first) == sorted(second)
-  assert first["summary.md"] == second["summary.md"]
-  for name in first:
-    assert first[name] == second[name], f"{name} differs between runs"
-  assert not [n for n in os.listdir(os.path.join(workdir, "plots")) if n.startswith(".tmp")]
-
-
-def test_evaluate_only_workdir(tmp_path):
-  """No history, trials or export: those are skipped; the command is from flags.cfg."""
-  workdir = str(tmp_path / "evaluated")
-  write_workdir(workdir, history=False, trials=False, export=False)
-  with open(os.path.join(workdir, "flags.cfg"), "w") as f:
-    f.write("--mode=train\n--epochs=3\n")
-  text = open(summary.write_report(workdir), encoding="utf-8").read()
-  assert "flowers_main --mode=train --epochs=3" in text
-  assert not os.path.exists(os.path.join(workdir, "plots", "history.png"))
-  assert not os.path.exists(os.path.join(workdir, "plots", "tuning.png"))
-  assert "history.json not found" in text
-  assert "plots/history.png" not in text and "## Tuning" not in text
-  assert "## Export" not in text and "augmented_samples" not in text
-  check_png(os.path.join(workdir, "plots", "confusion_matrix.png"))
-
-
-def test_missing_report_json_names_the_mode(tmp_path):
-  workdir = str(tmp_path / "empty")
-  os.makedirs(workdir)
-  with pytest.raises(UserError, match=r"report\.json not found.*--mode=train"):
+  def test_write_report_is_idempotent(self):
+    workdir, first = self.workdir, self.first
+    # As --mode=report does: no command given, so the recorded one is kept; the
+    # augmented samples (drawn from images by training) are left as they were.
     summary.write_report(workdir)
+    second = snapshot(workdir)
+    self.assertEqual(sorted(first), sorted(second))
+    self.assertEqual(first["summary.md"], second["summary.md"])
+    for name in first:
+      self.assertEqual(first[name], second[name], f"{name} differs between runs")
+    self.assertEmpty([n for n in os.listdir(os.path.join(workdir, "plots"))
+                      if n.startswith(".tmp")])
+
+
+class PartialWorkdirTest(absltest.TestCase):
+
+  def test_evaluate_only_workdir(self):
+    """No history, trials or export: those are skipped; the command is from flags.cfg."""
+    workdir = os.path.join(self.create_tempdir(), "evaluated")
+    write_workdir(workdir, history=False, trials=False, export=False)
+    with open(os.path.join(workdir, "flags.cfg"), "w") as f:
+      f.write("--mode=train\n--epochs=3\n")
+    text = open(summary.write_report(workdir), encoding="utf-8").read()
+    self.assertIn("flowers_main --mode=train --epochs=3", text)
+    self.assertFalse(os.path.exists(os.path.join(workdir, "plots", "history.png")))
+    self.assertFalse(os.path.exists(os.path.join(workdir, "plots", "tuning.png")))
+    self.assertIn("history.json not found", text)
+    for absent in ("plots/history.png", "## Tuning", "## Export", "augmented_samples"):
+      self.assertNotIn(absent, text)
+    check_png(os.path.join(workdir, "plots", "confusion_matrix.png"))
+
+  def test_missing_report_json_names_the_mode(self):
+    workdir = os.path.join(self.create_tempdir(), "empty")
+    os.makedirs(workdir)
+    with self.assertRaisesRegex(UserError, r"report\.json not found.*--mode=train"):
+      summary.write_report(workdir)
+
+
+if __name__ == "__main__":
+  absltest.main()

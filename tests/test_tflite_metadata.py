@@ -289,7 +289,7 @@ class MediaPipeTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     try:
-      from mediapipe.tasks.python import vision  # pylint: disable=g-import-not-at-top,unused-import
+      from mediapipe.tasks.python import vision  # noqa: F401  pylint: disable=unused-import
     except ImportError as e:
       raise unittest.SkipTest(f"mediapipe cannot be imported ({e}); `pip install mediapipe` "
                               "to run the MediaPipe Tasks client check") from e

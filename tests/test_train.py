@@ -10,6 +10,7 @@ from unittest import mock
 from absl.testing import absltest
 from absl.testing import parameterized
 import keras
+import pytest
 
 import fake_data
 import run_configs
@@ -37,6 +38,7 @@ class Interrupt(keras.callbacks.Callback):
       raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 class TrainTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("cached", "on"), ("plain", "off"))
@@ -67,7 +69,7 @@ class TrainTest(parameterized.TestCase):
     # No temporary files left behind.
     self.assertEmpty([f for f in os.listdir(workdir) if f.startswith(".tmp")])
 
-  @shared_data.requires_weights
+  @pytest.mark.real_data
   def test_cached_training_learns(self):
     workdir = self.create_tempdir().full_path
     with fake_data.mock_flowers(fake_data.uniform_counts(3, 10, 3, 5), size=64):
@@ -122,6 +124,7 @@ class SmallHolesTest(parameterized.TestCase):
                      {"accuracy": [0.5, 0.6], "loss": [1.2, 1.0]})
 
   @parameterized.parameters("on", "off")
+  @pytest.mark.slow
   def test_corrupt_images_in_tfds_records_are_counted_per_split(self, feature_cache):
     corrupt = [f"image_{i:05d}.jpg" for i in (1, 9, 17, 33, 41, 45)]
     workdir = self.create_tempdir().full_path
@@ -172,6 +175,7 @@ class SmallHolesTest(parameterized.TestCase):
       evaluate.load_predictor(path)
 
 
+@pytest.mark.slow
 class RunIdentityTest(parameterized.TestCase):
   """A rerun in a workdir must be the same run; else it is refused in one line."""
 
@@ -257,6 +261,7 @@ class RunIdentityTest(parameterized.TestCase):
           workdir, self.source)
 
 
+@pytest.mark.slow
 class EvaluatePredictTest(absltest.TestCase):
 
   def test_evaluate_and_predict_from_a_trained_workdir(self):
@@ -274,7 +279,7 @@ class EvaluatePredictTest(absltest.TestCase):
       self.assertEqual(json.load(f)["val_accuracy"], trained["val_accuracy"])
 
     image_dir = self.create_tempdir().full_path
-    for i, (name, label, jpeg) in enumerate(examples["test"][:3]):
+    for i, (name, _, jpeg) in enumerate(examples["test"][:3]):
       with open(os.path.join(image_dir, f"{i}_{name}"), "wb") as f:
         f.write(jpeg)
     with open(os.path.join(image_dir, "not_an_image.jpg"), "wb") as f:

@@ -11,9 +11,13 @@ import csv
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import types
+from unittest import mock
 
+from absl.testing import absltest
+from absl.testing import parameterized
 import keras
 import keras_tuner
 import numpy as np
@@ -60,20 +64,6 @@ def trial_file(workdir, trial_id, name):
   return os.path.join(workdir, artifacts.TUNER_DIR, f"trial_{trial_id}", name)
 
 
-def test_declared_hyperparameters_fix_empty_ranges_and_log_scale_the_rate():
-  hp = keras_tuner.HyperParameters()
-  values = tune.declare_hyperparameters(
-      hp, config_lib.SearchConfig(dropout_range=(0.2, 0.2), unfreeze_ratio_range=(0.0, 0.5)))
-  assert values["dropout"] == 0.2
-  kinds = {p.name: p for p in hp.space}
-  assert type(kinds["dropout"]).__name__ == "Fixed"
-  assert kinds["fine_tune_learning_rate"].sampling == "log"
-  assert kinds["unfreeze_ratio"].sampling == "linear"
-
-
-# The median stopping rule.
-
-
 def write_stage2_history(run_dir, val_accuracies):
   os.makedirs(run_dir, exist_ok=True)
   with open(os.path.join(run_dir, artifacts.stage_history("stage2")), "w") as f:
@@ -87,344 +77,394 @@ def median_stopper(finished, start_epoch, run_dir):
   return stopper
 
 
-def test_median_stopping_compares_best_so_far_with_the_finished_trials_median(tmp_path):
-  # Best so far per epoch of three finished trials; the third stopped after 2 epochs.
-  finished = [[0.5, 0.7, 0.8], [0.6, 0.6, 0.9], [0.4, 0.65]]
-  stopper = median_stopper(finished, start_epoch=2, run_dir=tmp_path)
-  stopper.on_epoch_end(0, {"val_accuracy": 0.1})  # Before epoch 2: never stops.
-  assert not stopper.model.stop_training
-  write_stage2_history(tmp_path, [0.1])
-  stopper.on_epoch_end(1, {"val_accuracy": 0.65})  # Median of 0.7, 0.6, 0.65: not below.
-  assert not stopper.model.stop_training and stopper.stopped is None
-  write_stage2_history(tmp_path, [0.1, 0.65])
-  # Epoch 3: median of 0.8, 0.9 and 0.65 (the short trial's last) is 0.8; the best
-  # so far is 0.65 (epoch 2, read from the history), above this epoch's 0.3.
-  stopper.on_epoch_end(2, {"val_accuracy": 0.3})
-  assert stopper.model.stop_training
-  assert stopper.stopped == {"epoch": 3, "best_val_accuracy": 0.65, "median": 0.8}
-
-
-@pytest.mark.parametrize("finished", [[], [[0.9, 0.9]]])
-def test_median_stopping_waits_for_two_finished_trials(tmp_path, finished):
-  stopper = median_stopper(finished, start_epoch=1, run_dir=tmp_path)
-  stopper.on_epoch_end(1, {"val_accuracy": 0.1})
-  assert not stopper.model.stop_training
-
-
-def test_replay_stops_trials_that_trail_and_later_trials_meet_the_truncated_curve():
-  curves = [[0.5, 0.7, 0.8],
-            [0.6, 0.6, 0.9],
-            [0.4, 0.5, 0.95],  # Epoch 2: 0.5 < median(0.7, 0.6) = 0.65: stops.
-            [0.6, 0.62, 0.7]]  # Epoch 2: median(0.7, 0.6, 0.5) = 0.6: goes on; epoch 3:
-  #                                0.7 < median(0.8, 0.9, 0.5) = 0.8: stops.
-  assert tune.replay_median_stopping(curves, start_epoch=2) == [None, None, 2, 3]
-  assert tune.replay_median_stopping(curves, start_epoch=4) == [None] * 4
-
-
-def test_finished_curves_are_best_so_far_of_trials_with_a_result(tmp_path):
-  write_stage2_history(tmp_path / "trial_0", [0.5, 0.4, 0.6])
-  write_stage2_history(tmp_path / "trial_1", [0.7])  # Still running: no result.json.
-  write_stage2_history(tmp_path / "trial_2", [0.2, 0.3])  # This trial.
-  for name in ("trial_0", "trial_2"):
-    artifacts.write_json(str(tmp_path / name / artifacts.TRIAL_RESULT), {})
-  assert tune.finished_stage2_curves(str(tmp_path), exclude="trial_2") == [[0.5, 0.5, 0.6]]
-
-
-@pytest.mark.parametrize("median_stop_epoch, stage2_epochs, stopped", [(1, 1, 1), (0, 2, None)])
-def test_a_trial_below_the_median_stops_its_stage_2(tmp_path, median_stop_epoch, stage2_epochs,
-                                                     stopped):
-  # Two finished trials that reached val accuracy 1.0 at once: any real trial trails them.
-  for name in ("trial_done_a", "trial_done_b"):
-    write_stage2_history(tmp_path / artifacts.TUNER_DIR / name, [1.0, 1.0])
-    artifacts.write_json(str(tmp_path / artifacts.TUNER_DIR / name / artifacts.TRIAL_RESULT), {})
-  config = tune_worker.small_config(fine_tune_epochs=2)
-  search(tmp_path, config=config, max_trials=1, median_stop_epoch=median_stop_epoch)
-  history = train.read_history(os.path.dirname(trial_file(tmp_path, "0", "x")), "stage2")
-  assert len(history["val_accuracy"]) == stage2_epochs
-  result = read_json(trial_file(tmp_path, "0", artifacts.TRIAL_RESULT))
-  assert (result["median_stop"] or {}).get("epoch") == stopped
-  [row] = read_trials(tmp_path)
-  assert row["median_stop"] == ("" if stopped is None else str(stopped))
-  assert row["status"] == "COMPLETED" and float(row["val_accuracy"]) >= 0
-
-
-# Searches.
-
-
-def test_a_user_error_in_a_trial_stops_the_search(tmp_path):
-  # KerasTuner would count it as a failed trial and go on to the next.
-  config = tune_worker.small_config(weights=str(tmp_path / "missing.h5"))
-  with pytest.raises(UserError, match="missing.h5 is not a file"):
-    search(tmp_path, config=config, max_trials=3)
-
-
-def test_search_writes_artifacts_and_resumes(tmp_path, monkeypatch):
-  """One trial; then two (the second killed midway); then the same command again."""
-  workdir = str(tmp_path)
-  fits = []  # (trial folder, stage) of every stage that started.
-  kill = {"trial": None}
-  fit = train._fit
-
-  def spy(stage, epochs, initial_epoch, run_dir, name, config, *extra):
-    fits.append((os.path.basename(run_dir), name))
-    if name == "stage2" and os.path.basename(run_dir) == kill["trial"]:
-      raise KeyboardInterrupt  # As if the process were stopped in stage 2.
-    return fit(stage, epochs, initial_epoch, run_dir, name, config, *extra)
-
-  monkeypatch.setattr(train, "_fit", spy)
-
-  report = search(workdir, tuner="bayesian", max_trials=1)
-  assert fits == [("trial_0", "stage1"), ("trial_0", "stage2")]
-  assert report["is_chief"] and report["num_trials"] == 1
-  first = read_json(trial_file(workdir, "0", artifacts.TRIAL_RESULT))
-
-  fits.clear()
-  kill["trial"] = "trial_1"
-  with pytest.raises(KeyboardInterrupt):
-    search(workdir, tuner="bayesian", max_trials=2)
-  assert fits == [("trial_1", "stage1"), ("trial_1", "stage2")]
-  killed = read_json(trial_file(workdir, "1", "trial.json"))
-  assert killed["status"] == "RUNNING"
-  # The chief (here the one process) serves its run's fingerprint with the space.
-  oracle = read_json(workdir, artifacts.TUNER_DIR, "oracle.json")
-  served = json.loads(oracle["hyperparameters"]["values"][tune.CHIEF_RUN_KEY])
-  assert served == {k: v for k, v in read_json(workdir, artifacts.RUN).items()
-                    if k != "location"}
-
-  fits.clear()
-  kill["trial"] = None
-  report = search(workdir, tuner="bayesian", max_trials=2)
-  # Only the killed trial ran again, with the same hyperparameters, from its
-  # finished stage 1 (the same loop as --mode=train: it resumes).
-  assert fits == [("trial_1", "stage2")]
-  assert read_json(trial_file(workdir, "0", artifacts.TRIAL_RESULT)) == first
-  redone = read_json(trial_file(workdir, "1", "trial.json"))
-  assert redone["status"] == "COMPLETED"
-  assert redone["hyperparameters"]["values"] == killed["hyperparameters"]["values"]
-
-  rows = read_trials(workdir)
-  assert [r["trial_id"] for r in rows] in (["0", "1"], ["1", "0"])
-  assert list(rows[0]) == list(tune.TRIAL_COLUMNS)
-  accuracies = [float(r["val_accuracy"]) for r in rows]
-  assert accuracies == sorted(accuracies, reverse=True)
-  by_id = {r["trial_id"]: r for r in rows}
-  assert float(by_id["0"]["val_accuracy"]) == pytest.approx(first["val_accuracy"])
-  assert all(float(r["seconds"]) > 0 and r["status"] == "COMPLETED" for r in rows)
-
-  best = read_json(workdir, artifacts.BEST_HPARAMS)
-  assert set(best) == set(config_lib.HPARAMS) | {"cache_cut_ratio"}
-  assert best["cache_cut_ratio"] == tune_worker.small_config().search.unfreeze_ratio_range[1]
-  assert best["dropout"] == pytest.approx(float(rows[0]["dropout"]))
-  saved = read_json(workdir, "report.json")
-  for key in ("test_accuracy", "test_top5_accuracy", "num_test_examples", "val_accuracy",
-              "per_class_accuracy", "confusion_matrix", "class_names", "source", "split",
-              "seed", "search_seconds"):
-    assert key in saved, key
-  assert saved["num_trials"] == 2 and saved["best_hparams"] == best
-  # The trial was scored on the model as shipped (kernels on the int8 grid).
-  assert saved["best_trial_val_accuracy"] == pytest.approx(saved["val_accuracy"], abs=5e-5)
-  assert saved["best_trial_id"] == rows[0]["trial_id"]
-  assert saved["config"]["train"]["unfreeze_ratio"] == best["unfreeze_ratio"]
-  history = read_json(workdir, "history.json")
-  assert len(history["stage1"]["val_accuracy"]) == 1
-  assert len(history["stage2"]["val_accuracy"]) == 1
-  with open(os.path.join(workdir, artifacts.LABELS)) as f:
-    assert len(f.read().splitlines()) == len(saved["class_names"])
-  model = keras.models.load_model(os.path.join(workdir, "model.keras"))
-  assert model.get_layer("head_dropout").rate == pytest.approx(best["dropout"])
-
-  # Resuming with another search space is refused, naming what changed.
-  with pytest.raises(UserError, match=r"search\.dropout_range: \[0\.0, 0\.5\] -> "
-                                      r"\[0\.1, 0\.2\].*--overwrite"):
-    search(workdir, tuner="bayesian", max_trials=2, dropout_range=(0.1, 0.2))
-
-
 def read_rows(workdir, columns=("trial_id", "status", "median_stop") + config_lib.HPARAMS
               + ("val_accuracy",)):
   return sorted(({k: r[k] for k in columns} for r in read_trials(workdir)),
                 key=lambda r: r["trial_id"])
 
 
+class TuneTestCase(parameterized.TestCase):
+  """A fresh scratch folder per test, as a `pathlib.Path`."""
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = pathlib.Path(self.create_tempdir().full_path)
+
+  def assertApprox(self, actual, expected):
+    """`actual` within a millionth of `expected`."""
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-12)
+
+
+class HyperparametersTest(TuneTestCase):
+
+  def test_declared_hyperparameters_fix_empty_ranges_and_log_scale_the_rate(self):
+    hp = keras_tuner.HyperParameters()
+    values = tune.declare_hyperparameters(
+        hp, config_lib.SearchConfig(dropout_range=(0.2, 0.2), unfreeze_ratio_range=(0.0, 0.5)))
+    self.assertEqual(values["dropout"], 0.2)
+    kinds = {p.name: p for p in hp.space}
+    self.assertEqual(type(kinds["dropout"]).__name__, "Fixed")
+    self.assertEqual(kinds["fine_tune_learning_rate"].sampling, "log")
+    self.assertEqual(kinds["unfreeze_ratio"].sampling, "linear")
+
+
+class MedianStoppingTest(TuneTestCase):
+  """The median stopping rule."""
+
+  def test_median_stopping_compares_best_so_far_with_the_finished_trials_median(self):
+    tmp_path = self.tmp
+    # Best so far per epoch of three finished trials; the third stopped after 2 epochs.
+    finished = [[0.5, 0.7, 0.8], [0.6, 0.6, 0.9], [0.4, 0.65]]
+    stopper = median_stopper(finished, start_epoch=2, run_dir=tmp_path)
+    stopper.on_epoch_end(0, {"val_accuracy": 0.1})  # Before epoch 2: never stops.
+    self.assertFalse(stopper.model.stop_training)
+    write_stage2_history(tmp_path, [0.1])
+    stopper.on_epoch_end(1, {"val_accuracy": 0.65})  # Median of 0.7, 0.6, 0.65: not below.
+    self.assertFalse(stopper.model.stop_training)
+    self.assertIsNone(stopper.stopped)
+    write_stage2_history(tmp_path, [0.1, 0.65])
+    # Epoch 3: median of 0.8, 0.9 and 0.65 (the short trial's last) is 0.8; the best
+    # so far is 0.65 (epoch 2, read from the history), above this epoch's 0.3.
+    stopper.on_epoch_end(2, {"val_accuracy": 0.3})
+    self.assertTrue(stopper.model.stop_training)
+    self.assertEqual(stopper.stopped, {"epoch": 3, "best_val_accuracy": 0.65, "median": 0.8})
+
+  @parameterized.parameters(([],), ([[0.9, 0.9]],))
+  def test_median_stopping_waits_for_two_finished_trials(self, finished):
+    stopper = median_stopper(finished, start_epoch=1, run_dir=self.tmp)
+    stopper.on_epoch_end(1, {"val_accuracy": 0.1})
+    self.assertFalse(stopper.model.stop_training)
+
+  def test_replay_stops_trials_that_trail_and_later_trials_meet_the_truncated_curve(self):
+    curves = [[0.5, 0.7, 0.8],
+              [0.6, 0.6, 0.9],
+              [0.4, 0.5, 0.95],  # Epoch 2: 0.5 < median(0.7, 0.6) = 0.65: stops.
+              [0.6, 0.62, 0.7]]  # Epoch 2: median(0.7, 0.6, 0.5) = 0.6: goes on; epoch 3:
+    #                                0.7 < median(0.8, 0.9, 0.5) = 0.8: stops.
+    self.assertEqual(tune.replay_median_stopping(curves, start_epoch=2), [None, None, 2, 3])
+    self.assertEqual(tune.replay_median_stopping(curves, start_epoch=4), [None] * 4)
+
+  def test_finished_curves_are_best_so_far_of_trials_with_a_result(self):
+    tmp_path = self.tmp
+    write_stage2_history(tmp_path / "trial_0", [0.5, 0.4, 0.6])
+    write_stage2_history(tmp_path / "trial_1", [0.7])  # Still running: no result.json.
+    write_stage2_history(tmp_path / "trial_2", [0.2, 0.3])  # This trial.
+    for name in ("trial_0", "trial_2"):
+      artifacts.write_json(str(tmp_path / name / artifacts.TRIAL_RESULT), {})
+    self.assertEqual(tune.finished_stage2_curves(str(tmp_path), exclude="trial_2"),
+                     [[0.5, 0.5, 0.6]])
+
+  @parameterized.parameters((1, 1, 1), (0, 2, None))
+  @pytest.mark.slow
+  def test_a_trial_below_the_median_stops_its_stage_2(self, median_stop_epoch, stage2_epochs,
+                                                       stopped):
+    tmp_path = self.tmp
+    # Two finished trials that reached val accuracy 1.0 at once: any real trial trails them.
+    for name in ("trial_done_a", "trial_done_b"):
+      write_stage2_history(tmp_path / artifacts.TUNER_DIR / name, [1.0, 1.0])
+      artifacts.write_json(
+          str(tmp_path / artifacts.TUNER_DIR / name / artifacts.TRIAL_RESULT), {})
+    config = tune_worker.small_config(fine_tune_epochs=2)
+    search(tmp_path, config=config, max_trials=1, median_stop_epoch=median_stop_epoch)
+    history = train.read_history(os.path.dirname(trial_file(tmp_path, "0", "x")), "stage2")
+    self.assertLen(history["val_accuracy"], stage2_epochs)
+    result = read_json(trial_file(tmp_path, "0", artifacts.TRIAL_RESULT))
+    self.assertEqual((result["median_stop"] or {}).get("epoch"), stopped)
+    [row] = read_trials(tmp_path)
+    self.assertEqual(row["median_stop"], "" if stopped is None else str(stopped))
+    self.assertEqual(row["status"], "COMPLETED")
+    self.assertGreaterEqual(float(row["val_accuracy"]), 0)
+
+
+class SearchTest(TuneTestCase):
+  """Searches on the mock data."""
+
+  def test_a_user_error_in_a_trial_stops_the_search(self):
+    # KerasTuner would count it as a failed trial and go on to the next.
+    config = tune_worker.small_config(weights=str(self.tmp / "missing.h5"))
+    with self.assertRaisesRegex(UserError, "missing.h5 is not a file"):
+      search(self.tmp, config=config, max_trials=3)
+
+  @pytest.mark.slow
+  def test_search_writes_artifacts_and_resumes(self):
+    """One trial; then two (the second killed midway); then the same command again."""
+    workdir = str(self.tmp)
+    fits = []  # (trial folder, stage) of every stage that started.
+    kill = {"trial": None}
+    fit = train._fit
+
+    def spy(stage, epochs, initial_epoch, run_dir, name, config, *extra):
+      fits.append((os.path.basename(run_dir), name))
+      if name == "stage2" and os.path.basename(run_dir) == kill["trial"]:
+        raise KeyboardInterrupt  # As if the process were stopped in stage 2.
+      return fit(stage, epochs, initial_epoch, run_dir, name, config, *extra)
+
+    self.enter_context(mock.patch.object(train, "_fit", spy))
+
+    report = search(workdir, tuner="bayesian", max_trials=1)
+    self.assertEqual(fits, [("trial_0", "stage1"), ("trial_0", "stage2")])
+    self.assertTrue(report["is_chief"])
+    self.assertEqual(report["num_trials"], 1)
+    first = read_json(trial_file(workdir, "0", artifacts.TRIAL_RESULT))
+
+    fits.clear()
+    kill["trial"] = "trial_1"
+    with self.assertRaises(KeyboardInterrupt):
+      search(workdir, tuner="bayesian", max_trials=2)
+    self.assertEqual(fits, [("trial_1", "stage1"), ("trial_1", "stage2")])
+    killed = read_json(trial_file(workdir, "1", "trial.json"))
+    self.assertEqual(killed["status"], "RUNNING")
+    # The chief (here the one process) serves its run's fingerprint with the space.
+    oracle = read_json(workdir, artifacts.TUNER_DIR, "oracle.json")
+    served = json.loads(oracle["hyperparameters"]["values"][tune.CHIEF_RUN_KEY])
+    self.assertEqual(served, {k: v for k, v in read_json(workdir, artifacts.RUN).items()
+                              if k != "location"})
+
+    fits.clear()
+    kill["trial"] = None
+    report = search(workdir, tuner="bayesian", max_trials=2)
+    # Only the killed trial ran again, with the same hyperparameters, from its
+    # finished stage 1 (the same loop as --mode=train: it resumes).
+    self.assertEqual(fits, [("trial_1", "stage2")])
+    self.assertEqual(read_json(trial_file(workdir, "0", artifacts.TRIAL_RESULT)), first)
+    redone = read_json(trial_file(workdir, "1", "trial.json"))
+    self.assertEqual(redone["status"], "COMPLETED")
+    self.assertEqual(redone["hyperparameters"]["values"], killed["hyperparameters"]["values"])
+
+    rows = read_trials(workdir)
+    self.assertIn([r["trial_id"] for r in rows], (["0", "1"], ["1", "0"]))
+    self.assertEqual(list(rows[0]), list(tune.TRIAL_COLUMNS))
+    accuracies = [float(r["val_accuracy"]) for r in rows]
+    self.assertEqual(accuracies, sorted(accuracies, reverse=True))
+    by_id = {r["trial_id"]: r for r in rows}
+    self.assertApprox(float(by_id["0"]["val_accuracy"]), first["val_accuracy"])
+    for r in rows:
+      self.assertGreater(float(r["seconds"]), 0)
+      self.assertEqual(r["status"], "COMPLETED")
+
+    best = read_json(workdir, artifacts.BEST_HPARAMS)
+    self.assertEqual(set(best), set(config_lib.HPARAMS) | {"cache_cut_ratio"})
+    self.assertEqual(best["cache_cut_ratio"],
+                     tune_worker.small_config().search.unfreeze_ratio_range[1])
+    self.assertApprox(best["dropout"], float(rows[0]["dropout"]))
+    saved = read_json(workdir, "report.json")
+    for key in ("test_accuracy", "test_top5_accuracy", "num_test_examples", "val_accuracy",
+                "per_class_accuracy", "confusion_matrix", "class_names", "source", "split",
+                "seed", "search_seconds"):
+      self.assertIn(key, saved)
+    self.assertEqual(saved["num_trials"], 2)
+    self.assertEqual(saved["best_hparams"], best)
+    # The trial was scored on the model as shipped (kernels on the int8 grid).
+    self.assertAlmostEqual(saved["best_trial_val_accuracy"], saved["val_accuracy"],
+                           delta=5e-5)
+    self.assertEqual(saved["best_trial_id"], rows[0]["trial_id"])
+    self.assertEqual(saved["config"]["train"]["unfreeze_ratio"], best["unfreeze_ratio"])
+    history = read_json(workdir, "history.json")
+    self.assertLen(history["stage1"]["val_accuracy"], 1)
+    self.assertLen(history["stage2"]["val_accuracy"], 1)
+    with open(os.path.join(workdir, artifacts.LABELS)) as f:
+      self.assertLen(f.read().splitlines(), len(saved["class_names"]))
+    model = keras.models.load_model(os.path.join(workdir, "model.keras"))
+    self.assertApprox(model.get_layer("head_dropout").rate, best["dropout"])
+
+    # Resuming with another search space is refused, naming what changed.
+    with self.assertRaisesRegex(UserError, r"search\.dropout_range: \[0\.0, 0\.5\] -> "
+                                           r"\[0\.1, 0\.2\].*--overwrite"):
+      search(workdir, tuner="bayesian", max_trials=2, dropout_range=(0.1, 0.2))
+
+  @pytest.mark.slow
+  def test_a_chief_without_the_best_trials_weights_refuses_and_ships_them_once_copied(self):
+    tmp_path = self.tmp
+    workdir = tmp_path / "chief"
+    config = tune_worker.small_config(feature_cache="off")
+    first = search(workdir, config=config)
+    # As on a chief whose worker trained trial 0 on its own disk: the chief's
+    # oracle wrote trial.json there, the worker everything else.
+    trial_dir = os.path.dirname(trial_file(workdir, "0", "x"))
+    worker_copy = tmp_path / "worker_trial_0"
+    shutil.copytree(trial_dir, worker_copy)
+    for name in os.listdir(trial_dir):
+      if name != "trial.json":
+        path = os.path.join(trial_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    for name in (artifacts.MODEL, artifacts.REPORT, artifacts.BEST_HPARAMS):
+      os.remove(workdir / name)
+    with self.assertRaisesRegex(UserError, r"trial_0.*not on this disk.*shared disk.*copy "
+                                           r"that worker's tuner/trial_0 folder into "
+                                           r".*chief/tuner/"):
+      search(workdir, config=config)
+    for name in (artifacts.MODEL, artifacts.REPORT, artifacts.BEST_HPARAMS):
+      self.assertFalse(os.path.exists(workdir / name), name)  # Nothing shipped.
+    shutil.copytree(worker_copy, trial_dir, dirs_exist_ok=True)
+    again = search(workdir, config=config)
+    self.assertEqual(again["num_trials"], 1)
+    for key in ("best_hparams", "val_accuracy", "test_accuracy"):
+      self.assertEqual(again[key], first[key], key)
+
+  def test_a_cache_cut_below_the_searched_ratios_is_refused(self):
+    config = tune_worker.small_config(unfreeze_ratio=0.1, cache_cut_ratio=0.3,
+                                      search={"unfreeze_ratio_range": (0.2, 0.6)})
+    with self.assertRaisesRegex(UserError, r"--cache_cut_ratio=0.3 is below the largest "
+                                           r"--unfreeze_ratio_range \(0.6\)"):
+      search(self.tmp, config=config)
+    self.assertEmpty(os.listdir(self.tmp))  # Refused before any work.
+
+  def test_the_chief_serves_its_run_with_the_space_and_the_draws_stay_put(self):
+    """The chief's fingerprint rides in the oracle's values, outside its space."""
+    config = tune_worker.small_config(data={"seed": 42}, search={**RANGES, "max_trials": 3})
+    classes = types.SimpleNamespace(class_names=list("abcd"))
+    drawn = {}
+    for announce in (False, True):
+      hypermodel = tune.TwoStageHyperModel(config, classes, str(self.tmp / str(announce)))
+      tuner = tune.make_tuner(hypermodel, hypermodel.workdir, overwrite=True)
+      if announce:
+        tuner.oracle.hyperparameters.values[tune.CHIEF_RUN_KEY] = json.dumps({"mode": "tune"})
+      drawn[announce] = [tuner.oracle.create_trial(f"tuner{i}").hyperparameters.values
+                         for i in range(3)]
+    # KerasTuner draws one seed step per hp in the space.
+    self.assertEqual(drawn[True], drawn[False])
+    self.assertLen({v["dropout"] for v in drawn[True]}, 3)
+    # What a worker reads: the space through KerasTuner's gRPC message, and after a reload.
+    served = keras_tuner.HyperParameters.from_proto(tuner.oracle.get_space().to_proto())
+    self.assertEqual(json.loads(served.values[tune.CHIEF_RUN_KEY]), {"mode": "tune"})
+    tuner.save()
+    reloaded = tune.make_tuner(hypermodel, hypermodel.workdir, overwrite=False)
+    self.assertEqual(reloaded.oracle.get_space().values[tune.CHIEF_RUN_KEY],
+                     '{"mode": "tune"}')
+
+  @parameterized.parameters(("constant", 1.0), ("cosine", 0.0))
+  @pytest.mark.slow
+  def test_learning_rate_schedule_spans_each_stage_of_a_plain_trial(self, schedule, factor):
+    rates = {}
+
+    class RecordRate(keras.callbacks.Callback):
+
+      def __init__(self, stage):
+        super().__init__()
+        self.stage = stage
+
+      def on_train_end(self, logs=None):
+        rates[self.stage] = float(keras.ops.convert_to_numpy(
+            self.model.optimizer.learning_rate))
+
+    original = train.stage_callbacks
+    self.enter_context(mock.patch.object(
+        train, "stage_callbacks", lambda run_dir, stage, config, validate: (
+            original(run_dir, stage, config, validate) + [RecordRate(stage)])))
+    config = tune_worker.small_config(
+        feature_cache="off", lr_schedule=schedule, learning_rate=0.1, epochs=2,
+        fine_tune_epochs=2, search={"fine_tune_learning_rate_range": (0.01, 0.01)})
+    search(self.tmp, config=config)
+    # After the last step, cosine has decayed to 0; a constant rate stays put.
+    self.assertApprox(rates["stage1"], 0.1 * factor)
+    self.assertApprox(rates["stage2"], 0.01 * factor)
+
+
 @pytest.mark.slow
-def test_a_search_killed_in_a_trial_and_resumed_scores_what_one_left_alone_does(
-    tmp_path, monkeypatch):
-  # small_config's ranges: real, with small unfrozen tops (quick to trace).
-  config = tune_worker.small_config(fine_tune_epochs=2, search={"max_trials": 2})
-  alone = search(tmp_path / "alone", config=config)
+class SlowSearchTest(TuneTestCase):
+  """Searches that train several trials for several epochs, or twice."""
 
-  class Kill(keras.callbacks.Callback):
-    """Stops the process after the first epoch of trial 1's stage 2."""
+  def test_a_search_killed_in_a_trial_and_resumed_scores_what_one_left_alone_does(self):
+    tmp_path = self.tmp
+    # small_config's ranges: real, with small unfrozen tops (quick to trace).
+    config = tune_worker.small_config(fine_tune_epochs=2, search={"max_trials": 2})
+    alone = search(tmp_path / "alone", config=config)
 
-    def on_epoch_end(self, epoch, logs=None):
-      raise KeyboardInterrupt
+    class Kill(keras.callbacks.Callback):
+      """Stops the process after the first epoch of trial 1's stage 2."""
 
-  original = train.stage_callbacks
-  kill = {"on": True}
+      def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt
 
-  def with_kill(run_dir, stage, train_config, validate):
-    callbacks = original(run_dir, stage, train_config, validate)
-    if kill["on"] and stage == "stage2" and os.path.basename(run_dir) == "trial_1":
-      callbacks.append(Kill())
-    return callbacks
+    original = train.stage_callbacks
+    kill = {"on": True}
 
-  monkeypatch.setattr(train, "stage_callbacks", with_kill)
-  killed = tmp_path / "killed"
-  with pytest.raises(KeyboardInterrupt):
-    search(killed, config=config)
-  stage2 = train.read_history(os.path.dirname(trial_file(killed, "1", "x")), "stage2")
-  assert len(stage2["val_accuracy"]) == 1  # Killed midway through stage 2.
-  kill["on"] = False
-  resumed = search(killed, config=config)
-  assert read_rows(killed) == read_rows(tmp_path / "alone")
-  for key in ("best_trial_id", "val_accuracy", "test_accuracy", "best_hparams"):
-    assert resumed[key] == alone[key], key
+    def with_kill(run_dir, stage, train_config, validate):
+      callbacks = original(run_dir, stage, train_config, validate)
+      if kill["on"] and stage == "stage2" and os.path.basename(run_dir) == "trial_1":
+        callbacks.append(Kill())
+      return callbacks
 
+    self.enter_context(mock.patch.object(train, "stage_callbacks", with_kill))
+    killed = tmp_path / "killed"
+    with self.assertRaises(KeyboardInterrupt):
+      search(killed, config=config)
+    stage2 = train.read_history(os.path.dirname(trial_file(killed, "1", "x")), "stage2")
+    self.assertLen(stage2["val_accuracy"], 1)  # Killed midway through stage 2.
+    kill["on"] = False
+    resumed = search(killed, config=config)
+    self.assertEqual(read_rows(killed), read_rows(tmp_path / "alone"))
+    for key in ("best_trial_id", "val_accuracy", "test_accuracy", "best_hparams"):
+      self.assertEqual(resumed[key], alone[key], key)
 
-@pytest.mark.slow
-@pytest.mark.parametrize("feature_cache, weights", [
-    ("off", None), ("on", None),
+  @parameterized.parameters(("off", None), ("on", None))
+  def test_train_with_best_hparams_repeats_the_best_trial(self, feature_cache, weights):
+    self.check_train_with_best_hparams_repeats_the_best_trial(feature_cache, weights)
+
+  @pytest.mark.real_data
+  def test_train_with_best_hparams_repeats_the_best_trial_on_real_weights(self):
     # Trained weights do not saturate as random ones do: the float16 cache's cut
     # shows in every number.
-    pytest.param("on", shared_data.WEIGHTS,
-                 marks=[pytest.mark.real_data, shared_data.requires_weights])])
-def test_train_with_best_hparams_repeats_the_best_trial(tmp_path, feature_cache, weights):
-  # The plain path has no cut: small_config's ranges (small unfrozen tops) do.
-  ranges = RANGES if feature_cache == "on" else {}
-  config = tune_worker.small_config(
-      feature_cache=feature_cache, lr_schedule="cosine", epochs=2, fine_tune_epochs=2,
-      early_stopping_patience=1, weights=weights, search={**ranges, "max_trials": 2})
-  with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
-    source = data.load_tfds()
-    tuned = tune.run_search(config, str(tmp_path / "tune"), source)
-    best = read_json(tmp_path / "tune", artifacts.BEST_HPARAMS)
-    # The values of best_hparams.json, given as --mode=train flags.
-    trained = train.train_and_evaluate(run_configs.with_train(config, **best),
-                                       str(tmp_path / "train"), source)
-  assert len(read_trials(tmp_path / "tune")) == 2
-  assert best["dropout"] != config.search.dropout_range[0]  # Drawn, not pinned.
-  models = [keras.models.load_model(tmp_path / folder / artifacts.MODEL)
-            for folder in ("train", "tune")]
-  assert read_json(tmp_path / "tune", artifacts.HISTORY) == read_json(
-      tmp_path / "train", artifacts.HISTORY)
-  for key in ("val_accuracy", "test_accuracy", "confusion_matrix"):
-    assert tuned[key] == trained[key], key
-  for a, b in zip(*(m.get_weights() for m in models)):
-    np.testing.assert_array_equal(a, b)
-  if feature_cache == "on":
-    # The trial's own cut lies above the cache's: the layers between ran frozen
-    # on the cache's float16 activations, and the train run did the same (its
-    # cache is named by a digest of its cut, views, seed and images). On random
-    # weights most activations saturate, so the weights alone might not tell.
-    base = model_lib.base_of(models[1])
-    assert (model_lib.cut_index(base, best["unfreeze_ratio"])
-            != model_lib.cut_index(base, RANGES["unfreeze_ratio_range"][1]))
-    caches = [sorted(n for n in os.listdir(tmp_path / folder / artifacts.CACHE_DIR)
-                     if n.startswith("prefix_")) for folder in ("train", "tune")]
-    assert caches[0] == caches[1] and caches[0]
-  else:  # The plain path trains the full model: no cache, no stage-1 file at the top.
-    assert tuned["feature_cache"] is False
-    assert not os.path.exists(tmp_path / "tune" / "cache")
-    assert not os.path.exists(tmp_path / "tune" / artifacts.STAGE1_WEIGHTS)
+    self.check_train_with_best_hparams_repeats_the_best_trial("on", shared_data.WEIGHTS)
+
+  def check_train_with_best_hparams_repeats_the_best_trial(self, feature_cache, weights):
+    tmp_path = self.tmp
+    # The plain path has no cut: small_config's ranges (small unfrozen tops) do.
+    ranges = RANGES if feature_cache == "on" else {}
+    config = tune_worker.small_config(
+        feature_cache=feature_cache, lr_schedule="cosine", epochs=2, fine_tune_epochs=2,
+        early_stopping_patience=1, weights=weights, search={**ranges, "max_trials": 2})
+    with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
+      source = data.load_tfds()
+      tuned = tune.run_search(config, str(tmp_path / "tune"), source)
+      best = read_json(tmp_path / "tune", artifacts.BEST_HPARAMS)
+      # The values of best_hparams.json, given as --mode=train flags.
+      trained = train.train_and_evaluate(run_configs.with_train(config, **best),
+                                         str(tmp_path / "train"), source)
+    self.assertLen(read_trials(tmp_path / "tune"), 2)
+    self.assertNotEqual(best["dropout"], config.search.dropout_range[0])  # Drawn, not pinned.
+    models = [keras.models.load_model(tmp_path / folder / artifacts.MODEL)
+              for folder in ("train", "tune")]
+    self.assertEqual(read_json(tmp_path / "tune", artifacts.HISTORY),
+                     read_json(tmp_path / "train", artifacts.HISTORY))
+    for key in ("val_accuracy", "test_accuracy", "confusion_matrix"):
+      self.assertEqual(tuned[key], trained[key], key)
+    for a, b in zip(*(m.get_weights() for m in models)):
+      np.testing.assert_array_equal(a, b)
+    if feature_cache == "on":
+      # The trial's own cut lies above the cache's: the layers between ran frozen
+      # on the cache's float16 activations, and the train run did the same (its
+      # cache is named by a digest of its cut, views, seed and images). On random
+      # weights most activations saturate, so the weights alone might not tell.
+      base = model_lib.base_of(models[1])
+      self.assertNotEqual(model_lib.cut_index(base, best["unfreeze_ratio"]),
+                          model_lib.cut_index(base, RANGES["unfreeze_ratio_range"][1]))
+      caches = [sorted(n for n in os.listdir(tmp_path / folder / artifacts.CACHE_DIR)
+                       if n.startswith("prefix_")) for folder in ("train", "tune")]
+      self.assertEqual(caches[0], caches[1])
+      self.assertNotEmpty(caches[0])
+    else:  # The plain path trains the full model: no cache, no stage-1 file at the top.
+      self.assertIs(tuned["feature_cache"], False)
+      self.assertFalse(os.path.exists(tmp_path / "tune" / "cache"))
+      self.assertFalse(os.path.exists(tmp_path / "tune" / artifacts.STAGE1_WEIGHTS))
+
+  def test_hyperband_continues_the_best_trial_from_its_weights(self):
+    tmp_path = self.tmp
+    # max_epochs 3, factor 3: three 1-epoch trials, then the best one for 3 epochs.
+    config = tune_worker.small_config(fine_tune_epochs=3)
+    report = search(tmp_path, config=config, tuner="hyperband", max_trials=4, overwrite=True)
+    self.assertEqual(report["num_trials"], 4)
+    results = [read_json(trial_file(tmp_path, i, artifacts.TRIAL_RESULT)) for i in "0123"]
+    self.assertEqual([r["stage2_epochs"] for r in results],
+                     [[0, 1], [0, 1], [0, 1], [1, 3]])
+    parent = results[3]["continues_trial"]
+    self.assertIn(parent, ("0", "1", "2"))
+    self.assertEqual(results[3]["hyperparameters"], results[int(parent)]["hyperparameters"])
+    with open(trial_file(tmp_path, "3", "history_stage2.csv")) as f:
+      self.assertEqual([row["epoch"] for row in csv.DictReader(f)], ["0", "1", "2"])
+    with open(trial_file(tmp_path, "3", "history_stage1.csv")) as f:
+      self.assertLen(list(csv.DictReader(f)), 1)  # Copied from the parent, not rerun.
 
 
-def test_a_chief_without_the_best_trials_weights_refuses_and_ships_them_once_copied(
-    tmp_path):
-  workdir = tmp_path / "chief"
-  config = tune_worker.small_config(feature_cache="off")
-  first = search(workdir, config=config)
-  # As on a chief whose worker trained trial 0 on its own disk: the chief's
-  # oracle wrote trial.json there, the worker everything else.
-  trial_dir = os.path.dirname(trial_file(workdir, "0", "x"))
-  worker_copy = tmp_path / "worker_trial_0"
-  shutil.copytree(trial_dir, worker_copy)
-  for name in os.listdir(trial_dir):
-    if name != "trial.json":
-      path = os.path.join(trial_dir, name)
-      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-  for name in (artifacts.MODEL, artifacts.REPORT, artifacts.BEST_HPARAMS):
-    os.remove(workdir / name)
-  with pytest.raises(UserError, match=r"trial_0.*not on this disk.*shared disk.*copy that "
-                                      r"worker's tuner/trial_0 folder into .*chief/tuner/"):
-    search(workdir, config=config)
-  for name in (artifacts.MODEL, artifacts.REPORT, artifacts.BEST_HPARAMS):
-    assert not os.path.exists(workdir / name), name  # Nothing shipped.
-  shutil.copytree(worker_copy, trial_dir, dirs_exist_ok=True)
-  again = search(workdir, config=config)
-  assert again["num_trials"] == 1
-  for key in ("best_hparams", "val_accuracy", "test_accuracy"):
-    assert again[key] == first[key], key
-
-
-def test_a_cache_cut_below_the_searched_ratios_is_refused(tmp_path):
-  config = tune_worker.small_config(unfreeze_ratio=0.1, cache_cut_ratio=0.3,
-                                    search={"unfreeze_ratio_range": (0.2, 0.6)})
-  with pytest.raises(UserError, match=r"--cache_cut_ratio=0.3 is below the largest "
-                                      r"--unfreeze_ratio_range \(0.6\)"):
-    search(tmp_path, config=config)
-  assert not os.listdir(tmp_path)  # Refused before any work.
-
-
-def test_the_chief_serves_its_run_with_the_space_and_the_draws_stay_put(tmp_path):
-  """The chief's fingerprint rides in the oracle's values, outside its space."""
-  config = tune_worker.small_config(data={"seed": 42}, search={**RANGES, "max_trials": 3})
-  classes = types.SimpleNamespace(class_names=list("abcd"))
-  drawn = {}
-  for announce in (False, True):
-    hypermodel = tune.TwoStageHyperModel(config, classes, str(tmp_path / str(announce)))
-    tuner = tune.make_tuner(hypermodel, hypermodel.workdir, overwrite=True)
-    if announce:
-      tuner.oracle.hyperparameters.values[tune.CHIEF_RUN_KEY] = json.dumps({"mode": "tune"})
-    drawn[announce] = [tuner.oracle.create_trial(f"tuner{i}").hyperparameters.values
-                       for i in range(3)]
-  assert drawn[True] == drawn[False]  # KerasTuner draws one seed step per hp in the space.
-  assert len({v["dropout"] for v in drawn[True]}) == 3
-  # What a worker reads: the space through KerasTuner's gRPC message, and after a reload.
-  served = keras_tuner.HyperParameters.from_proto(tuner.oracle.get_space().to_proto())
-  assert json.loads(served.values[tune.CHIEF_RUN_KEY]) == {"mode": "tune"}
-  tuner.save()
-  reloaded = tune.make_tuner(hypermodel, hypermodel.workdir, overwrite=False)
-  assert reloaded.oracle.get_space().values[tune.CHIEF_RUN_KEY] == '{"mode": "tune"}'
-
-
-@pytest.mark.parametrize("schedule, factor", [("constant", 1.0), ("cosine", 0.0)])
-def test_learning_rate_schedule_spans_each_stage_of_a_plain_trial(
-    tmp_path, monkeypatch, schedule, factor):
-  rates = {}
-
-  class RecordRate(keras.callbacks.Callback):
-
-    def __init__(self, stage):
-      super().__init__()
-      self.stage = stage
-
-    def on_train_end(self, logs=None):
-      rates[self.stage] = float(keras.ops.convert_to_numpy(
-          self.model.optimizer.learning_rate))
-
-  original = train.stage_callbacks
-  monkeypatch.setattr(train, "stage_callbacks", lambda run_dir, stage, config, validate: (
-      original(run_dir, stage, config, validate) + [RecordRate(stage)]))
-  config = tune_worker.small_config(
-      feature_cache="off", lr_schedule=schedule, learning_rate=0.1, epochs=2,
-      fine_tune_epochs=2, search={"fine_tune_learning_rate_range": (0.01, 0.01)})
-  search(tmp_path, config=config)
-  # After the last step, cosine has decayed to 0; a constant rate stays put.
-  assert rates["stage1"] == pytest.approx(0.1 * factor)
-  assert rates["stage2"] == pytest.approx(0.01 * factor)
-
-
-@pytest.mark.slow
-def test_hyperband_continues_the_best_trial_from_its_weights(tmp_path):
-  # max_epochs 3, factor 3: three 1-epoch trials, then the best one for 3 epochs.
-  config = tune_worker.small_config(fine_tune_epochs=3)
-  report = search(tmp_path, config=config, tuner="hyperband", max_trials=4, overwrite=True)
-  assert report["num_trials"] == 4
-  results = [read_json(trial_file(tmp_path, i, artifacts.TRIAL_RESULT)) for i in "0123"]
-  assert [r["stage2_epochs"] for r in results] == [[0, 1], [0, 1], [0, 1], [1, 3]]
-  parent = results[3]["continues_trial"]
-  assert parent in ("0", "1", "2")
-  assert results[3]["hyperparameters"] == results[int(parent)]["hyperparameters"]
-  with open(trial_file(tmp_path, "3", "history_stage2.csv")) as f:
-    assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
-  with open(trial_file(tmp_path, "3", "history_stage1.csv")) as f:
-    assert len(list(csv.DictReader(f))) == 1  # Copied from the parent, not rerun.
+if __name__ == "__main__":
+  absltest.main()

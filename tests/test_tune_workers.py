@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+from absl.testing import absltest
 import pytest
 
 import fake_data
@@ -50,42 +51,10 @@ def run_workers(options_list, envs, timeout=420):
   return results
 
 
-@pytest.mark.slow
-def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
-  [result] = run_workers([{"workdir": str(tmp_path), "max_trials": 1,
-                           "distribution_strategy": "mirrored", "logical_cpus": 2}], [{}])
-  assert result["replicas"] == 2
-  assert result["is_chief"] and result["num_trials"] == 1
-  assert os.path.exists(os.path.join(tmp_path, "model.keras"))
-
-
 def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_distributed_search_shares_trials_between_workers(tmp_path):
-  workdir = str(tmp_path / "work")
-  oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
-  common = {"workdir": workdir, "max_trials": 2, "chief_poll_s": 1}
-  barrier = [str(tmp_path / "barrier"), 2]
-  chief, *workers = run_workers(
-      [common, {**common, "barrier": barrier}, {**common, "barrier": barrier}],
-      [{**oracle, "KERASTUNER_TUNER_ID": "chief"},
-       {**oracle, "KERASTUNER_TUNER_ID": "tuner0"},
-       {**oracle, "KERASTUNER_TUNER_ID": "tuner1"}])
-  assert chief["is_chief"] and chief["distributed"] and chief["num_trials"] == 2
-  assert [w["is_chief"] for w in workers] == [False, False]
-  assert [w["tuner_id"] for w in workers] == ["tuner0", "tuner1"]
-  # Both workers asked at once (the barrier): each ran one of the two trials.
-  ran = [w["trials_run"] for w in workers]
-  assert sorted(ran) == [["0"], ["1"]], ran
-  rows = read_trials(workdir)
-  assert len(rows) == 2 and {r["tuner_id"] for r in rows} == {"tuner0", "tuner1"}
-  for name in ("model.keras", "report.json", "best_hparams.json", "labels.txt"):
-    assert os.path.exists(os.path.join(workdir, name)), name
 
 
 def flowers_main(args, env):
@@ -94,35 +63,78 @@ def flowers_main(args, env):
                           stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
-@pytest.mark.slow
-def test_a_worker_with_other_settings_than_the_chief_refuses_before_it_writes(tmp_path):
-  images = str(tmp_path / "images")
-  fake_data.write_image_dir(images, [5] * 4)
-  flags = ["--mode=tune", f"--flagfile={os.path.join(REPO, 'flags', 'smoke.cfg')}",
-           f"--image_dir={images}", "--seed=3"]
-  oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
-  # Workers on disks of their own: only the chief can tell them apart.
-  changed = {"tuner0": ("--dropout_range=0.1,0.4",
-                        "search.dropout_range: [0.0, 0.5] -> [0.1, 0.4]"),
-             "tuner1": ("--seed=4", "data.seed: 3 -> 4")}
-  chief = flowers_main(flags + [f"--workdir={tmp_path / 'chief'}"],
-                       {**oracle, "KERASTUNER_TUNER_ID": "chief"})
-  workers = {name: flowers_main(flags + [flag, f"--workdir={tmp_path / name}"],
-                                {**oracle, "KERASTUNER_TUNER_ID": name})
-             for name, (flag, _) in changed.items()}
-  try:
-    ended = {name: proc.communicate(timeout=300) for name, proc in workers.items()}
-  finally:
-    for proc in [chief, *workers.values()]:
-      if proc.poll() is None:
-        proc.kill()
-      proc.communicate()
-  for name, (_, difference) in changed.items():
-    out, err = ended[name]
-    assert workers[name].returncode == 2, err[-3000:]
-    [line] = [l for l in err.splitlines() if l.startswith("flowers_main: error:")]
-    assert f"{name} runs another search than the chief at 127.0.0.1" in line, line
-    assert difference in line, line
-    assert not os.path.exists(tmp_path / name)  # Refused before it wrote anything.
-  assert not [n for n in os.listdir(tmp_path / "chief" / artifacts.TUNER_DIR)
-              if n.startswith("trial_")]
+class TuneWorkersTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_mirrored_strategy_on_two_logical_cpus(self):
+    tmp = self.create_tempdir().full_path
+    [result] = run_workers([{"workdir": tmp, "max_trials": 1,
+                             "distribution_strategy": "mirrored", "logical_cpus": 2}], [{}])
+    self.assertEqual(result["replicas"], 2)
+    self.assertTrue(result["is_chief"])
+    self.assertEqual(result["num_trials"], 1)
+    self.assertTrue(os.path.exists(os.path.join(tmp, "model.keras")))
+
+  @pytest.mark.slow
+  def test_distributed_search_shares_trials_between_workers(self):
+    tmp = self.create_tempdir().full_path
+    workdir = os.path.join(tmp, "work")
+    oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
+    common = {"workdir": workdir, "max_trials": 2, "chief_poll_s": 1}
+    barrier = [os.path.join(tmp, "barrier"), 2]
+    chief, *workers = run_workers(
+        [common, {**common, "barrier": barrier}, {**common, "barrier": barrier}],
+        [{**oracle, "KERASTUNER_TUNER_ID": "chief"},
+         {**oracle, "KERASTUNER_TUNER_ID": "tuner0"},
+         {**oracle, "KERASTUNER_TUNER_ID": "tuner1"}])
+    self.assertTrue(chief["is_chief"] and chief["distributed"])
+    self.assertEqual(chief["num_trials"], 2)
+    self.assertEqual([w["is_chief"] for w in workers], [False, False])
+    self.assertEqual([w["tuner_id"] for w in workers], ["tuner0", "tuner1"])
+    # Both workers asked at once (the barrier): each ran one of the two trials.
+    ran = [w["trials_run"] for w in workers]
+    self.assertEqual(sorted(ran), [["0"], ["1"]], ran)
+    rows = read_trials(workdir)
+    self.assertLen(rows, 2)
+    self.assertEqual({r["tuner_id"] for r in rows}, {"tuner0", "tuner1"})
+    for name in ("model.keras", "report.json", "best_hparams.json", "labels.txt"):
+      self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
+
+  @pytest.mark.slow
+  def test_a_worker_with_other_settings_than_the_chief_refuses_before_it_writes(self):
+    tmp = self.create_tempdir().full_path
+    images = os.path.join(tmp, "images")
+    fake_data.write_image_dir(images, [5] * 4)
+    flags = ["--mode=tune", f"--flagfile={os.path.join(REPO, 'flags', 'smoke.cfg')}",
+             f"--image_dir={images}", "--seed=3"]
+    oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
+    # Workers on disks of their own: only the chief can tell them apart.
+    changed = {"tuner0": ("--dropout_range=0.1,0.4",
+                          "search.dropout_range: [0.0, 0.5] -> [0.1, 0.4]"),
+               "tuner1": ("--seed=4", "data.seed: 3 -> 4")}
+    chief = flowers_main(flags + [f"--workdir={os.path.join(tmp, 'chief')}"],
+                         {**oracle, "KERASTUNER_TUNER_ID": "chief"})
+    workers = {name: flowers_main(flags + [flag, f"--workdir={os.path.join(tmp, name)}"],
+                                  {**oracle, "KERASTUNER_TUNER_ID": name})
+               for name, (flag, _) in changed.items()}
+    try:
+      ended = {name: proc.communicate(timeout=300) for name, proc in workers.items()}
+    finally:
+      for proc in [chief, *workers.values()]:
+        if proc.poll() is None:
+          proc.kill()
+        proc.communicate()
+    for name, (_, difference) in changed.items():
+      _, err = ended[name]
+      self.assertEqual(workers[name].returncode, 2, err[-3000:])
+      [line] = [l for l in err.splitlines() if l.startswith("flowers_main: error:")]
+      self.assertIn(f"{name} runs another search than the chief at 127.0.0.1", line)
+      self.assertIn(difference, line)
+      # Refused before it wrote anything.
+      self.assertFalse(os.path.exists(os.path.join(tmp, name)))
+    self.assertEmpty([n for n in os.listdir(os.path.join(tmp, "chief", artifacts.TUNER_DIR))
+                      if n.startswith("trial_")])
+
+
+if __name__ == "__main__":
+  absltest.main()
