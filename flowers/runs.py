@@ -49,12 +49,7 @@ _RUN_FILES = (artifacts.STAGE1_WEIGHTS, artifacts.STAGE2_WEIGHTS, artifacts.BACK
               *artifacts.TFLITE_NAMES.values())
 
 
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+file_sha256 = lineage.file_sha256
 
 
 def weights_identity(weights: str | None) -> str:

@@ -6,7 +6,6 @@ into another run's folder), and checks what each leaves in the workdir.
 """
 
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from absl.testing import absltest
 import pytest
 
 import fake_data
+from workdir_files import snapshot
 import run_configs
 from flowers import artifacts
 from flowers import config as config_lib
@@ -30,15 +30,6 @@ def tiny_config(image_dir: str, **train) -> config_lib.RunConfig:
                             **{"epochs": 1, "fine_tune_epochs": 1, **train})
   return dataclasses.replace(config, plots=True)
 
-
-def snapshot(workdir: str) -> dict[str, tuple[bytes, int]]:
-  """Every file under `workdir` (but the caches): its bytes and modification time."""
-  found = {}
-  for path in glob.glob(os.path.join(workdir, "**", "*"), recursive=True):
-    if os.path.isfile(path) and f"{os.sep}cache{os.sep}" not in path:
-      with open(path, "rb") as f:
-        found[os.path.relpath(path, workdir)] = (f.read(), os.stat(path).st_mtime_ns)
-  return found
 
 
 def read_json(*path):

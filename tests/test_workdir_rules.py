@@ -14,6 +14,7 @@ from absl.testing import absltest
 import pytest
 
 import fake_data
+from workdir_files import snapshot
 from flowers import config as config_lib
 from flowers import runs
 
@@ -26,14 +27,6 @@ def flowers_main(*args):
   return subprocess.run([sys.executable, "-m", "flowers.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600, check=False)
 
-
-def snapshot(workdir: str) -> dict[str, tuple[bytes, int]]:
-  found = {}
-  for path in glob.glob(os.path.join(workdir, "**", "*"), recursive=True):
-    if os.path.isfile(path) and f"{os.sep}cache{os.sep}" not in path:
-      with open(path, "rb") as f:
-        found[os.path.relpath(path, workdir)] = (f.read(), os.stat(path).st_mtime_ns)
-  return found
 
 
 @pytest.mark.slow
