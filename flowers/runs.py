@@ -7,8 +7,11 @@ it is refused in one line naming what differs: a resume with other settings
 would otherwise mix a stage 1 trained one way with a stage 2 trained another,
 under a `flags.cfg` and `report.json` claiming the new settings.
 
-Once the check passes, `flags.cfg` is (re)written from the settings, so it
-always reproduces the run in the folder as a `--flagfile`.
+Once the check passes, `flags.cfg` is written from the settings (never from
+one-shot actions such as --overwrite), so as a `--flagfile` it resumes the run
+in the folder. Also here: whether a run already finished there (`finished`),
+what --overwrite deletes (`start_afresh`), and which data settings a later
+mode uses for a model (`model_data`: those of the run that made it).
 """
 
 from __future__ import annotations
