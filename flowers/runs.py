@@ -173,11 +173,16 @@ def run_fingerprint(config: config_lib.RunConfig, workdir: str, mode: str, sourc
                      feature_cache=feature_cache, methods=recipe())
 
 
+def shown_differences(changed: list[str], most: int = 4) -> str:
+  """`differences`' fields for a one-line message: the first `most`, and how many more."""
+  return "; ".join(changed[:most]) + (f"; and {len(changed) - most} more"
+                                      if len(changed) > most else "")
+
+
 def _refuse_other_settings(workdir: str, old: dict[str, Any], new: dict[str, Any]) -> None:
   changed = differences(old, new)
   if changed:
-    shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4
-                                       else "")
+    shown = shown_differences(changed)
     raise UserError(f"{workdir} holds a run made with other settings ({shown}); rerun "
                     "with the same flags to resume it, add --overwrite to start afresh, "
                     "or use a new --workdir.")

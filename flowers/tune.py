@@ -478,8 +478,7 @@ def check_chief_run(mine: dict[str, Any]) -> None:
                     f"run the chief and {worker} with the same flowers.")
   changed = runs.differences(json.loads(announced), mine)
   if changed:
-    shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4
-                                       else "")
+    shown = runs.shown_differences(changed)
     raise UserError(f"{worker} runs another search than {chief} (chief -> {worker}: "
                     f"{shown}); start {worker} with the chief's flags, data and flowers.")
 

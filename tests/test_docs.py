@@ -102,7 +102,8 @@ class DocsTextTest(parameterized.TestCase):
   @parameterized.parameters(*(DOCS + FLAGFILES))
   def test_no_machine_paths_or_issue_numbers(self, name):
     text = read(name)
-    self.assertNotIn("/work/", text, f"{name} names a machine path")
+    # The folder this checkout lives in stands for any machine's own paths.
+    self.assertNotIn(os.path.dirname(REPO) + os.sep, text, f"{name} names a machine path")
     found = re.findall(r"\bissues?\s*#?\d+", text, re.IGNORECASE)
     self.assertEmpty(found, f"{name} cites {found}: say what the goal is instead")
 
