@@ -18,7 +18,10 @@ description; see `tflite_metadata.py`) so that client libraries such as
 MediaPipe Tasks name the classes, and writes the file only after it has run
 the whole test split through both the `.tflite` and the Keras model and the
 accuracy drop is within bounds; the comparison goes to `export_report.json`
-either way.
+either way. Its steps: resolve the model and its run's data (`_resolve_model`,
+`_load_test_data`), convert (`_convert_with_metadata`), verify (`_verify`:
+the interface, `_score` against the Keras model, `_within_budget`), write
+(`_write_report`, then `_refuse_over_budget` or `_write_labels`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Iterable
+from typing import Iterable, NoReturn
 
 import keras
 import numpy as np
@@ -42,6 +45,7 @@ from flowers import lineage
 from flowers import model as model_lib
 from flowers import runs
 from flowers import tflite_metadata
+from flowers.config import DataConfig
 from flowers.config import ExportOptions
 from flowers.config import IoDtype
 from flowers.config import Quantization
@@ -82,10 +86,25 @@ def convert(model: keras.Model, options: ExportOptions,
     raise UserError("int8 export needs representative images for calibration, and "
                     "none were given; is the train split empty?")
   inference = model_lib.inference_model(model)
-  size = int(inference.input.shape[1])
   # int8 I/O needs a float input for the converter to quantize; pixels are
   # whole numbers, so the cast back to uint8 inside the graph is exact.
   float_input = options.is_int8 and options.io_dtype is IoDtype.INT8
+  converter = _frozen_graph_converter(inference, float_input)
+  _set_quantization(converter, options, calibration,
+                    np.float32 if float_input else np.uint8)
+  return _run_quietly(converter)
+
+
+def _frozen_graph_converter(inference: keras.Model,
+                            float_input: bool) -> tf.lite.TFLiteConverter:
+  """A converter for `inference` behind a fixed [1, S, S, 3] signature.
+
+  The input is uint8 pixels, or float32 ones (`float_input`) cast to uint8
+  inside the graph. The converter freezes the graph instead of lowering to a
+  SavedModel, which keeps Keras 3 variables as resource reads that int8
+  calibration cannot run; the frozen graph has them as constants.
+  """
+  size = int(inference.input.shape[1])
   input_dtype = tf.float32 if float_input else tf.uint8
 
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], input_dtype,
@@ -96,15 +115,25 @@ def convert(model: keras.Model, options: ExportOptions,
 
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
       [serve.get_concrete_function()], inference)
-  # The SavedModel lowering keeps Keras 3 variables as resource reads, which
-  # int8 calibration cannot run; the frozen graph has them as constants.
   converter.experimental_lower_to_saved_model = False
+  return converter
+
+
+def _set_quantization(converter: tf.lite.TFLiteConverter, options: ExportOptions,
+                      calibration: list[np.ndarray], input_dtype: type) -> None:
+  """Sets the converter's optimizations for `options.quantization`.
+
+  int8 calibrates on `calibration` (fed as `input_dtype`, the graph's input)
+  and allows int8 kernels only, so an op that cannot be quantized fails the
+  conversion instead of staying float; its input and output are
+  `options.io_dtype`. float16 and dynamic quantize the weights only; none
+  leaves the model float32.
+  """
   if options.is_int8:
-    np_dtype = input_dtype.as_numpy_dtype
 
     def representative_dataset():
       for image in calibration:
-        yield [image.astype(np_dtype)]
+        yield [image.astype(input_dtype)]
 
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative_dataset
@@ -117,14 +146,20 @@ def convert(model: keras.Model, options: ExportOptions,
     converter.target_spec.supported_types = [tf.float16]
   elif options.quantization is Quantization.DYNAMIC:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+
+def _run_quietly(converter: tf.lite.TFLiteConverter) -> bytes:
+  """Runs the converter without the warnings that do not apply to flowers' models.
+
+  Freezing warns about tf.data lookup tables it does not need to serialize;
+  int8 with uint8 input warns "Statistics for quantized inputs were expected",
+  but that input is not quantized at all, it is cast.
+  """
   logger = tf.get_logger()
   level = logger.level
   try:
-    # Freezing warns about tf.data lookup tables it does not need to serialize.
     logger.setLevel(logging.ERROR)
     with warnings.catch_warnings():
-      # "Statistics for quantized inputs were expected": the uint8 input is
-      # not quantized at all, it is cast.
       warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
       return converter.convert()
   finally:
@@ -177,6 +212,7 @@ def load_keras_model(path: str) -> keras.Model:
 
 
 def _details(interpreter) -> tuple[dict, dict]:
+  """The details of the interpreter's one input and one output; more is a `UserError`."""
   inputs = interpreter.get_input_details()
   outputs = interpreter.get_output_details()
   if len(inputs) != 1 or len(outputs) != 1:
@@ -271,6 +307,39 @@ def _remove_stale_exports(workdir: str, file_name: str, model_sha: str | None,
   lineage.forget(workdir, stale)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Subject:
+  """The model to export, the run it belongs to and that run's data settings."""
+  path: str
+  model: keras.Model
+  sha: str | None  # lineage.model_sha256: what the export's records describe.
+  run: str  # The run whose lineage the export joins.
+  data: DataConfig  # The run's data settings, at the model's image size.
+
+  @property
+  def image_size(self) -> int:
+    return int(self.model.input.shape[1])
+
+  @property
+  def num_outputs(self) -> int:
+    return int(self.model.output.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _TestData:
+  """The subject's source, its split and the class names the export carries."""
+  source: data_lib.Source
+  splits: data_lib.Splits
+  class_names: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Converted:
+  """The `.tflite` bytes, metadata included, and how many images calibrated them."""
+  tflite: bytes
+  calibration_examples: int
+
+
 def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
                         source: data_lib.Source | None = None) -> dict:
   """Converts `model_path`, verifies it on the test split, and writes it.
@@ -288,101 +357,196 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
   """
   options = config.export
   start = time.time()
+  subject = _resolve_model(model_path, workdir, config.data)
+  _remove_stale_exports(workdir, options.file_name, subject.sha, subject.run)
+  test = _load_test_data(subject, workdir, source)
+  converted = _convert_with_metadata(subject, test, options)
+  final_path = os.path.join(workdir, options.file_name)
+  with artifacts.atomic_path(final_path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(converted.tflite)
+    report, metadata_labels = _verify(tmp, subject, test, options)
+    report.update(_describe(final_path, subject, test, converted, metadata_labels, options))
+    report["export_seconds"] = round(time.time() - start, 1)
+    _write_report(workdir, report, subject)
+    if not report["passed"]:
+      _refuse_over_budget(workdir, report, options)
+  _write_labels(workdir, subject, test, options)
+  _print_result(report, options)
+  return report
+
+
+def _resolve_model(model_path: str, workdir: str, data: DataConfig) -> _Subject:
+  """The model at `model_path`, loaded, with its digest, run and data settings.
+
+  The data settings are those of the run.json beside the model
+  (`runs.model_data`), so a model is verified on its own test split. A bad
+  path is refused before anything is read. A model whose folder belongs to
+  no run (one copied in) is its own run, named by its digest.
+  """
   check_model_path(model_path)
-  data = runs.model_data(model_path, workdir, config.data)
+  data = runs.model_data(model_path, workdir, data)
   model = load_keras_model(model_path)
-  model_sha = lineage.model_sha256(model_path)
-  model_run = (lineage.owner(os.path.dirname(os.path.abspath(model_path)))
-               or f"model:{model_sha}")
-  _remove_stale_exports(workdir, options.file_name, model_sha, model_run)
-  image_size = int(model.input.shape[1])
-  num_outputs = int(model.output.shape[-1])
-  data = dataclasses.replace(data, image_size=image_size)
-  source = source or data_lib.load_source(data)
-  splits = data_lib.load_splits(data, source=source, workdir=workdir)
-  class_names = _class_names(model_path, splits, num_outputs)
+  sha = lineage.model_sha256(model_path)
+  run = lineage.owner(os.path.dirname(os.path.abspath(model_path))) or f"model:{sha}"
+  data = dataclasses.replace(data, image_size=int(model.input.shape[1]))
+  return _Subject(model_path, model, sha, run, data)
+
+
+def _load_test_data(subject: _Subject, workdir: str,
+                    source: data_lib.Source | None) -> _TestData:
+  """The subject's split and class names; refuses a test split with nothing to verify on."""
+  source = source or data_lib.load_source(subject.data)
+  splits = data_lib.load_splits(subject.data, source=source, workdir=workdir)
+  class_names = _class_names(subject.path, splits, subject.num_outputs)
   if not splits.keys("test"):
     raise UserError("The test split is empty, so the export cannot be verified; "
                     "check --split.")
-  calibration = (data_lib.calibration_images(splits, options.calibration_examples, data.seed,
-                                             image_size) if options.is_int8 else None)
-  tflite_model = tflite_metadata.add_metadata(
-      convert(model, options, calibration),
-      metadata_info(options, source.name, len(class_names), image_size), class_names)
+  return _TestData(source, splits, class_names)
 
+
+def _convert_with_metadata(subject: _Subject, test: _TestData,
+                           options: ExportOptions) -> _Converted:
+  """The converted model with its metadata (class names, description) inside.
+
+  int8 calibrates on a seeded choice of un-augmented train images
+  (`data.calibration_images`), so a rerun calibrates on the same images.
+  """
+  calibration = (data_lib.calibration_images(test.splits, options.calibration_examples,
+                                             subject.data.seed, subject.image_size)
+                 if options.is_int8 else None)
+  tflite_model = tflite_metadata.add_metadata(
+      convert(subject.model, options, calibration),
+      metadata_info(options, test.source.name, len(test.class_names), subject.image_size),
+      test.class_names)
+  return _Converted(tflite_model, int(sum(len(b) for b in calibration or [])))
+
+
+def _verify(path: str, subject: _Subject, test: _TestData,
+            options: ExportOptions) -> tuple[dict, list[str]]:
+  """Checks the `.tflite` at `path` and scores it against the Keras model.
+
+  Raises if its interface is not the one `options` asks for, or if its
+  metadata does not read back the class names written. Returns the report's
+  figures (`_score`'s, for int8 also as `int8_*`, the interface, whether the
+  drop is within budget) and the class names the metadata holds.
+  """
+  interface = check_interface(path, subject.image_size, subject.num_outputs, options)
+  metadata_labels = tflite_metadata.read_class_names(path)
+  if metadata_labels != test.class_names:
+    raise RuntimeError(f"The metadata of {options.file_name} reads back "
+                       f"{len(metadata_labels or [])} labels, not the "
+                       f"{len(test.class_names)} written: a bug in flowers.tflite_metadata.")
+  report = _score(path, subject, test)
+  if options.is_int8:
+    report["int8_test_accuracy"] = report["tflite_test_accuracy"]
+    if "tflite_val_accuracy" in report:
+      report["int8_val_accuracy"] = report["tflite_val_accuracy"]
+  report.update(interface)
+  report["passed"] = _within_budget(report["accuracy_drop_points"], options)
+  return report, metadata_labels
+
+
+def _score(path: str, subject: _Subject, test: _TestData) -> dict:
+  """The Keras model and the `.tflite` at `path` on the test split (`compare`).
+
+  Also the test images skipped as unreadable, and the `.tflite`'s val
+  accuracy where there is a val split. Both passes must see the same labels:
+  otherwise the comparison would be of two different test sets.
+  """
+  splits = test.splits
+  float_probs, labels = evaluate_lib.predict_dataset(
+      evaluate_lib.keras_predictor(subject.model), splits.test)
+  tflite = evaluate_lib.tflite_predictor(path)
+  tflite_probs, tflite_labels = evaluate_lib.predict_dataset(tflite, splits.test)
+  if not np.array_equal(labels, tflite_labels):
+    raise UserError("The test split changed between the two passes; is the "
+                    "data folder being written to?")
+  report = compare(float_probs, tflite_probs, labels)
+  report["num_skipped_images"] = {"test": evaluate_lib.count_skipped(
+      "test", len(splits.keys("test")), len(labels), subject.data.strict)}
+  if splits.keys("val"):
+    val_probs, val_labels = evaluate_lib.predict_dataset(tflite, splits.val)
+    report["tflite_val_accuracy"] = float(np.mean(np.argmax(val_probs, -1) == val_labels))
+  return report
+
+
+def _within_budget(accuracy_drop_points: float, options: ExportOptions) -> bool:
+  """Whether the test accuracy lost is at most `--max_accuracy_drop` points.
+
+  The slack keeps a drop equal to the budget, rounded by `compare`, within it.
+  """
+  return accuracy_drop_points <= options.max_accuracy_drop + 1e-9
+
+
+def _describe(final_path: str, subject: _Subject, test: _TestData, converted: _Converted,
+              metadata_labels: list[str], options: ExportOptions) -> dict:
+  """What the report says about the export besides its figures: what, from what, how."""
+  return {
+      "path": final_path,
+      "model": os.path.abspath(subject.path),
+      "quantization": options.quantization.value,
+      "io_dtype": options.io_dtype.value if options.is_int8 else "float32",
+      "size_bytes": len(converted.tflite),
+      "keras_size_bytes": os.path.getsize(subject.path),
+      "max_accuracy_drop": options.max_accuracy_drop,
+      "calibration_examples": converted.calibration_examples,
+      # Off-grid conv kernels (a model trained with --noint8_grid_weights, or
+      # elsewhere) are the usual cause of a low top1_agreement.
+      "conv_kernels_off_int8_grid": len(model_lib.kernels_off_int8_grid(subject.model)),
+      "class_names": test.class_names,
+      # TFLite metadata (name, input, output, labels) inside the .tflite.
+      "metadata_written": True,
+      "metadata_labels": len(metadata_labels),
+      "source": test.source.name,
+      "split": subject.data.split,
+      "seed": subject.data.seed,
+  }
+
+
+def _write_report(workdir: str, report: dict, subject: _Subject) -> None:
+  """`export_report.json` and its record: written passed or not, so a refusal can be read."""
+  artifacts.write_json(os.path.join(workdir, artifacts.EXPORT_REPORT), report)
+  lineage.record(workdir, artifacts.EXPORT_REPORT, mode="export", model=subject.sha,
+                 run=subject.run)
+
+
+def _refuse_over_budget(workdir: str, report: dict, options: ExportOptions) -> NoReturn:
+  """Raises the one-line refusal of an export that loses too much accuracy.
+
+  An older export of the same name would now pass for this model's: it is
+  removed, and the message says so.
+  """
   final_path = os.path.join(workdir, options.file_name)
-  report_path = os.path.join(workdir, artifacts.EXPORT_REPORT)
-  with artifacts.atomic_path(final_path) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(tflite_model)
-    interface = check_interface(tmp, image_size, num_outputs, options)
-    metadata_labels = tflite_metadata.read_class_names(tmp)
-    if metadata_labels != class_names:
-      raise RuntimeError(f"The metadata of {options.file_name} reads back "
-                         f"{len(metadata_labels or [])} labels, not the "
-                         f"{len(class_names)} written: a bug in flowers.tflite_metadata.")
-    float_probs, labels = evaluate_lib.predict_dataset(
-        evaluate_lib.keras_predictor(model), splits.test)
-    tflite = evaluate_lib.tflite_predictor(tmp)
-    tflite_probs, tflite_labels = evaluate_lib.predict_dataset(tflite, splits.test)
-    if not np.array_equal(labels, tflite_labels):
-      raise UserError("The test split changed between the two passes; is the "
-                      "data folder being written to?")
-    report = compare(float_probs, tflite_probs, labels)
-    report["num_skipped_images"] = {"test": evaluate_lib.count_skipped(
-        "test", len(splits.keys("test")), len(labels), data.strict)}
-    if splits.keys("val"):  # Beside the test figure, the one choices are made on.
-      val_probs, val_labels = evaluate_lib.predict_dataset(tflite, splits.val)
-      report["tflite_val_accuracy"] = float(np.mean(np.argmax(val_probs, -1) == val_labels))
-    if options.is_int8:
-      report["int8_test_accuracy"] = report["tflite_test_accuracy"]
-      if "tflite_val_accuracy" in report:
-        report["int8_val_accuracy"] = report["tflite_val_accuracy"]
-    passed = report["accuracy_drop_points"] <= options.max_accuracy_drop + 1e-9
-    report.update(interface)
-    report.update({
-        "passed": passed,
-        "path": final_path,
-        "model": os.path.abspath(model_path),
-        "quantization": options.quantization.value,
-        "io_dtype": options.io_dtype.value if options.is_int8 else "float32",
-        "size_bytes": len(tflite_model),
-        "keras_size_bytes": os.path.getsize(model_path),
-        "max_accuracy_drop": options.max_accuracy_drop,
-        "calibration_examples": int(sum(len(b) for b in calibration or [])),
-        # Off-grid conv kernels (a model trained with --noint8_grid_weights, or
-        # elsewhere) are the usual cause of a low top1_agreement.
-        "conv_kernels_off_int8_grid": len(model_lib.kernels_off_int8_grid(model)),
-        "class_names": class_names,
-        # TFLite metadata (name, input, output, labels) inside the .tflite.
-        "metadata_written": True,
-        "metadata_labels": len(metadata_labels),
-        "source": source.name,
-        "split": data.split,
-        "seed": data.seed,
-        "export_seconds": round(time.time() - start, 1),
-    })
-    artifacts.write_json(report_path, report)
-    lineage.record(workdir, artifacts.EXPORT_REPORT, mode="export", model=model_sha,
-                   run=model_run)
-    if not passed:
-      # An older export beside it would now pass for this model's: remove it.
-      stale = os.path.exists(final_path)
-      if stale:
-        os.remove(final_path)
-        lineage.forget(workdir, [options.file_name])
-      raise UserError(
-          f"{options.file_name} loses {report['accuracy_drop_points']:.2f} points of "
-          f"test accuracy ({report['float_test_accuracy']:.4f} -> "
-          f"{report['tflite_test_accuracy']:.4f}), more than --max_accuracy_drop="
-          f"{options.max_accuracy_drop:g}; not written"
-          + (", and the older one there removed" if stale else "") + f" (see {report_path}).")
-  artifacts.write_labels(os.path.join(workdir, artifacts.LABELS), class_names)
+  stale = os.path.exists(final_path)
+  if stale:
+    os.remove(final_path)
+    lineage.forget(workdir, [options.file_name])
+  raise UserError(
+      f"{options.file_name} loses {report['accuracy_drop_points']:.2f} points of "
+      f"test accuracy ({report['float_test_accuracy']:.4f} -> "
+      f"{report['tflite_test_accuracy']:.4f}), more than --max_accuracy_drop="
+      f"{options.max_accuracy_drop:g}; not written"
+      + (", and the older one there removed" if stale else "")
+      + f" (see {os.path.join(workdir, artifacts.EXPORT_REPORT)}).")
+
+
+def _write_labels(workdir: str, subject: _Subject, test: _TestData,
+                  options: ExportOptions) -> None:
+  """`labels.txt` beside the export, and the records of the three files it wrote.
+
+  Runs after the `.tflite` reached its final path, so the records describe
+  files that are there.
+  """
+  artifacts.write_labels(os.path.join(workdir, artifacts.LABELS), test.class_names)
   lineage.record(workdir, [options.file_name, artifacts.LABELS, artifacts.EXPORT_REPORT],
-                 mode="export", model=model_sha, run=model_run)
-  print(f"{options.file_name}: {len(tflite_model) / 1e6:.2f} MB, test_accuracy="
+                 mode="export", model=subject.sha, run=subject.run)
+
+
+def _print_result(report: dict, options: ExportOptions) -> None:
+  """The one-line summary of a written export."""
+  print(f"{options.file_name}: {report['size_bytes'] / 1e6:.2f} MB, test_accuracy="
         f"{report['tflite_test_accuracy']:.4f} (float {report['float_test_accuracy']:.4f}, "
         f"drop {report['accuracy_drop_points']:.2f} points, top-1 agreement "
         f"{report['top1_agreement']:.4f}, {report['num_test_examples']} images, "
-        f"metadata with {report['metadata_labels']} labels) -> {final_path}")
-  return report
+        f"metadata with {report['metadata_labels']} labels) -> {report['path']}")

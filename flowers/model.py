@@ -1,8 +1,12 @@
 """The classifier: raw uint8 pixels in, class probabilities out.
 
-    uint8 image -> augmentation (training only) -> MobileNetV2 preprocessing
-      -> MobileNetV2 base (always in inference mode) -> global average pool
+    uint8 image -> augmentation (training only) -> the backbone's preprocessing
+      -> the backbone's base (always in inference mode) -> global average pool
       -> Dropout -> Dense softmax
+
+The backbone (MobileNetV2 by default) is a `flowers.backbone.Backbone`: this
+module asks it how to build the base, scale the pixels, where blocks end and
+which kernels the int8 grid rounds, and names no network itself.
 
 The base is called with `training=False`, so its BatchNorm layers use their
 ImageNet statistics in every stage; fine-tuning also keeps them frozen
@@ -18,6 +22,7 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from flowers import backbone as backbone_lib
 from flowers.augment import augmentation_layers
 from flowers.config import Augmentation
 from flowers.errors import UserError
@@ -25,7 +30,8 @@ from flowers.errors import UserError
 # How trained conv kernels are put on the int8 grid; recorded in each run.json.
 INT8_GRID_METHOD = "per-channel symmetric rounding, BatchNorm mean corrected by dW . E[input]"
 
-BASE_NAME = "mobilenetv2"
+# The default backbone's base layer; `base_of` finds the base of any backbone.
+BASE_NAME = backbone_lib.get(backbone_lib.DEFAULT).layer_name
 AUGMENT_NAME = "augment"
 PREPROCESS_NAME = "preprocess"
 POOL_NAME = "pool"
@@ -34,28 +40,29 @@ CLASSIFIER_NAME = "classifier"
 
 
 def load_base(image_size: int = 224, weights: str | None = "imagenet",
-              alpha: float = 1.0) -> keras.Model:
-  """MobileNetV2 without its top, all layers frozen.
+              alpha: float = 1.0, backbone: str = backbone_lib.DEFAULT) -> keras.Model:
+  """The backbone's base without its top, all layers frozen.
 
   Args:
-    image_size: square input side (>= 32).
+    image_size: square input side (at least the backbone's `min_image_size`).
     weights: "imagenet" (Keras downloads and caches them), None (random), or a
       path to a `..._no_top.h5` file (offline use).
     alpha: the width multiplier (1.0 has ImageNet weights at every size).
+    backbone: the name of a `flowers.backbone` spec.
   """
+  spec = backbone_lib.get(backbone)
   if weights not in (None, "imagenet") and not os.path.isfile(weights):
     raise UserError(f"--weights={weights} is not a file; give the path of a "
-                    "MobileNetV2 no-top .h5, or 'imagenet' to download.")
-  if image_size < 32:
-    raise UserError(f"--image_size={image_size} is too small; MobileNetV2 needs >= 32.")
+                    f"{spec.title} no-top .h5, or 'imagenet' to download.")
+  if image_size < spec.min_image_size:
+    raise UserError(f"--image_size={image_size} is too small; {spec.title} needs "
+                    f">= {spec.min_image_size}.")
   try:
-    base = keras.applications.MobileNetV2(
-        input_shape=(image_size, image_size, 3), include_top=False,
-        weights=weights, alpha=alpha, name=BASE_NAME)
+    base = spec.build(image_size, weights, alpha)
   except ValueError as e:
     what = " ".join(str(e).split())[:160]
-    raise UserError(f"Cannot load MobileNetV2 weights {weights!r}: {what}; give the "
-                    f"no-top .h5 of MobileNetV2 with alpha={alpha:g}, or "
+    raise UserError(f"Cannot load {spec.title} weights {weights!r}: {what}; give the "
+                    f"no-top .h5 of {spec.title} with alpha={alpha:g}, or "
                     "--weights=imagenet.") from e
   except (OSError, KeyError) as e:
     # h5py: a truncated or damaged file, or one that is not HDF5 at all.
@@ -70,18 +77,21 @@ def load_base(image_size: int = 224, weights: str | None = "imagenet",
 def build_model(num_classes: int, *, image_size: int = 224, dropout: float = 0.2,
                 weights: str | None = "imagenet", augment: bool = True,
                 augmentation: Augmentation = Augmentation(), alpha: float = 1.0,
-                seed: int | None = None) -> keras.Model:
+                seed: int | None = None,
+                backbone: str = backbone_lib.DEFAULT) -> keras.Model:
   """Builds the transfer-learning classifier (base frozen; see `unfreeze`).
 
   Args:
     num_classes: number of output classes.
     image_size: square input side; inputs are raw uint8 RGB of that size.
     dropout: dropout rate before the classifier.
-    weights: MobileNetV2 weights: "imagenet", None, or a path to an .h5 file.
+    weights: the base's weights: "imagenet", None, or a path to an .h5 file.
     augment: include the augmentation layers (active only when training).
     augmentation: which augmentations, and how strong.
-    alpha: MobileNetV2 width multiplier.
+    alpha: the base's width multiplier.
     seed: seed for augmentation and the classifier's initialization.
+    backbone: the name of a `flowers.backbone` spec (the base and its
+      preprocessing).
 
   Returns:
     A functional `keras.Model` from uint8 (None, image_size, image_size, 3) to
@@ -89,13 +99,14 @@ def build_model(num_classes: int, *, image_size: int = 224, dropout: float = 0.2
   """
   if num_classes < 2:
     raise UserError(f"Need at least 2 classes to train a classifier, got {num_classes}.")
+  spec = backbone_lib.get(backbone)
   inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
   x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)
   if augment:
     x = keras.Sequential(augmentation_layers(augmentation, seed), name=AUGMENT_NAME)(x)
-  # MobileNetV2 expects pixels in [-1, 1].
-  x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name=PREPROCESS_NAME)(x)
-  base = load_base(image_size, weights, alpha)
+  # The pixels in the range the base's weights were trained on.
+  x = keras.layers.Rescaling(spec.scale, offset=spec.offset, name=PREPROCESS_NAME)(x)
+  base = load_base(image_size, weights, alpha, backbone)
   x = base(x, training=False)
   x = keras.layers.GlobalAveragePooling2D(name=POOL_NAME)(x)
   x = keras.layers.Dropout(dropout, seed=seed, name=DROPOUT_NAME)(x)
@@ -105,28 +116,38 @@ def build_model(num_classes: int, *, image_size: int = 224, dropout: float = 0.2
   return keras.Model(inputs, outputs, name="flowers")
 
 
+def backbone_of(model: keras.Model) -> backbone_lib.Backbone:
+  """The spec of the base inside a model made by `build_model` (found by its layer name)."""
+  for layer in model.layers:
+    spec = backbone_lib.with_layer_name(layer.name)
+    if spec is not None:
+      return spec
+  raise ValueError(f"Model {model.name!r} holds no base of a known backbone "
+                   f"({', '.join(sorted(backbone_lib.BACKBONES))}).")
+
+
 def base_of(model: keras.Model) -> keras.Model:
-  """The MobileNetV2 base inside a model made by `build_model`."""
-  return model.get_layer(BASE_NAME)
+  """The backbone's base inside a model made by `build_model`."""
+  return model.get_layer(backbone_of(model).layer_name)
+
+
+def _spec_of_base(base: keras.Model) -> backbone_lib.Backbone:
+  """The spec of `base` (a layer of a flowers model, or `load_base`'s result)."""
+  spec = backbone_lib.with_layer_name(base.name)
+  if spec is None:
+    raise ValueError(f"{base.name!r} is not the base of a known backbone.")
+  return spec
 
 
 def cut_points(base: keras.Model) -> list[int]:
   """Indices of base layers whose output is the only tensor the rest needs.
 
-  These are the ends of MobileNetV2's inverted-residual blocks (an `_add`, or a
-  `project_BN` not followed by one), plus the input (0) and the last layer.
-  Fine-tuning and the frozen-prefix cache split the base only at these points,
-  so a residual block is never cut in two.
+  These are the ends of the backbone's blocks (`Backbone.ends_block`; for
+  MobileNetV2 an `_add`, or a `project_BN` not followed by one), plus the input
+  (0) and the last layer. Fine-tuning and the frozen-prefix cache split the
+  base only at these points, so a residual block is never cut in two.
   """
-  layers = base.layers
-  points = [0]
-  for i, layer in enumerate(layers[:-1]):
-    following = layers[i + 1].name
-    if layer.name.endswith("_add") or (
-        layer.name.endswith("project_BN") and not following.endswith("_add")):
-      points.append(i)
-  points.append(len(layers) - 1)
-  return sorted(set(points))
+  return _spec_of_base(base).cut_points([layer.name for layer in base.layers])
 
 
 def cut_index(base: keras.Model, unfreeze_ratio: float) -> int:
@@ -177,13 +198,14 @@ def inference_model(model: keras.Model) -> keras.Model:
   Used for export: augmentation ops are inactive at inference anyway, and
   some converters cannot handle them.
   """
+  base_name = backbone_of(model).layer_name
   layers = [l for l in model.layers if l.name not in (AUGMENT_NAME,)]
   inputs = keras.Input(model.input.shape[1:], dtype="uint8", name="image")
   x = inputs
   for layer in layers:
     if isinstance(layer, keras.layers.InputLayer):
       continue
-    if layer.name == BASE_NAME:
+    if layer.name == base_name:
       x = layer(x, training=False)
     else:
       x = layer(x)
@@ -193,6 +215,9 @@ def inference_model(model: keras.Model) -> keras.Model:
 def round_kernels_to_int8_grid(model: keras.Model,
                                calibration_images: Sequence[np.ndarray] = ()) -> int:
   """Rounds every conv kernel of the base to its per-channel int8 grid.
+
+  The kernels are those of the layer classes the backbone names
+  (`Backbone.int8_grid_layers`).
 
   The int8 TFLite export stores each conv kernel as int8 with one symmetric
   scale per output channel (`max|w| / 127`); BatchNorm folds in per channel,
@@ -250,7 +275,7 @@ def _input_means(model: keras.Model, layers: list[keras.layers.Layer],
 
 def _following_batchnorm(model: keras.Model,
                          layer: keras.layers.Layer) -> keras.layers.BatchNormalization:
-  """The BatchNorm layer that reads `layer`'s output (each MobileNetV2 conv has one)."""
+  """The BatchNorm layer that reads `layer`'s output (each rounded conv has one)."""
   for candidate in base_of(model).layers:
     if isinstance(candidate, keras.layers.BatchNormalization) and candidate.input is layer.output:
       return candidate
@@ -264,8 +289,9 @@ def kernels_off_int8_grid(model: keras.Model) -> list[str]:
 
 def _int8_grid_kernels(model: keras.Model):
   """(layer, kernel rounded to the int8 grid) for each base conv off the grid."""
+  kinds = tuple(getattr(keras.layers, kind) for kind in backbone_of(model).int8_grid_layers)
   for layer in base_of(model).layers:
-    if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+    if not isinstance(layer, kinds):
       continue
     kernel = np.asarray(layer.kernel.numpy())
     # Output channels: the last axis of a conv kernel [h, w, in, out]; the

@@ -1,6 +1,6 @@
 """The frozen-prefix cache: run the frozen part of the base once, not every epoch.
 
-On a CPU the frozen layers of MobileNetV2 cost most of each training step,
+On a CPU the frozen layers of the base cost most of each training step,
 yet their output for a given input never changes. So the training images go
 through augmentation + preprocessing + the frozen prefix once per *view* (view 0
 is the plain image, later views are random augmentations drawn by the model's
@@ -45,15 +45,16 @@ def cache_identity(model: keras.Model, cut: int, views: int, seed: int,
   """Everything the cached activations depend on, as JSON.
 
   The model's input, cut and augmentation; the views and their seed; which
-  images are in each split; the base's first conv kernel (which identifies
+  images are in each split; the first kernel of the base (which identifies
   its weights) and `key`: what the caller knows decides the bytes besides
   (the code's preprocessing and augmentation methods, package versions, the
-  weights file, the images' content; see `train.cache_key`).
+  weights file, the images' content; see `inputs.cache_key`).
   """
   base = model_lib.base_of(model)
   first_conv = hashlib.sha256()
-  for w in base.layers[1].get_weights()[:1]:
-    first_conv.update(np.ascontiguousarray(w).tobytes())
+  first = next((layer for layer in base.layers if layer.weights), None)
+  if first is not None:
+    first_conv.update(np.ascontiguousarray(first.get_weights()[0]).tobytes())
   return {
       "cut": base.layers[cut].name, "views": views, "seed": seed,
       "input": list(model.input.shape[1:]),
@@ -200,16 +201,18 @@ def _record(cache_dir: str, cache_id: str, identity: dict[str, Any]) -> None:
 def suffix_model(model: keras.Model, cut: int) -> keras.Model:
   """The base from layer `cut` on, sharing `model`'s layers (none when `cut` is the last)."""
   base = model_lib.base_of(model)
+  name = f"{model_lib.backbone_of(model).layer_name}_top"
   if cut == len(base.layers) - 1:  # Nothing unfrozen: the cache holds the base's output.
     inputs = keras.Input(base.output.shape[1:])
-    return keras.Model(inputs, keras.layers.Identity()(inputs), name="mobilenetv2_top")
-  return keras.Model(base.layers[cut].output, base.output, name="mobilenetv2_top")
+    return keras.Model(inputs, keras.layers.Identity()(inputs), name=name)
+  return keras.Model(base.layers[cut].output, base.output, name=name)
 
 
 def _prefix_fn(model: keras.Model, cut: int, seed: int):
   """uint8 images -> cut activations (float16), optionally augmented first."""
   base = model_lib.base_of(model)
-  prefix = keras.Model(base.input, base.layers[cut].output, name="mobilenetv2_prefix")
+  prefix = keras.Model(base.input, base.layers[cut].output,
+                       name=f"{model_lib.backbone_of(model).layer_name}_prefix")
   names = [l.name for l in model.layers]
   augment = model.get_layer(model_lib.AUGMENT_NAME) if model_lib.AUGMENT_NAME in names else None
   preprocess = model.get_layer(model_lib.PREPROCESS_NAME)

@@ -7,16 +7,24 @@ best_hparams.json), draws every figure those allow through `flowers.plots`, and
 writes `summary_markdown`'s text beside them. It needs no TensorFlow, data or
 model, so a report can be redrawn anywhere the workdir is; the same artifacts
 always give the same summary.md.
+
+The page is built one section at a time, one function each in the page's
+order (`_data_section`, `_results_section`, ...), from the formatting helpers
+at the top. `write_report` is four steps: collect the workdir's current files
+(`flowers.lineage` decides; the rest are listed under "Left out"), draw the
+figures, build the text, then write it and record it in lineage.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
 import re
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -45,7 +53,21 @@ EXPORT_ROWS = (
 )
 
 
-# Tables and cells.
+RESULT_ROWS = (
+    ("test_accuracy", "Test accuracy"),
+    ("test_top5_accuracy", "Test top-5 accuracy"),
+    ("test_macro_f1", "Test macro F1"),
+    ("num_test_examples", "Test images"),
+    ("val_accuracy", "Val accuracy"),
+    ("val_top5_accuracy", "Val top-5 accuracy"),
+    ("val_macro_f1", "Val macro F1"),
+    ("num_val_examples", "Val images"),
+    ("num_train_examples", "Train images"),
+    ("train_seconds", "Train seconds"),
+)
+
+
+# Formatting: every cell, table, figure link and section heading of summary.md.
 
 
 def _cell(value: Any) -> str:
@@ -90,7 +112,26 @@ def _trial_cell(column: str, value: Any) -> str:
   return f"{value:.3g}"
 
 
-# summary.md.
+def _size(num_bytes: float) -> str:
+  """A file size in MiB, with the exact bytes."""
+  return f"{num_bytes / 2**20:.2f} MiB ({int(num_bytes):,} bytes)"
+
+
+def _image(title: str, name: str) -> str:
+  return f"![{title}]({artifacts.PLOTS_DIR}/{name})"
+
+
+def _section(title: str, *paragraphs: str) -> list[str]:
+  """A `## title` section: its heading, then its paragraphs."""
+  return [f"## {title}", *paragraphs]
+
+
+def _markdown(paragraphs: Iterable[str]) -> str:
+  """Paragraphs with one blank line between them, ending in one newline."""
+  return "\n\n".join(paragraphs).rstrip("\n") + "\n"
+
+
+# The recorded command.
 
 
 _COMMAND_RE = re.compile(r"^## Command\n\n```sh\n(.*?)\n```", re.MULTILINE | re.DOTALL)
@@ -112,8 +153,7 @@ def previous_command(workdir: str) -> str | None:
   return None
 
 
-def _image(title: str, name: str) -> str:
-  return f"![{title}]({artifacts.PLOTS_DIR}/{name})"
+# summary.md, one function per section, in the page's order.
 
 
 def summary_markdown(workdir: str, report: Mapping[str, Any], *,
@@ -128,143 +168,209 @@ def summary_markdown(workdir: str, report: Mapping[str, Any], *,
   """The text of summary.md; `plots` maps picture names to their file names.
 
   `dropped` lists the workdir's files left out, with why (`flowers.lineage`).
+  A section without its inputs is left out; Data and Training history say
+  instead which file is missing.
   """
   plots = plots or {}
-  class_names = list(report.get("class_names") or [])
-  out = [f"# flowers run: {os.path.basename(os.path.abspath(workdir))}", ""]
-  out += ["## Command", "", "```sh", command or NO_COMMAND, "```", ""]
+  sections = (
+      _title(workdir),
+      _command_section(command),
+      _data_section(report, split_summary, plots),
+      _results_section(report),
+      _export_section(export_report),
+      _tuning_section(trials, best_hparams, plots),
+      _history_section(plots, history_found),
+      _confusion_section(report, plots),
+      _worst_classes_section(report, plots),
+      _left_out_section(dropped),
+      _configuration_section(report),
+  )
+  return _markdown(p for section in sections for p in section)
 
-  out += ["## Data", ""]
+
+def _title(workdir: str) -> list[str]:
+  return [f"# flowers run: {os.path.basename(os.path.abspath(workdir))}"]
+
+
+def _command_section(command: str | None) -> list[str]:
+  return _section("Command", f"```sh\n{command or NO_COMMAND}\n```")
+
+
+def _data_section(report: Mapping[str, Any],
+                  split_summary: Mapping[str, split_lib.SplitSummary] | None,
+                  plots: Mapping[str, str]) -> list[str]:
+  """Where the images came from, the split's sizes and the class distribution."""
+  paragraphs = []
   facts = [f"{k}: {_fmt(report[k])}" for k in ("source", "split", "seed")
            if report.get(k) is not None]
   if facts:
-    out += ["; ".join(facts) + ".", ""]
-  if split_summary:
-    total = sum(s.images for s in split_summary.values()) or 1
-    out += [_table(
-        ("split", "images", "share", "classes", "smallest class", "largest class"),
-        [(name, s.images, f"{s.images / total:.1%}", s.classes, s.smallest_class,
-          s.largest_class) for name, s in split_summary.items()],
-        ("l", "r", "r", "r", "r", "r")), ""]
-  else:
-    out += [f"{artifacts.SPLITS} not found: no split sizes.", ""]
+    paragraphs.append("; ".join(facts) + ".")
+  paragraphs.append(_split_table(split_summary) if split_summary
+                    else f"{artifacts.SPLITS} not found: no split sizes.")
   if "class_distribution" in plots:
-    out += [_image("class distribution", plots["class_distribution"]), ""]
+    paragraphs.append(_image("class distribution", plots["class_distribution"]))
   if "augmented_samples" in plots:
-    out += ["Augmented training samples:", "",
-            _image("augmented samples", plots["augmented_samples"]), ""]
+    paragraphs += ["Augmented training samples:",
+                   _image("augmented samples", plots["augmented_samples"])]
+  return _section("Data", *paragraphs)
 
-  out += ["## Results", ""]
-  rows = []
-  for key, label in (("test_accuracy", "Test accuracy"),
-                     ("test_top5_accuracy", "Test top-5 accuracy"),
-                     ("test_macro_f1", "Test macro F1"),
-                     ("num_test_examples", "Test images"),
-                     ("val_accuracy", "Val accuracy"),
-                     ("val_top5_accuracy", "Val top-5 accuracy"),
-                     ("val_macro_f1", "Val macro F1"),
-                     ("num_val_examples", "Val images"),
-                     ("num_train_examples", "Train images"),
-                     ("train_seconds", "Train seconds")):
-    if report.get(key) is not None:
-      rows.append((label, _fmt(report[key])))
-  out += [_table(("metric", "value"), rows, ("l", "r")), ""]
 
-  if export_report:
-    out += ["## Export", ""]
-    rows = []
-    for key, label in EXPORT_ROWS:
-      value = export_report.get(key)
-      if value is None:
-        continue
-      if key.endswith("size_bytes") and plots_lib.is_number(value):
-        rows.append((label, f"{value / 2**20:.2f} MiB ({int(value):,} bytes)"))
-      else:
-        rows.append((label, _fmt(value)))
-    out += [_table(("", "value"), rows, ("l", "r")), ""]
+def _split_table(split_summary: Mapping[str, split_lib.SplitSummary]) -> str:
+  total = sum(s.images for s in split_summary.values()) or 1
+  return _table(
+      ("split", "images", "share", "classes", "smallest class", "largest class"),
+      [(name, s.images, f"{s.images / total:.1%}", s.classes, s.smallest_class,
+        s.largest_class) for name, s in split_summary.items()],
+      ("l", "r", "r", "r", "r", "r"))
 
-  if trials:
-    out += ["## Tuning", ""]
-    columns = [c for c in trials[0] if any(t.get(c) not in (None, "") for t in trials)]
-    numeric = {c for c in columns
-               if c != "trial_id" and any(plots_lib.is_number(t.get(c)) for t in trials)}
-    out += [_table(columns, [[_trial_cell(c, t.get(c)) for c in columns]
-                             for t in plots_lib.sort_trials(trials)],
-                   ["r" if c in numeric else "l" for c in columns]), ""]
-    if best_hparams:
-      if isinstance(best_hparams, Mapping):
-        out += ["Best hyperparameters: " + ", ".join(
-            f"{k}={_trial_cell(k, v)}" for k, v in sorted(best_hparams.items())) + ".", ""]
-      else:
-        out += [f"Best hyperparameters: {_fmt(best_hparams)}.", ""]
-    if "tuning" in plots:
-      out += [_image("tuning", plots["tuning"]), ""]
 
-  out += ["## Training history", ""]
+def _results_section(report: Mapping[str, Any]) -> list[str]:
+  rows = [(label, _fmt(report[key])) for key, label in RESULT_ROWS
+          if report.get(key) is not None]
+  return _section("Results", _table(("metric", "value"), rows, ("l", "r")))
+
+
+def _export_section(export_report: Mapping[str, Any] | None) -> list[str]:
+  if not export_report:
+    return []
+  rows = [(label, _export_cell(key, export_report[key])) for key, label in EXPORT_ROWS
+          if export_report.get(key) is not None]
+  return _section("Export", _table(("", "value"), rows, ("l", "r")))
+
+
+def _export_cell(key: str, value: Any) -> str:
+  if key.endswith("size_bytes") and plots_lib.is_number(value):
+    return _size(value)
+  return _fmt(value)
+
+
+def _tuning_section(trials: Sequence[Mapping[str, Any]] | None, best_hparams: Any,
+                    plots: Mapping[str, str]) -> list[str]:
+  """The trials, best first, the best hyperparameters and the search's figure."""
+  if not trials:
+    return []
+  paragraphs = [_trials_table(trials)]
+  if best_hparams:
+    paragraphs.append(_best_hparams_line(best_hparams))
+  if "tuning" in plots:
+    paragraphs.append(_image("tuning", plots["tuning"]))
+  return _section("Tuning", *paragraphs)
+
+
+def _trials_table(trials: Sequence[Mapping[str, Any]]) -> str:
+  """trials.csv's columns that hold anything, numbers right-aligned."""
+  columns = [c for c in trials[0] if any(t.get(c) not in (None, "") for t in trials)]
+  numeric = {c for c in columns
+             if c != "trial_id" and any(plots_lib.is_number(t.get(c)) for t in trials)}
+  return _table(columns, [[_trial_cell(c, t.get(c)) for c in columns]
+                          for t in plots_lib.sort_trials(trials)],
+                ["r" if c in numeric else "l" for c in columns])
+
+
+def _best_hparams_line(best_hparams: Any) -> str:
+  if isinstance(best_hparams, Mapping):
+    return "Best hyperparameters: " + ", ".join(
+        f"{k}={_trial_cell(k, v)}" for k, v in sorted(best_hparams.items())) + "."
+  return f"Best hyperparameters: {_fmt(best_hparams)}."
+
+
+def _history_section(plots: Mapping[str, str], history_found: bool) -> list[str]:
   if "history" in plots:
-    out += [_image("history", plots["history"]), ""]
-  elif history_found:
-    out += [f"{artifacts.HISTORY} holds no epochs: no training curves.", ""]
-  else:
-    out += [f"{artifacts.HISTORY} not found (--mode=train and --mode=tune write it): "
-            "no training curves.", ""]
+    return _section("Training history", _image("history", plots["history"]))
+  if history_found:
+    return _section("Training history",
+                    f"{artifacts.HISTORY} holds no epochs: no training curves.")
+  return _section("Training history",
+                  f"{artifacts.HISTORY} not found (--mode=train and --mode=tune write it): "
+                  "no training curves.")
 
+
+def _confusion_matrix(report: Mapping[str, Any]) -> np.ndarray | None:
+  """The test confusion matrix as integers; None without it or the class names."""
   cm = report.get("confusion_matrix")
-  if cm and class_names:
-    m = np.asarray(cm, np.int64)
-    support = m.sum(axis=1)
-    out += ["## Confusion", ""]
-    if "confusion" in plots:
-      out += [_image("confusion matrix", plots["confusion"]), ""]
-    pairs = plots_lib.most_confused(m, class_names, plots_lib.TOP_CONFUSED)
-    out += [f"The {len(pairs)} most confused pairs (test images of the true class "
-            "predicted as the other):", ""]
-    out += [_table(("#", "true class", "predicted as", "images", "share of true class"),
-                   [(r, f"{p.true_index}: {p.true_name}",
-                     f"{p.predicted_index}: {p.predicted_name}", p.count,
-                     f"{p.count / max(int(support[p.true_index]), 1):.0%}")
-                    for r, p in enumerate(pairs, 1)],
-                   ("r", "l", "l", "r", "r")) if pairs else "No errors.", ""]
+  if cm and report.get("class_names"):
+    return np.asarray(cm, np.int64)
+  return None
 
+
+def _confusion_section(report: Mapping[str, Any], plots: Mapping[str, str]) -> list[str]:
+  """The confusion matrix's figure and its most confused pairs."""
+  m = _confusion_matrix(report)
+  if m is None:
+    return []
+  paragraphs = []
+  if "confusion" in plots:
+    paragraphs.append(_image("confusion matrix", plots["confusion"]))
+  pairs = plots_lib.most_confused(m, list(report["class_names"]), plots_lib.TOP_CONFUSED)
+  paragraphs += [f"The {len(pairs)} most confused pairs (test images of the true class "
+                 "predicted as the other):",
+                 _pairs_table(pairs, m.sum(axis=1)) if pairs else "No errors."]
+  return _section("Confusion", *paragraphs)
+
+
+def _pairs_table(pairs: Sequence[Any], support: np.ndarray) -> str:
+  return _table(("#", "true class", "predicted as", "images", "share of true class"),
+                [(r, f"{p.true_index}: {p.true_name}",
+                  f"{p.predicted_index}: {p.predicted_name}", p.count,
+                  f"{p.count / max(int(support[p.true_index]), 1):.0%}")
+                 for r, p in enumerate(pairs, 1)],
+                ("r", "l", "l", "r", "r"))
+
+
+def _worst_classes_section(report: Mapping[str, Any],
+                           plots: Mapping[str, str]) -> list[str]:
+  """The per-class accuracy figure and the worst classes, each with its usual mistake."""
   per_class = report.get("per_class_accuracy") or {}
-  if per_class:
-    index = {n: i for i, n in enumerate(class_names)}
-    m = np.asarray(cm, np.int64) if cm else None
-    out += ["## Worst classes", ""]
-    if "per_class_accuracy" in plots:
-      out += [_image("per-class accuracy", plots["per_class_accuracy"]), ""]
-    rows = []
-    worst = plots_lib.worst_classes(per_class, plots_lib.WORST_CLASSES)
-    for rank, (name, acc) in enumerate(worst, 1):
-      i = index.get(name)
-      images, mistaken = "", ""
-      if m is not None and i is not None:
-        images = int(m[i].sum())
-        row = m[i].copy()
-        row[i] = 0
-        if row.any():
-          j = int(row.argmax())
-          mistaken = f"{j}: {class_names[j]} ({int(row[j])})"
-      rows.append((rank, f"{i}: {name}" if i is not None else name, f"{acc:.3f}",
-                   images, mistaken))
-    out += [_table(("#", "class", "accuracy", "test images", "most often predicted as"),
-                   rows, ("r", "l", "r", "r", "l")), ""]
+  if not per_class:
+    return []
+  paragraphs = []
+  if "per_class_accuracy" in plots:
+    paragraphs.append(_image("per-class accuracy", plots["per_class_accuracy"]))
+  class_names = list(report.get("class_names") or [])
+  index = {n: i for i, n in enumerate(class_names)}
+  m = _confusion_matrix(report)
+  rows = [_worst_class_row(rank, name, accuracy, index.get(name), class_names, m)
+          for rank, (name, accuracy) in enumerate(
+              plots_lib.worst_classes(per_class, plots_lib.WORST_CLASSES), 1)]
+  paragraphs.append(
+      _table(("#", "class", "accuracy", "test images", "most often predicted as"),
+             rows, ("r", "l", "r", "r", "l")))
+  return _section("Worst classes", *paragraphs)
 
-  if dropped:
-    out += ["## Left out", "",
-            "These files are in the folder but were not made from this run and model, so "
-            "nothing above comes from them:", ""]
-    out += [f"- `{name}`: {why}." for name, why in dropped] + [""]
 
+def _worst_class_row(rank: int, name: str, accuracy: float, i: int | None,
+                     class_names: Sequence[str], m: np.ndarray | None) -> tuple[Any, ...]:
+  """A worst-classes row: `i` is the class's index, `m` the confusion matrix."""
+  images, mistaken = "", ""
+  if m is not None and i is not None:
+    images = int(m[i].sum())
+    row = m[i].copy()
+    row[i] = 0
+    if row.any():
+      j = int(row.argmax())
+      mistaken = f"{j}: {class_names[j]} ({int(row[j])})"
+  return (rank, f"{i}: {name}" if i is not None else name, f"{accuracy:.3f}", images,
+          mistaken)
+
+
+def _left_out_section(dropped: Sequence[tuple[str, str]]) -> list[str]:
+  if not dropped:
+    return []
+  return _section("Left out",
+                  "These files are in the folder but were not made from this run and "
+                  "model, so nothing above comes from them:",
+                  "\n".join(f"- `{name}`: {why}." for name, why in dropped))
+
+
+def _configuration_section(report: Mapping[str, Any]) -> list[str]:
   config = report.get("config")
-  if isinstance(config, Mapping) and config:
-    out += ["## Configuration", "",
-            _table(("setting", "value"), [(k, _fmt(v)) for k, v in sorted(config.items())]),
-            ""]
-  return "\n".join(out).rstrip("\n") + "\n"
+  if not (isinstance(config, Mapping) and config):
+    return []
+  return _section("Configuration", _table(
+      ("setting", "value"), [(k, _fmt(v)) for k, v in sorted(config.items())]))
 
 
-# The whole report.
+# The whole report: collect the workdir's current files, draw, build, write, record.
 
 
 def write_report(workdir: str, command: str | None = None) -> str:
@@ -279,105 +385,189 @@ def write_report(workdir: str, command: str | None = None) -> str:
     command: the command line to record; None keeps the one an earlier
       summary.md recorded, else rebuilds it from flags.cfg.
   """
-  checked = os.path.exists(os.path.join(workdir, artifacts.LINEAGE))
-  model = lineage.workdir_model(workdir)
-  dropped: list[tuple[str, str]] = []
+  inputs = _collect(workdir)
+  plots = _draw_plots(workdir, inputs)
+  text = _build(workdir, inputs, plots, command or previous_command(workdir))
+  path = os.path.join(workdir, artifacts.SUMMARY)
+  artifacts.write_text(path, text)
+  _record(inputs.files, plots)
+  return path
 
-  def usable(name: str, describes_model: bool = True) -> bool:
-    """Whether `name` is there and this run's (and this model's); notes a drop."""
-    if not os.path.exists(os.path.join(workdir, name)):
+
+class _CurrentFiles:
+  """The workdir's files a report may use, by `flowers.lineage`; notes those left out.
+
+  A file is usable when it is there and, in a workdir with lineage.json, its
+  record says it is this run's (and, unless it describes no model, this
+  model's). A workdir of an older flowers has nothing to check against.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.checked = os.path.exists(os.path.join(workdir, artifacts.LINEAGE))
+    self.model = lineage.workdir_model(workdir)
+    self.dropped: list[tuple[str, str]] = []
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.workdir, name)
+
+  def usable(self, name: str, describes_model: bool = True) -> bool:
+    """Whether `name` is there and this run's (and this model's); warns of a drop."""
+    if not os.path.exists(self.path(name)):
       return False
-    if not checked:  # A workdir of an older flowers: nothing to check against.
+    if not self.checked:
       return True
-    why = lineage.check(workdir, name, model=model if describes_model else None)
+    why = lineage.check(self.workdir, name, model=self.model if describes_model else None)
     if why is not None:
-      dropped.append((name, why))
-      print(f"flowers_main: warning: {os.path.join(workdir, name)} left out of the "
-            f"summary: {why}.", file=sys.stderr)
+      self.dropped.append((name, why))
+      print(f"flowers_main: warning: {self.path(name)} left out of the summary: {why}.",
+            file=sys.stderr)
     return why is None
 
+  def read_json(self, name: str, describes_model: bool = True) -> Any:
+    """`name`'s contents when usable, else None."""
+    return artifacts.read_json(self.path(name)) if self.usable(name, describes_model) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+  """splits.csv: key -> split, key -> label, and how many classes there are."""
+  assignment: dict[str, str]
+  labels: dict[str, int]
+  num_classes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+  """What a report is made of: the workdir's usable files, read."""
+  files: _CurrentFiles
+  report: dict[str, Any]
+  history_found: bool
+  history: Any
+  split: _Split | None
+  export_report: Mapping[str, Any] | None
+  trials: list[dict[str, Any]] | None
+  best_hparams: Any
+
+
+def _collect(workdir: str) -> _Inputs:
+  """Reads the workdir's usable files; the report must be there.
+
+  Checked in a fixed order (report, history, export, trials, best
+  hyperparameters): the warnings and the "Left out" list follow it.
+  """
+  files = _CurrentFiles(workdir)
+  report = _read_report(files)
+  history_found = files.usable(artifacts.HISTORY)
+  history = artifacts.read_json(files.path(artifacts.HISTORY)) if history_found else None
+  split = _read_split(workdir, report["class_names"])
+  export_report = files.read_json(artifacts.EXPORT_REPORT)
+  trials = (plots_lib.read_trials(files.path(artifacts.TRIALS))
+            if files.usable(artifacts.TRIALS, describes_model=False) else None)
+  best_hparams = files.read_json(artifacts.BEST_HPARAMS, describes_model=False)
+  return _Inputs(files, report, history_found, history, split, export_report, trials,
+                 best_hparams)
+
+
+def _report_names(workdir: str) -> list[str]:
+  """report.json, then the evaluation reports: the model.keras one first."""
   evaluations = sorted((n for n in os.listdir(workdir) if n.startswith("evaluation_")
                         and n.endswith(".json")) if os.path.isdir(workdir) else [],
                        key=lambda n: (n != artifacts.evaluation_report(artifacts.MODEL), n))
-  found = next((n for n in [artifacts.REPORT] + evaluations if usable(n)), None)
+  return [artifacts.REPORT] + evaluations
+
+
+def _read_report(files: _CurrentFiles) -> dict[str, Any]:
+  """The first usable report, with class names (from labels.txt when it has none)."""
+  found = next((n for n in _report_names(files.workdir) if files.usable(n)), None)
   if found is None:
-    why = f" ({dropped[0][1]})" if dropped else ""
-    raise UserError(f"{os.path.join(workdir, artifacts.REPORT)} not found{why} (run "
+    why = f" ({files.dropped[0][1]})" if files.dropped else ""
+    raise UserError(f"{files.path(artifacts.REPORT)} not found{why} (run "
                     "--mode=train, --mode=tune or --mode=evaluate first).")
-  report = artifacts.read_json(os.path.join(workdir, found))
-  plots_dir = os.path.join(workdir, artifacts.PLOTS_DIR)
-  os.makedirs(plots_dir, exist_ok=True)
-  plots: dict[str, str] = {}
-
-  def made(name: str, file_name: str, path: str | None) -> None:
-    if path:
-      plots[name] = file_name
-
-  def plot_path(file_name: str) -> str:
-    return os.path.join(plots_dir, file_name)
-
+  report = artifacts.read_json(files.path(found))
   class_names = list(report.get("class_names") or [])
-  labels_path = os.path.join(workdir, artifacts.LABELS)
+  labels_path = files.path(artifacts.LABELS)
   if not class_names and os.path.exists(labels_path):
     class_names = artifacts.read_labels(labels_path)
-  report = {**report, "class_names": class_names}
+  return {**report, "class_names": class_names}
 
-  history_path = os.path.join(workdir, artifacts.HISTORY)
-  history_found = usable(artifacts.HISTORY)
-  if history_found:
-    made("history", artifacts.HISTORY_PNG, plots_lib.plot_history(
-        artifacts.read_json(history_path), plot_path(artifacts.HISTORY_PNG)))
 
-  split_summary = None
+def _read_split(workdir: str, class_names: Sequence[str]) -> _Split | None:
+  """splits.csv when there (it is not checked: it only ever describes the data)."""
   manifest = os.path.join(workdir, artifacts.SPLITS)
-  if os.path.exists(manifest):
-    assignment, labels = split_lib.read_manifest(manifest)
-    num_classes = max(len(class_names), max(labels.values(), default=-1) + 1)
-    split_summary = split_lib.summarize(assignment, labels, num_classes)
-    if num_classes:
-      made("class_distribution", artifacts.DISTRIBUTION_PNG, plots_lib.plot_class_distribution(
-          plots_lib.class_counts(assignment, labels, num_classes),
-          plot_path(artifacts.DISTRIBUTION_PNG)))
+  if not os.path.exists(manifest):
+    return None
+  assignment, labels = split_lib.read_manifest(manifest)
+  num_classes = max(len(class_names), max(labels.values(), default=-1) + 1)
+  return _Split(assignment, labels, num_classes)
 
-  if os.path.exists(plot_path(artifacts.AUGMENTED_PNG)):
-    plots["augmented_samples"] = artifacts.AUGMENTED_PNG
 
-  cm = report.get("confusion_matrix")
-  if cm and class_names:
-    made("confusion", artifacts.CONFUSION_PNG, plots_lib.plot_confusion(
-        cm, class_names, plot_path(artifacts.CONFUSION_PNG)))
-  per_class = report.get("per_class_accuracy") or {}
-  if per_class:
+_Figure = Callable[[str], str | None]
+
+
+def _draw_plots(workdir: str, inputs: _Inputs) -> dict[str, str]:
+  """Draws every figure the inputs allow into plots/; {picture name: file name}."""
+  plots_dir = os.path.join(workdir, artifacts.PLOTS_DIR)
+  os.makedirs(plots_dir, exist_ok=True)
+  plots = {}
+  for name, file_name, draw in _figures(inputs):
+    if draw(os.path.join(plots_dir, file_name)):
+      plots[name] = file_name
+  return plots
+
+
+def _figures(inputs: _Inputs) -> list[tuple[str, str, _Figure]]:
+  """(picture name, file name, draw to a path) of each figure the inputs allow.
+
+  The augmented samples are drawn by training, from the images: kept if there.
+  """
+  report, split = inputs.report, inputs.split
+  figures: list[tuple[str, str, _Figure]] = []
+  if inputs.history_found:
+    figures.append(("history", artifacts.HISTORY_PNG,
+                    functools.partial(plots_lib.plot_history, inputs.history)))
+  if split and split.num_classes:
+    figures.append(("class_distribution", artifacts.DISTRIBUTION_PNG, functools.partial(
+        plots_lib.plot_class_distribution,
+        plots_lib.class_counts(split.assignment, split.labels, split.num_classes))))
+  figures.append(("augmented_samples", artifacts.AUGMENTED_PNG,
+                  lambda path: path if os.path.exists(path) else None))
+  m = _confusion_matrix(report)
+  if m is not None:
+    figures.append(("confusion", artifacts.CONFUSION_PNG, functools.partial(
+        plots_lib.plot_confusion, report["confusion_matrix"], report["class_names"])))
+  if report.get("per_class_accuracy"):
     support = None
-    if cm and class_names:
-      rows = np.asarray(cm, np.int64).sum(axis=1)
-      support = {n: int(rows[i]) for i, n in enumerate(class_names)}
-    made("per_class_accuracy", artifacts.PER_CLASS_PNG, plots_lib.plot_per_class_accuracy(
-        per_class, plot_path(artifacts.PER_CLASS_PNG), support=support,
-        overall=report.get("test_accuracy"), class_names=class_names))
+    if m is not None:
+      rows = m.sum(axis=1)
+      support = {n: int(rows[i]) for i, n in enumerate(report["class_names"])}
+    figures.append(("per_class_accuracy", artifacts.PER_CLASS_PNG, functools.partial(
+        plots_lib.plot_per_class_accuracy, report["per_class_accuracy"], support=support,
+        overall=report.get("test_accuracy"), class_names=report["class_names"])))
+  if inputs.trials is not None:
+    figures.append(("tuning", artifacts.TUNING_PNG,
+                    functools.partial(plots_lib.plot_tuning, inputs.trials)))
+  return figures
 
-  export_path = os.path.join(workdir, artifacts.EXPORT_REPORT)
-  export_report = artifacts.read_json(export_path) if usable(artifacts.EXPORT_REPORT) else None
 
-  trials = None
-  trials_path = os.path.join(workdir, artifacts.TRIALS)
-  if usable(artifacts.TRIALS, describes_model=False):
-    trials = plots_lib.read_trials(trials_path)
-    made("tuning", artifacts.TUNING_PNG,
-         plots_lib.plot_tuning(trials, plot_path(artifacts.TUNING_PNG)))
-  best_path = os.path.join(workdir, artifacts.BEST_HPARAMS)
-  best_hparams = (artifacts.read_json(best_path)
-                  if usable(artifacts.BEST_HPARAMS, describes_model=False) else None)
+def _build(workdir: str, inputs: _Inputs, plots: Mapping[str, str],
+           command: str | None) -> str:
+  """summary.md's text from the collected inputs and the figures drawn."""
+  split = inputs.split
+  return summary_markdown(
+      workdir, inputs.report, command=command,
+      split_summary=(split_lib.summarize(split.assignment, split.labels, split.num_classes)
+                     if split else None),
+      plots=plots, history_found=inputs.history_found,
+      export_report=inputs.export_report, trials=inputs.trials,
+      best_hparams=inputs.best_hparams, dropped=inputs.files.dropped)
 
-  text = summary_markdown(
-      workdir, report, command=command or previous_command(workdir),
-      split_summary=split_summary, plots=plots, history_found=history_found,
-      export_report=export_report, trials=trials, best_hparams=best_hparams,
-      dropped=dropped)
-  path = os.path.join(workdir, artifacts.SUMMARY)
-  artifacts.write_text(path, text)
-  if checked:
-    lineage.record(workdir, [artifacts.SUMMARY] + [
-        os.path.join(artifacts.PLOTS_DIR, f) for f in sorted(set(plots.values()))
-        if os.path.exists(os.path.join(plots_dir, f))], mode="report", model=model)
-  return path
+
+def _record(files: _CurrentFiles, plots: Mapping[str, str]) -> None:
+  """Records summary.md and the figures in lineage.json, when the workdir keeps one."""
+  if not files.checked:
+    return
+  drawn = [os.path.join(artifacts.PLOTS_DIR, f) for f in sorted(set(plots.values()))
+           if os.path.exists(files.path(os.path.join(artifacts.PLOTS_DIR, f)))]
+  lineage.record(files.workdir, [artifacts.SUMMARY] + drawn, mode="report",
+                 model=files.model)

@@ -13,43 +13,36 @@ depends on (weights, optimizer, random seeds, early stopping, the data's
 position). A finished stage is never run again: its final weights are kept in
 the run folder (`stage1.weights.h5`, `stage2.weights.h5`).
 
-The stages read their inputs from one of two sources with the same interface
-(`Inputs.stage`), the model's weights being the same either way:
-  * `PlainInputs`: the full model, augmentation included, on the tf.data
-    pipeline every step. Right on an accelerator.
-  * `CachedInputs`: the frozen prefix of the base ran once per augmented view
-    of each training image (`prefix_cache`); stage 1 trains the head on pooled
-    features, stage 2 the unfrozen top on the cut-point activations. Right on a
-    CPU, where the frozen layers would otherwise dominate every step.
+The stages read their data from `flowers.inputs` (`Inputs.stage`): the plain
+tf.data pipeline or the frozen-prefix cache, the model's weights being the
+same either way. After the stages, `save_run` rounds the kernels to the int8
+grid, evaluates and writes the run's files.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import json
 import logging
-import math
 import os
 import random
 import shutil
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from flowers import artifacts
-from flowers import compat
 from flowers import data as data_lib
 from flowers import distribute
 from flowers import evaluate as evaluate_lib
+from flowers import inputs as inputs_lib
+from flowers import lineage
 from flowers import model as model_lib
 from flowers import prefix_cache
 from flowers import runs
-from flowers.config import FeatureCache
 from flowers.config import LrSchedule
 from flowers.config import Optimizer
 from flowers.config import RunConfig
@@ -57,6 +50,7 @@ from flowers.config import TrainConfig
 from flowers.errors import UserError
 
 STAGES = ("stage1", "stage2")
+
 
 
 def make_optimizer(name: Optimizer, learning_rate, weight_decay: float = 0.0):
@@ -91,10 +85,6 @@ def compile_model(model: keras.Model, config: TrainConfig, learning_rate: float,
       loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy")])
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-  return max(1, math.ceil(num_examples / batch_size))
 
 
 def stage_callbacks(run_dir: str, stage: str, config: TrainConfig,
@@ -151,29 +141,6 @@ def seed_states(model: keras.Model) -> list[Any]:
   return [v for v in model.variables if id(v) not in weights]
 
 
-class CountedDataset(compat.DatasetView):
-  """`dataset` itself, counting the iterators made of it.
-
-  A dataset shuffled with `reshuffle_each_iteration` draws a new order for
-  each iterator, from a sequence that restarts in a new process. Counting
-  the iterators (Keras makes one or more per epoch) lets a resumed process
-  skip to the draw the interrupted one had reached (`skip_to`).
-  """
-
-  def __init__(self, dataset: tf.data.Dataset):
-    self.iterators = 0
-    super().__init__(dataset)
-
-  def __iter__(self):
-    self.iterators += 1
-    return super().__iter__()
-
-  def skip_to(self, iterators: int) -> None:
-    """Makes (and drops) iterators until `iterators` were made; none is read."""
-    while self.iterators < iterators:
-      iter(self)
-
-
 def read_history(run_dir: str, stage: str) -> dict[str, list[float]]:
   """One stage's per-epoch metrics from its CSV log (the last row per epoch wins)."""
   path = os.path.join(run_dir, artifacts.stage_history(stage))
@@ -195,173 +162,10 @@ def read_history(run_dir: str, stage: str) -> dict[str, list[float]]:
   return history
 
 
-def one_hot(num_classes: int):
-  return lambda images, labels: (images, tf.one_hot(labels, num_classes))
-
-
-@dataclasses.dataclass
-class Stage:
-  """What one stage fits: a model sharing the full model's layers, and its data.
-
-  Attributes:
-    model: the full model (plain inputs) or a sub-model of it (cached inputs).
-    train: training batches of (inputs, one-hot labels).
-    val: val batches, an (inputs, one-hot labels) pair, or None without a val split.
-    steps: training steps per epoch.
-    full_model: the full model `model` shares its layers with (its random seed
-      states are saved with the stage's state).
-  """
-
-  model: keras.Model
-  train: Any
-  val: Any
-  steps: int
-  full_model: keras.Model | None = None
-
-
-class Inputs(Protocol):
-  """Where a stage's data comes from: `stage(model, 1 or 2, seed)` -> `Stage`."""
-
-  def stage(self, model: keras.Model, stage: int, seed: int) -> Stage:
-    ...
-
-  def num_train_images(self) -> int:
-    """How many training images the stages see (undecodable ones are dropped)."""
-    ...
-
-
-class PlainInputs:
-  """The full model on the tf.data pipeline: augmentation runs every step."""
-
-  def __init__(self, splits: data_lib.Splits, batch_size: int):
-    num_classes = len(splits.class_names)
-    self.train = CountedDataset(splits.train.map(one_hot(num_classes)))
-    self.val = splits.val.map(one_hot(num_classes)) if splits.keys("val") else None
-    self.steps = steps_per_epoch(len(splits.keys("train")), batch_size)
-
-  def stage(self, model: keras.Model, stage: int, seed: int) -> Stage:
-    del stage, seed  # The train dataset shuffles with the data seed.
-    return Stage(model, self.train, self.val, self.steps, full_model=model)
-
-  def num_train_images(self) -> int:
-    # After training this reads the pipeline's cache, not the image files.
-    return sum(int(labels.shape[0]) for _, labels in self.train)
-
-
-class CachedInputs:
-  """The frozen-prefix cache: stage 1 on pooled features, stage 2 on activations.
-
-  One cache serves any model whose unfrozen top starts at or after its cut
-  (tune cuts it for the largest unfreeze ratio of the search): the layers
-  between the cache's cut and the model's own cut run frozen in stage 2.
-  """
-
-  def __init__(self, cache: prefix_cache.PrefixCache, num_classes: int, batch_size: int):
-    self.cache = cache
-    self.num_classes = num_classes
-    self.batch_size = batch_size
-    has_val = len(cache.val_labels) > 0
-    self.val_y = keras.utils.to_categorical(cache.val_labels, num_classes) if has_val else None
-
-  @functools.cached_property
-  def _pooled(self) -> tuple[np.ndarray, np.ndarray]:
-    return self.cache.pooled()
-
-  @functools.cached_property
-  def _val_activations(self) -> np.ndarray:
-    return np.asarray(self.cache.val, np.float32)
-
-  def num_train_images(self) -> int:
-    return len(self.cache.train_labels)
-
-  def _sampler(self, views: np.ndarray, seed: int) -> prefix_cache.ViewSampler:
-    return prefix_cache.ViewSampler(views, self.cache.train_labels, self.num_classes,
-                                    self.batch_size, seed)
-
-  def stage(self, model: keras.Model, stage: int, seed: int) -> Stage:
-    if stage == 1:
-      train_features, val_features = self._pooled
-      sampler = self._sampler(train_features, seed)
-      val = (val_features, self.val_y) if self.val_y is not None else None
-      return Stage(head_model(model, train_features.shape[-1]), sampler, val, len(sampler),
-                   full_model=model)
-    base = model_lib.base_of(model)
-    below = [l.name for l in base.layers[:self.cache.cut + 1] if l.trainable and l.weights]
-    if base.trainable and below:
-      raise ValueError(f"{below[0]} trains but lies below the cache's cut; build the "
-                       "cache for a larger unfreeze ratio.")
-    sampler = self._sampler(self.cache.train_views, seed + 1)
-    val = (self._val_activations, self.val_y) if self.val_y is not None else None
-    return Stage(top_model(model, self.cache.cut), sampler, val, len(sampler),
-                 full_model=model)
-
-
-def head_model(model: keras.Model, feature_dim: int) -> keras.Model:
-  """Pooled features -> dropout -> classifier, sharing the full model's head."""
-  inputs = keras.Input((feature_dim,), name="features")
-  x = model.get_layer(model_lib.DROPOUT_NAME)(inputs)
-  outputs = model.get_layer(model_lib.CLASSIFIER_NAME)(x)
-  return keras.Model(inputs, outputs, name="head")
-
-
-def top_model(model: keras.Model, cut: int) -> keras.Model:
-  """Cut-point activations -> the base from `cut` on -> head, sharing the layers."""
-  suffix = prefix_cache.suffix_model(model, cut)
-  inputs = keras.Input(suffix.input.shape[1:], name="activations")
-  x = suffix(inputs)
-  x = model.get_layer(model_lib.POOL_NAME)(x)
-  x = model.get_layer(model_lib.DROPOUT_NAME)(x)
-  outputs = model.get_layer(model_lib.CLASSIFIER_NAME)(x)
-  return keras.Model(inputs, outputs, name="top")
-
-
-def uses_feature_cache(config: TrainConfig) -> bool:
-  """Whether the stages train on the frozen-prefix cache (auto: without a GPU)."""
-  if config.feature_cache is FeatureCache.AUTO:
-    return not tf.config.list_physical_devices("GPU")
-  return config.feature_cache is FeatureCache.ON
-
-
-def cache_key(splits: data_lib.Splits, config: RunConfig) -> dict[str, Any]:
-  """What decides the frozen-prefix cache's bytes beyond the model and the split.
-
-  The code's methods (decoding, resizing, augmentation), the package versions,
-  the weights file and the images' content: a cache made by an older recipe or
-  from other images is then never reused.
-  """
-  source = splits.source
-  content = getattr(source, "content_sha256", None)
-  return {"recipe": runs.recipe(), "versions": runs.versions(),
-          "weights": runs.weights_identity(config.train.weights),
-          "images": content() if content else runs.listing_sha256(source.keys, source.labels)}
-
-
-def make_inputs(model: keras.Model, splits: data_lib.Splits, config: RunConfig,
-                workdir: str, largest_unfreeze_ratio: float) -> Inputs:
-  """The stages' inputs for `config`: plain, or a cache cut for the largest ratio.
-
-  The cache (kept in WORKDIR/cache, reused by a resumed run) is computed with
-  `model`, which must still hold its initial weights.
-  """
-  if not uses_feature_cache(config.train):
-    return PlainInputs(splits, config.data.batch_size)
-  ratio = largest_unfreeze_ratio if config.train.fine_tune_epochs > 0 else 0.0
-  cut = model_lib.cut_index(model_lib.base_of(model), ratio)
-  ordered = {name: data_lib.make_dataset(
-      splits.source, splits.keys(name), image_size=config.data.image_size,
-      batch_size=64, shuffle=False, cache="none") for name in ("train", "val")}
-  cache = prefix_cache.PrefixCache.build(
-      model, cut, ordered["train"], ordered["val"], views=config.train.cache_views,
-      seed=config.data.seed, cache_dir=os.path.join(workdir, artifacts.CACHE_DIR),
-      split_keys={n: splits.keys(n) for n in ("train", "val")},
-      key=cache_key(splits, config), verbose=config.train.verbose)
-  return CachedInputs(cache, len(splits.class_names), config.data.batch_size)
-
-
-def fit_stages(model: keras.Model, inputs: Inputs, config: TrainConfig, run_dir: str, *,
-               seed: int, run_stage1: bool = True, stage2_epochs: int | None = None,
-               initial_epoch: int = 0,
-               stage2_callbacks: Sequence[keras.callbacks.Callback] = ()) -> Stage:
+def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfig,
+               run_dir: str, *, seed: int, run_stage1: bool = True,
+               stage2_epochs: int | None = None, initial_epoch: int = 0,
+               stage2_callbacks: Sequence[keras.callbacks.Callback] = ()) -> inputs_lib.Stage:
   """Trains `model` in place: stage 1 (frozen base), then stage 2 (top unfrozen).
 
   Resumable: a stage interrupted in `run_dir` goes on from its last finished
@@ -388,57 +192,108 @@ def fit_stages(model: keras.Model, inputs: Inputs, config: TrainConfig, run_dir:
   keras.utils.set_random_seed(seed)
   os.makedirs(run_dir, exist_ok=True)
   model_lib.freeze_base(model)
-  stage1_done = os.path.join(run_dir, artifacts.STAGE1_WEIGHTS)
-  stage2_done = os.path.join(run_dir, artifacts.STAGE2_WEIGHTS)
-  stage = None
-  stage1_loaded = False  # Finished by an earlier process.
-  # (A stage 2 finished on a stage 1 that is gone is no finished stage 2.)
-  stage2_finished = config.fine_tunes and os.path.exists(stage2_done) and (
-      not run_stage1 or os.path.exists(stage1_done))
-  if not stage2_finished:
-    if run_stage1 and os.path.exists(stage1_done):
-      model.load_weights(stage1_done)
-      stage1_loaded = True
-      logging.info("Stage 1 already finished; loaded %s.", stage1_done)
-      if not config.fine_tunes:
-        stage = inputs.stage(model, 1, seed)
-        _restore_finished(run_dir, "stage1", stage)
-    else:
-      stage = inputs.stage(model, 1, seed)
-      compile_model(stage.model, config, config.learning_rate, stage.steps * config.epochs)
-      if run_stage1:
-        _fit(stage, config.epochs, 0, run_dir, "stage1", config)
-        _finish(run_dir, "stage1", model, stage1_done)
-        _forget(run_dir, "stage2")  # Whatever is there was not made on this stage 1.
-
+  run = _StageRun(model, inputs, config, run_dir, seed)
+  stage, stage1_loaded = None, False
+  if not _stage2_finished(run, run_stage1):
+    stage, stage1_loaded = _stage1(run, train=run_stage1)
   if not config.fine_tunes:
     return stage
+  epochs = config.fine_tune_epochs if stage2_epochs is None else stage2_epochs
+  return _stage2(run, epochs, initial_epoch, stage2_callbacks, carry_on=stage1_loaded)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StageRun:
+  """What both stages of one `fit_stages` call share."""
+
+  model: keras.Model
+  inputs: inputs_lib.Inputs
+  config: TrainConfig
+  run_dir: str
+  seed: int
+
+  def stage(self, number: int) -> inputs_lib.Stage:
+    """Stage `number`'s model and data, from the inputs."""
+    return self.inputs.stage(self.model, number, self.seed)
+
+  def done(self, name: str) -> str:
+    """The stage's final weights: their file marks the stage finished."""
+    return _done_path(self.run_dir, name)
+
+
+def _stage2_finished(run: _StageRun, run_stage1: bool) -> bool:
+  """Whether an earlier process finished stage 2 on this run's stage 1.
+
+  A stage 2 finished on a stage 1 that is gone is no finished stage 2.
+  """
+  return run.config.fine_tunes and os.path.exists(run.done("stage2")) and (
+      not run_stage1 or os.path.exists(run.done("stage1")))
+
+
+def _stage1(run: _StageRun, train: bool) -> tuple[inputs_lib.Stage | None, bool]:
+  """Stage 1: loaded when an earlier process finished it, else compiled and
+  (when `train`) fitted and marked finished.
+
+  Returns the stage (None when loaded for a stage 2 to follow) and whether it
+  was loaded.
+  """
+  config, done = run.config, run.done("stage1")
+  if train and os.path.exists(done):
+    run.model.load_weights(done)
+    logging.info("Stage 1 already finished; loaded %s.", done)
+    stage = None
+    if not config.fine_tunes:
+      stage = run.stage(1)
+      _restore_finished(run.run_dir, "stage1", stage)
+    return stage, True
+  stage = run.stage(1)
+  compile_model(stage.model, config, config.learning_rate, stage.steps * config.epochs)
+  if train:
+    _fit(stage, config.epochs, 0, run.run_dir, "stage1", config)
+    _finish(run.run_dir, "stage1", run.model)
+    _forget(run.run_dir, "stage2")  # Whatever is there was not made on this stage 1.
+  return stage, False
+
+
+def _stage2(run: _StageRun, epochs: int, initial_epoch: int,
+            callbacks: Sequence[keras.callbacks.Callback], carry_on: bool) -> inputs_lib.Stage:
+  """Stage 2 up to `epochs`: loaded when an earlier process finished it, else fitted.
+
+  `carry_on`: stage 1 was loaded, so stage 2 starts from the random states and
+  data position it left. A budget short of `fine_tune_epochs` (Hyperband's)
+  does not mark the stage finished.
+  """
+  model, config, done = run.model, run.config, run.done("stage2")
   model_lib.unfreeze(model, config.unfreeze_ratio)
-  stage = inputs.stage(model, 2, seed)
-  if os.path.exists(stage2_done):
-    model.load_weights(stage2_done)
-    logging.info("Stage 2 already finished; loaded %s.", stage2_done)
-    _restore_finished(run_dir, "stage2", stage)
+  stage = run.stage(2)
+  if os.path.exists(done):
+    model.load_weights(done)
+    logging.info("Stage 2 already finished; loaded %s.", done)
+    _restore_finished(run.run_dir, "stage2", stage)
     return stage
-  if stage1_loaded:  # Carry on from where stage 1 left the random states and data.
-    _restore_finished(run_dir, "stage1", stage)
+  if carry_on:
+    _restore_finished(run.run_dir, "stage1", stage)
   compile_model(stage.model, config, config.stage2_learning_rate,
                 stage.steps * config.fine_tune_epochs)
-  epochs = config.fine_tune_epochs if stage2_epochs is None else stage2_epochs
-  _fit(stage, epochs, initial_epoch, run_dir, "stage2", config, stage2_callbacks)
-  if epochs >= config.fine_tune_epochs:  # (A Hyperband budget short of it is no end.)
-    _finish(run_dir, "stage2", model, stage2_done)
+  _fit(stage, epochs, initial_epoch, run.run_dir, "stage2", config, callbacks)
+  if epochs >= config.fine_tune_epochs:
+    _finish(run.run_dir, "stage2", model)
   return stage
+
+
+def _done_path(run_dir: str, name: str) -> str:
+  return os.path.join(run_dir, artifacts.STAGE1_WEIGHTS if name == "stage1"
+                      else artifacts.STAGE2_WEIGHTS)
 
 
 def _state_path(run_dir: str, name: str) -> str:
   return os.path.join(run_dir, artifacts.BACKUP_DIR, name, artifacts.RESUME_STATE)
 
 
-def _finish(run_dir: str, name: str, model: keras.Model, done_path: str) -> None:
+def _finish(run_dir: str, name: str, model: keras.Model) -> None:
   """Marks a stage finished: its final weights, then its state slimmed to what
   the next stage carries on with (random states, the data's position)."""
-  with artifacts.atomic_path(done_path) as tmp:
+  with artifacts.atomic_path(_done_path(run_dir, name)) as tmp:
     model.save_weights(tmp)
   saved = _read_state(_state_path(run_dir, name))
   if saved is not None and not saved[0].get("finished"):
@@ -449,8 +304,7 @@ def _finish(run_dir: str, name: str, model: keras.Model, done_path: str) -> None
 
 def _forget(run_dir: str, name: str) -> None:
   """Deletes a stage's final weights and saved state."""
-  done = artifacts.STAGE1_WEIGHTS if name == "stage1" else artifacts.STAGE2_WEIGHTS
-  for path in (os.path.join(run_dir, done), os.path.dirname(_state_path(run_dir, name))):
+  for path in (_done_path(run_dir, name), os.path.dirname(_state_path(run_dir, name))):
     if os.path.isdir(path):
       shutil.rmtree(path)
     elif os.path.exists(path):
@@ -458,7 +312,7 @@ def _forget(run_dir: str, name: str) -> None:
       logging.warning("Removed %s: it was not trained on this run's stage 1.", path)
 
 
-def _restore_finished(run_dir: str, name: str, stage: Stage) -> None:
+def _restore_finished(run_dir: str, name: str, stage: inputs_lib.Stage) -> None:
   """After loading a finished stage's weights: its random states and data position."""
   saved = _read_state(_state_path(run_dir, name))
   if saved is not None:
@@ -505,7 +359,7 @@ def _fits(variables: Sequence[Any], values: Sequence[np.ndarray]) -> bool:
       tuple(v.shape) == x.shape for v, x in zip(variables, values))
 
 
-def _carried_state(stage: Stage) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _carried_state(stage: inputs_lib.Stage) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """What runs on from one epoch (or stage) to the next outside the stage model:
   Python's and NumPy's random states, the full model's seed states, and how
   many shuffles a tf.data pipeline drew."""
@@ -516,12 +370,13 @@ def _carried_state(stage: Stage) -> tuple[dict[str, Any], dict[str, np.ndarray]]
   arrays = {"numpy_keys": np.asarray(keys)}
   if stage.full_model is not None:
     arrays.update(_pack("seeds", [v.numpy() for v in seed_states(stage.full_model)]))
-  if isinstance(stage.train, CountedDataset):
+  if isinstance(stage.train, inputs_lib.CountedDataset):
     meta["dataset_iterators"] = stage.train.iterators
   return meta, arrays
 
 
-def _restore_carried(meta: dict[str, Any], arrays: dict[str, np.ndarray], stage: Stage) -> None:
+def _restore_carried(meta: dict[str, Any], arrays: dict[str, np.ndarray],
+                     stage: inputs_lib.Stage) -> None:
   version, internal, gauss = meta["python_random"]
   random.setstate((version, tuple(internal), gauss))
   name, pos, has_gauss, cached = meta["numpy_random"]
@@ -531,7 +386,7 @@ def _restore_carried(meta: dict[str, Any], arrays: dict[str, np.ndarray], stage:
     if _fits(states, values):
       for v, x in zip(states, values):
         v.assign(x)
-  if isinstance(stage.train, CountedDataset) and "dataset_iterators" in meta:
+  if isinstance(stage.train, inputs_lib.CountedDataset) and "dataset_iterators" in meta:
     stage.train.skip_to(meta["dataset_iterators"])
 
 
@@ -550,7 +405,7 @@ class StageState(keras.callbacks.Callback):
   Put it after every other callback: it saves what they updated at the epoch's end.
   """
 
-  def __init__(self, path: str, stage: Stage,
+  def __init__(self, path: str, stage: inputs_lib.Stage,
                early_stopping: ResumableEarlyStopping | None = None):
     super().__init__()
     self.path = path
@@ -610,7 +465,7 @@ class StageState(keras.callbacks.Callback):
     _write_state(self.path, meta, arrays)
 
 
-def _fit(stage: Stage, epochs: int, initial_epoch: int, run_dir: str, name: str,
+def _fit(stage: inputs_lib.Stage, epochs: int, initial_epoch: int, run_dir: str, name: str,
          config: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> None:
   """Fits one stage up to `epochs`, resuming from its saved state when there is one."""
   if epochs <= initial_epoch:
@@ -693,20 +548,46 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
   the run was, `extra`) go to `workdir`. `num_train_images`: how many training
   images the stages saw, when known. Returns the report.
   """
-  from flowers import lineage  # pylint: disable=g-import-not-at-top
+  as_trained = _round_to_int8_grid(model, splits, config)
+  model_sha = _write_model_files(model, splits, workdir, run_dir)
+  report, skipped = _evaluate_splits(model, splits, config.data.strict)
+  skipped.update(_skipped_before_evaluation(splits, num_train_images, config.data.strict))
+  report.update(_run_facts(splits, config, skipped))
+  if as_trained is not None:
+    report["val_accuracy_before_int8_grid"] = as_trained
+  report.update(extra)
+  _write_report(workdir, report, model_sha)
+  return report
 
-  as_trained = None  # Val accuracy before the rounding, to show what it costs.
-  if config.train.int8_grid_weights and model_lib.kernels_off_int8_grid(model):
-    if splits.keys("val"):  # (A tuned model comes here rounded already.)
-      as_trained = evaluate_split(model, splits, "val")["val_accuracy"]
-    round_for_int8(model, config, calibration_images(config, splits))
+
+def _round_to_int8_grid(model: keras.Model, splits: data_lib.Splits,
+                        config: RunConfig) -> float | None:
+  """Puts the kernels on the int8 grid when they are off it (a tuned model comes
+  rounded already); returns the val accuracy before, to show what it costs."""
+  if not (config.train.int8_grid_weights and model_lib.kernels_off_int8_grid(model)):
+    return None
+  as_trained = None
+  if splits.keys("val"):
+    as_trained = evaluate_split(model, splits, "val")["val_accuracy"]
+  round_for_int8(model, config, calibration_images(config, splits))
+  return as_trained
+
+
+def _write_model_files(model: keras.Model, splits: data_lib.Splits, workdir: str,
+                       run_dir: str) -> str:
+  """`model.keras`, `labels.txt` and `history.json`; returns the model's sha256."""
   model_path = os.path.join(workdir, artifacts.MODEL)
   save_model(model, model_path)
   model_sha = lineage.model_sha256(model_path)
   artifacts.write_labels(os.path.join(workdir, artifacts.LABELS), splits.class_names)
   artifacts.write_json(os.path.join(workdir, artifacts.HISTORY),
                        {stage: read_history(run_dir, stage) for stage in STAGES})
-  strict = config.data.strict
+  return model_sha
+
+
+def _evaluate_splits(model: keras.Model, splits: data_lib.Splits,
+                     strict: bool) -> tuple[dict[str, Any], dict[str, int]]:
+  """Test metrics, and val's when there is a val split; the images each skipped."""
   report = evaluate_split(model, splits, "test")
   skipped = {"test": evaluate_lib.count_skipped(
       "test", len(splits.keys("test")), report["num_test_examples"], strict)}
@@ -715,31 +596,48 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
     report.update({k: v for k, v in val.items() if k.startswith(("val_", "num_val"))})
     skipped["val"] = evaluate_lib.count_skipped(
         "val", len(splits.keys("val")), val["num_val_examples"], strict)
+  return report, skipped
+
+
+def _skipped_before_evaluation(splits: data_lib.Splits, num_train_images: int | None,
+                               strict: bool) -> dict[str, int]:
+  """Training images the stages dropped (when known) and, for an image folder,
+  files that are no readable image (named in the log)."""
+  skipped = {}
   if num_train_images is not None:
     skipped["train"] = evaluate_lib.count_skipped(
         "train", len(splits.keys("train")), num_train_images, strict)
   listed = getattr(splits.source, "skipped", None)
-  if listed:  # Files of an image folder that are no readable image (named in the log).
+  if listed:
     skipped["listing"] = len(listed)
-  report.update({
+  return skipped
+
+
+def _run_facts(splits: data_lib.Splits, config: RunConfig,
+               skipped: dict[str, int]) -> dict[str, Any]:
+  """What the run was: its data, split, seed, image counts, inputs and settings."""
+  return {
       "source": splits.source.name,
       "split": config.data.split,
       "seed": config.data.seed,
       "num_train_examples": len(splits.keys("train")) - skipped.get("train", 0),
       "num_skipped_images": skipped,
-      "feature_cache": uses_feature_cache(config.train),
+      "feature_cache": inputs_lib.uses_feature_cache(config.train),
       "config": config.to_json(),
-  })
-  if as_trained is not None:
-    report["val_accuracy_before_int8_grid"] = as_trained
-  report.update(extra)
+  }
+
+
+def _write_report(workdir: str, report: dict[str, Any], model_sha: str) -> None:
+  """`report.json`, then the lineage records of the run's files.
+
+  report.json's record goes last: it is what marks the run finished
+  (`runs.finished`).
+  """
   artifacts.write_json(os.path.join(workdir, artifacts.REPORT), report)
   run = runs.read_run(workdir)
-  # report.json last: its record is what marks the run finished (`runs.finished`).
   lineage.record(workdir, [artifacts.MODEL, artifacts.LABELS, artifacts.HISTORY,
                            artifacts.REPORT], mode=(run or {}).get("mode", "train"),
                  model=model_sha)
-  return report
 
 
 def load_splits_seeded(config: RunConfig, source: data_lib.Source,
@@ -770,12 +668,8 @@ def train_and_evaluate(config: RunConfig, workdir: str,
     runs.start_afresh(workdir)
   source = source or data_lib.load_source(config.data)
   splits = load_splits_seeded(config, source, workdir)
-  if not splits.keys("train"):
-    raise UserError("The train split is empty; check --split.")
-  if not splits.keys("test"):
-    raise UserError(f"--split={config.data.split} leaves no test images to report on; give "
-                    "test a share, e.g. --split=64,16,20.")
-  feature_cache = uses_feature_cache(config.train)
+  _refuse_unusable_split(splits, config)
+  feature_cache = inputs_lib.uses_feature_cache(config.train)
   done = runs.finished(config, workdir, "train", source, feature_cache=feature_cache)
   if done is not None:  # Done is done: rerunning a finished run changes nothing.
     return {**done, "already_finished": True}
@@ -783,10 +677,19 @@ def train_and_evaluate(config: RunConfig, workdir: str,
   num_classes = len(splits.class_names)
   with strategy.scope():
     model = new_model(config, num_classes)
-    inputs = make_inputs(model, splits, config, workdir, config.train.cache_cut)
+    inputs = inputs_lib.make_inputs(model, splits, config, workdir, config.train.cache_cut)
     fit_stages(model, inputs, config.train, workdir, seed=config.data.seed)
   if not chief:
     return {"is_chief": False}
   return save_run(model, splits, config, workdir, workdir,
                   num_train_images=inputs.num_train_images(),
                   train_seconds=round(time.time() - start, 1))
+
+
+def _refuse_unusable_split(splits: data_lib.Splits, config: RunConfig) -> None:
+  """A split with no training or no test images is refused before any training."""
+  if not splits.keys("train"):
+    raise UserError("The train split is empty; check --split.")
+  if not splits.keys("test"):
+    raise UserError(f"--split={config.data.split} leaves no test images to report on; give "
+                    "test a share, e.g. --split=64,16,20.")

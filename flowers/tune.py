@@ -9,7 +9,7 @@ shipped as it was scored.
 What does not depend on the trial is made once per search and passed in: the
 base weights (read once, copied into each trial's model), and on a CPU the
 frozen-prefix cache cut for the *largest* unfreeze ratio of the space, with the
-pooled base features stage 1 trains on (`train.CachedInputs`). A trial with a
+pooled base features stage 1 trains on (`inputs.CachedInputs`). A trial with a
 smaller ratio trains on the same cache, the layers between the cache's cut and
 its own cut kept frozen. That cut is part of the trial's settings
 (`cache_cut_ratio`, written to `best_hparams.json`), so `--mode=train` with the
@@ -62,6 +62,7 @@ from flowers import artifacts
 from flowers import compat
 from flowers import data as data_lib
 from flowers import distribute
+from flowers import inputs as inputs_lib
 from flowers import model as model_lib
 from flowers import runs
 from flowers import split as split_lib
@@ -198,6 +199,39 @@ def finished_stage2_curves(project_dir: str, exclude: str | None = None) -> list
   return curves
 
 
+@dataclasses.dataclass(frozen=True)
+class TrialRun:
+  """One trial as `TwoStageHyperModel.fit` runs it.
+
+  Attributes:
+    trial_id: KerasTuner's id of the trial.
+    trial_dir: its folder: the stages' weights, states and histories, `result.json`.
+    checkpoint: where the weights it was scored with are saved (KerasTuner's path).
+    values: its hyperparameters (HPARAMS).
+    parent: the trial a Hyperband trial continues (from its weights and
+      histories, so it skips stage 1); None (or empty) otherwise.
+    stage2_epochs: Hyperband's budget, stage 2 up to this epoch; None: all.
+    initial_epoch: the stage 2 epoch it starts from (Hyperband).
+  """
+
+  trial_id: str
+  trial_dir: str
+  checkpoint: str
+  values: dict[str, float] = dataclasses.field(default_factory=dict)
+  parent: str | None = None
+  stage2_epochs: int | None = None
+  initial_epoch: int = 0
+
+  def given(self, hp: keras_tuner.HyperParameters, epochs: int | None,
+            initial_epoch: int | None) -> TrialRun:
+    """This trial with what KerasTuner gives `fit`: its values, and Hyperband's
+    parent trial and stage 2 epochs."""
+    return dataclasses.replace(
+        self, values={name: float(hp.get(name)) for name in HPARAMS},
+        parent=hp.values.get("tuner/trial_id"), stage2_epochs=epochs,
+        initial_epoch=int(initial_epoch or 0))
+
+
 class TwoStageHyperModel(keras_tuner.HyperModel):
   """`build`: the classifier at a trial's dropout; `fit`: `train.fit_stages`.
 
@@ -216,7 +250,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     self.trials_run: list[str] = []  # Trial ids this process fitted, in order.
     self._base_weights: list[np.ndarray] | None = None
     self._template: keras.Model | None = None
-    self._inputs: train_lib.Inputs | None = None
+    self._inputs: inputs_lib.Inputs | None = None
     self._calibration: list[np.ndarray] | None = None
 
   @property
@@ -241,10 +275,10 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     """How many training images the trials saw; None where this process ran none."""
     return self._inputs.num_train_images() if self._inputs is not None else None
 
-  def inputs(self) -> train_lib.Inputs:
+  def inputs(self) -> inputs_lib.Inputs:
     """The stages' inputs, cut (when cached) for the space's largest unfreeze ratio."""
     if self._inputs is None:
-      self._inputs = train_lib.make_inputs(
+      self._inputs = inputs_lib.make_inputs(
           self.template(), self.splits, self.config, self.workdir, self.cache_cut_ratio)
     return self._inputs
 
@@ -265,60 +299,88 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     return model
 
   def fit(self, hp: keras_tuner.HyperParameters, model: keras.Model, *args,
-          trial_id: str = "best", trial_dir: str | None = None,
-          checkpoint: str | None = None, epochs: int | None = None,
+          trial_run: TrialRun | None = None, epochs: int | None = None,
           initial_epoch: int = 0, **kwargs) -> dict[str, float]:
     """Trains both stages; returns val_accuracy (the objective) and seconds.
 
     The objective is measured on the model as it will be shipped: its kernels
     rounded to the int8 grid (`int8_grid_weights`), on the val images through
     the full model, as `report.json` measures it; those weights are saved to
-    `checkpoint`.
+    the trial's checkpoint.
 
-    `epochs`/`initial_epoch` (from Hyperband) bound stage 2; a Hyperband trial
-    that continues an earlier one (`tuner/trial_id`) starts from its weights,
-    so it skips stage 1. KerasTuner's default callbacks (`kwargs["callbacks"]`)
-    checkpoint `model.fit`, but the stages fit sub-models: the full model's
-    weights are saved to `checkpoint` at the end instead.
+    `trial_run`: the trial's id and where its files go (from the tuner).
+    `epochs` and `initial_epoch` (from Hyperband) bound stage 2; a Hyperband
+    trial that continues an earlier one (`tuner/trial_id`) starts from its
+    weights, so it skips stage 1. KerasTuner's default callbacks
+    (`kwargs["callbacks"]`) checkpoint `model.fit`, but the stages fit
+    sub-models: the full model's weights are saved to the checkpoint at the
+    end instead.
     """
     del args, kwargs
-    trial_dir = trial_dir or os.path.join(self.workdir, artifacts.TUNER_DIR,
-                                          f"trial_{trial_id}")
-    checkpoint = checkpoint or os.path.join(trial_dir, artifacts.TRIAL_WEIGHTS)
-    values = {name: float(hp.get(name)) for name in HPARAMS}
-    config = self.trial_config(values)
+    trial = (trial_run or self._untracked_trial()).given(hp, epochs, initial_epoch)
+    config = self.trial_config(trial.values)
     with _user_errors_stop_the_search():
       inputs = self.inputs()
       start = time.time()
-      parent = hp.values.get("tuner/trial_id")
-      if parent:
-        _copy_histories(os.path.join(os.path.dirname(trial_dir), f"trial_{parent}"), trial_dir)
-      search = self.config.search
-      stopper = None
-      if search.median_stop_epoch and search.tuner is not Tuner.HYPERBAND:
-        stopper = MedianStopping(
-            finished_stage2_curves(os.path.dirname(trial_dir), os.path.basename(trial_dir)),
-            search.median_stop_epoch, trial_dir)
-      with self.strategy.scope():
-        train_lib.fit_stages(
-            model, inputs, config.train, trial_dir, seed=config.data.seed,
-            run_stage1=not parent, stage2_epochs=epochs, initial_epoch=int(initial_epoch or 0),
-            stage2_callbacks=[stopper] if stopper else [])
-      train_lib.round_for_int8(model, config, self.calibration())
-      val_accuracy = train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"]
-    with artifacts.atomic_path(checkpoint) as tmp:
+      stopper = self._run_stages(model, inputs, trial, config)
+      val_accuracy = self._score(model, config)
+    with artifacts.atomic_path(trial.checkpoint) as tmp:
       model.save_weights(tmp)
     seconds = time.time() - start
-    result = {"trial_id": trial_id, "tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"),
-              "hyperparameters": values, "cache_cut_ratio": config.train.cache_cut_ratio,
-              "val_accuracy": val_accuracy, "seconds": round(seconds, 2),
-              "stage2_epochs": [int(initial_epoch or 0),
-                                config.train.fine_tune_epochs if epochs is None else int(epochs)],
-              "continues_trial": parent,
-              "median_stop": stopper.stopped if stopper else None}
-    artifacts.write_json(os.path.join(trial_dir, artifacts.TRIAL_RESULT), result)
-    self.trials_run.append(trial_id)
+    self._record(trial, config, val_accuracy, seconds, stopper)
     return {OBJECTIVE: val_accuracy, "seconds": seconds}
+
+  def _untracked_trial(self) -> TrialRun:
+    """A trial outside a tuner's bookkeeping: "best", in the tuner's folder."""
+    trial_dir = os.path.join(self.workdir, artifacts.TUNER_DIR, "trial_best")
+    return TrialRun("best", trial_dir, os.path.join(trial_dir, artifacts.TRIAL_WEIGHTS))
+
+  def _run_stages(self, model: keras.Model, inputs: inputs_lib.Inputs, trial: TrialRun,
+                  config: RunConfig) -> MedianStopping | None:
+    """`train.fit_stages` with the trial's values; returns its median stopper, if any.
+
+    A Hyperband trial continuing another first takes its parent's histories.
+    """
+    if trial.parent:
+      _copy_histories(os.path.join(os.path.dirname(trial.trial_dir), f"trial_{trial.parent}"),
+                      trial.trial_dir)
+    stopper = self._median_stopper(trial)
+    with self.strategy.scope():
+      train_lib.fit_stages(
+          model, inputs, config.train, trial.trial_dir, seed=config.data.seed,
+          run_stage1=not trial.parent, stage2_epochs=trial.stage2_epochs,
+          initial_epoch=trial.initial_epoch, stage2_callbacks=[stopper] if stopper else [])
+    return stopper
+
+  def _median_stopper(self, trial: TrialRun) -> MedianStopping | None:
+    """The median stopping rule against the finished trials, when the search asks
+    for it (Hyperband stops trials its own way)."""
+    search = self.config.search
+    if not search.median_stop_epoch or search.tuner is Tuner.HYPERBAND:
+      return None
+    project_dir, name = os.path.split(trial.trial_dir)
+    return MedianStopping(finished_stage2_curves(project_dir, name),
+                          search.median_stop_epoch, trial.trial_dir)
+
+  def _score(self, model: keras.Model, config: RunConfig) -> float:
+    """The val accuracy of the model as shipped: kernels on the int8 grid."""
+    train_lib.round_for_int8(model, config, self.calibration())
+    return train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"]
+
+  def _record(self, trial: TrialRun, config: RunConfig, val_accuracy: float, seconds: float,
+              stopper: MedianStopping | None) -> None:
+    """The trial's `result.json`: its values, score, time, stage 2 epochs and stop."""
+    stage2_end = (config.train.fine_tune_epochs if trial.stage2_epochs is None
+                  else int(trial.stage2_epochs))
+    result = {"trial_id": trial.trial_id,
+              "tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"),
+              "hyperparameters": trial.values, "cache_cut_ratio": config.train.cache_cut_ratio,
+              "val_accuracy": val_accuracy, "seconds": round(seconds, 2),
+              "stage2_epochs": [trial.initial_epoch, stage2_end],
+              "continues_trial": trial.parent,
+              "median_stop": stopper.stopped if stopper else None}
+    artifacts.write_json(os.path.join(trial.trial_dir, artifacts.TRIAL_RESULT), result)
+    self.trials_run.append(trial.trial_id)
 
 
 def _copy_histories(parent_dir: str, run_dir: str) -> None:
@@ -332,15 +394,16 @@ def _copy_histories(parent_dir: str, run_dir: str) -> None:
 
 
 class _TrialContext(compat.DeclaredSpaceTuner):
-  """Gives `TwoStageHyperModel.fit` its trial's id, folder and checkpoint path."""
+  """Gives `TwoStageHyperModel.fit` its `TrialRun`: the trial's id, folder and
+  checkpoint path."""
 
   def declare_space(self, hp: keras_tuner.HyperParameters) -> None:
     # The space has no conditions: declaring it is enough, no model is built.
     declare_hyperparameters(hp, self.hypermodel.config.search)
 
   def run_trial(self, trial, *args, **kwargs):
-    kwargs.update(trial_id=trial.trial_id, trial_dir=self.get_trial_dir(trial.trial_id),
-                  checkpoint=compat.trial_checkpoint(self, trial.trial_id))
+    kwargs["trial_run"] = TrialRun(trial.trial_id, self.get_trial_dir(trial.trial_id),
+                                   compat.trial_checkpoint(self, trial.trial_id))
     return super().run_trial(trial, *args, **kwargs)
 
 
@@ -391,7 +454,7 @@ def run_search(config: RunConfig, workdir: str,
   distributed, chief = _distributed_role()
   search_cache_cut_ratio(config)  # A bad --cache_cut_ratio fails before any work.
   strategy = distribute.make_strategy(config.train.distribution_strategy)
-  feature_cache = train_lib.uses_feature_cache(config.train)
+  feature_cache = inputs_lib.uses_feature_cache(config.train)
   # Only the chief (or a single process) may wipe or record the run: a worker
   # may share its WORKDIR.
   if config.overwrite and chief:
@@ -399,14 +462,7 @@ def run_search(config: RunConfig, workdir: str,
   source = source or data_lib.load_source(config.data)
   if not chief:  # Before it writes anything into a WORKDIR it may share.
     check_chief_run(worker_fingerprint(config, source, feature_cache))
-  os.makedirs(workdir, exist_ok=True)
-  splits = train_lib.load_splits_seeded(config, source, workdir)
-  if not splits.keys("train"):
-    raise UserError("The train split is empty; check --split.")
-  if not splits.keys("val"):
-    raise UserError("--mode=tune scores trials on the val split, which is empty; give "
-                    "--split a val share (e.g. 64,16,20).")
-
+  splits = _search_splits(config, workdir, source)
   if not distributed:  # (A distributed chief serves its workers the finished oracle.)
     done = runs.finished(config, workdir, "tune", source, feature_cache=feature_cache)
     if done is not None:  # Done is done: rerunning a finished search changes nothing.
@@ -419,13 +475,32 @@ def run_search(config: RunConfig, workdir: str,
     compat.publish_with_space(tuner.oracle, CHIEF_RUN_KEY, json.dumps(made, sort_keys=True))
   tuner.search(verbose=config.train.verbose)
   if not chief:
-    print(f"{tuner.tuner_id}: ran trial(s) {', '.join(hypermodel.trials_run) or 'none'}; "
-          "the chief writes the results.")
-    return {"is_chief": False, "tuner_id": tuner.tuner_id,
-            "trials_run": hypermodel.trials_run, "seconds": round(time.time() - start, 1)}
+    return _worker_result(tuner, hypermodel, start)
   report = _finish(tuner, hypermodel, workdir, start, distributed=distributed)
   report["is_chief"] = True
   return report
+
+
+def _search_splits(config: RunConfig, workdir: str,
+                   source: data_lib.Source) -> data_lib.Splits:
+  """The run's splits; refused without train images or without val ones to score on."""
+  os.makedirs(workdir, exist_ok=True)
+  splits = train_lib.load_splits_seeded(config, source, workdir)
+  if not splits.keys("train"):
+    raise UserError("The train split is empty; check --split.")
+  if not splits.keys("val"):
+    raise UserError("--mode=tune scores trials on the val split, which is empty; give "
+                    "--split a val share (e.g. 64,16,20).")
+  return splits
+
+
+def _worker_result(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel,
+                   start: float) -> dict[str, Any]:
+  """A distributed worker's end: it says which trials it ran; the chief writes the results."""
+  print(f"{tuner.tuner_id}: ran trial(s) {', '.join(hypermodel.trials_run) or 'none'}; "
+        "the chief writes the results.")
+  return {"is_chief": False, "tuner_id": tuner.tuner_id,
+          "trials_run": hypermodel.trials_run, "seconds": round(time.time() - start, 1)}
 
 
 def search_cache_cut_ratio(config: RunConfig) -> float:
@@ -561,16 +636,8 @@ def _best_checkpoint(tuner: keras_tuner.Tuner, trial) -> str:
 def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: str,
             start: float, **extra: Any) -> dict[str, Any]:
   """trials.csv, best_hparams.json, then the best model saved like a train run's."""
-  rows = trial_rows(tuner)
-  write_trials(os.path.join(workdir, artifacts.TRIALS), rows)
-  print(format_trials(rows))
-  completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
-  if not completed:
-    messages = [t.message.strip().splitlines()[-1] for t in tuner.oracle.trials.values()
-                if t.message and t.message.strip()]
-    raise UserError("No trial of the search finished"
-                    + (f" (the last error: {messages[-1]})" if messages else "")
-                    + f"; see the trials under {tuner.project_dir}.")
+  rows = _write_trials_table(tuner, workdir)
+  completed = _completed_trials(tuner)
   best = tuner.oracle.get_trial(rows[0]["trial_id"])  # The table's first: same tie-break.
   checkpoint = _best_checkpoint(tuner, best)
   values = {name: float(best.hyperparameters.get(name)) for name in HPARAMS}
@@ -594,3 +661,23 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
         + f"; val_accuracy={report['val_accuracy']:.4f} "
         f"test_accuracy={report['test_accuracy']:.4f}")
   return report
+
+
+def _write_trials_table(tuner: keras_tuner.Tuner, workdir: str) -> list[dict[str, Any]]:
+  """`trials.csv`, also printed; returns its rows, best first."""
+  rows = trial_rows(tuner)
+  write_trials(os.path.join(workdir, artifacts.TRIALS), rows)
+  print(format_trials(rows))
+  return rows
+
+
+def _completed_trials(tuner: keras_tuner.Tuner) -> list[Any]:
+  """The trials that finished; none is a one-line error naming the last failure."""
+  completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
+  if not completed:
+    messages = [t.message.strip().splitlines()[-1] for t in tuner.oracle.trials.values()
+                if t.message and t.message.strip()]
+    raise UserError("No trial of the search finished"
+                    + (f" (the last error: {messages[-1]})" if messages else "")
+                    + f"; see the trials under {tuner.project_dir}.")
+  return completed

@@ -20,7 +20,7 @@ from keras.src.backend.tensorflow import trainer
 
 import run_configs
 from flowers import compat
-from flowers import train
+from flowers import inputs
 from flowers import tune
 from flowers.errors import UserError
 
@@ -181,7 +181,7 @@ def _orders(dataset, n):
 
 
 def test_a_counted_dataset_yields_what_its_dataset_does_and_counts_iterators():
-  counted = train.CountedDataset(_shuffled())
+  counted = inputs.CountedDataset(_shuffled())
   assert isinstance(counted, compat.DatasetView)
   assert counted.element_spec == _shuffled().element_spec
   expected = _orders(_shuffled(), 5)

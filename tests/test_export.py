@@ -24,6 +24,8 @@ from flowers import artifacts
 from flowers import data
 from flowers import evaluate
 from flowers import export
+from flowers import lineage
+from flowers import inputs
 from flowers import model as model_lib
 from flowers import train
 from flowers.config import DataConfig
@@ -50,6 +52,16 @@ def interface(path):
   interpreter = Interpreter(model_path=path)
   interpreter.allocate_tensors()
   return interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+
+def losing(points):
+  """`export.compare`, but the .tflite loses `points` of test accuracy."""
+  compare = export.compare
+
+  def compare_with_drop(*args):
+    return {**compare(*args), "accuracy_drop_points": points}
+
+  return compare_with_drop
 
 
 def split_arrays(splits):
@@ -181,6 +193,22 @@ class ExportTest(WorkdirTestCase):
     self.assertFalse(report["passed"])
     self.assertEqual(report["quantization"], "dynamic")
 
+  def test_accuracy_drop_equal_to_the_limit_is_written(self):
+    workdir = self.copy_workdir()
+    with mock.patch.object(export, "compare", losing(1.0)):
+      report = self.export(workdir, quantization="dynamic", max_accuracy_drop=1.0)
+    self.assertTrue(report["passed"])
+    self.assertTrue(os.path.exists(os.path.join(workdir, "model_dynamic.tflite")))
+
+  def test_a_refused_export_writes_and_records_only_its_report(self):
+    workdir = self.copy_workdir(labels=False)
+    with mock.patch.object(export, "compare", losing(1.5)):
+      with self.assertRaisesRegex(UserError, r"max_accuracy_drop=1; not written \(see "):
+        self.export(workdir, quantization="dynamic", max_accuracy_drop=1.0)
+    self.assertEqual(sorted(os.listdir(workdir)), [
+        artifacts.EXPORT_REPORT, artifacts.LINEAGE, artifacts.MODEL, artifacts.SPLITS])
+    self.assertEqual(lineage.recorded(workdir), [artifacts.EXPORT_REPORT])
+
   def test_float16_export_is_loadable_and_writes_missing_labels(self):
     workdir = self.copy_workdir(labels=False)
     report = self.export(workdir, quantization="float16", max_accuracy_drop=ANY_DROP)
@@ -244,7 +272,7 @@ class FidelityTest(WorkdirTestCase):
       labels.append(batch_labels)
     x = features.predict(np.concatenate(images), verbose=0)
     y = keras.utils.to_categorical(np.concatenate(labels), len(cls.splits.class_names))
-    head = train.head_model(cls.model, x.shape[1])
+    head = inputs.head_model(cls.model, x.shape[1])
     head.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
     keras.utils.set_random_seed(SEED)
     head.fit(x, y, batch_size=len(x), epochs=40, verbose=0)

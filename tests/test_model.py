@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import shared_data
+from flowers import backbone as backbone_lib
 from flowers import build_model
 from flowers import model as model_lib
 from flowers.errors import UserError
@@ -72,6 +73,14 @@ class BuildModelTest(parameterized.TestCase):
     loaded = keras.models.load_model(path)
     np.testing.assert_allclose(loaded(images(), training=False),
                                self.model(images(), training=False), rtol=1e-5, atol=1e-6)
+    self.assertIs(model_lib.backbone_of(loaded), backbone_lib.MOBILENET_V2)
+
+  def test_the_base_is_found_by_its_backbones_layer_name(self):
+    self.assertIs(model_lib.backbone_of(self.model), backbone_lib.get(backbone_lib.DEFAULT))
+    self.assertEqual(model_lib.base_of(self.model).name, model_lib.BASE_NAME)
+    no_base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="classifier")])
+    with self.assertRaisesRegex(ValueError, "no base of a known backbone"):
+      model_lib.base_of(no_base)
 
   @pytest.mark.slow
   def test_usable_from_plain_keras(self):

@@ -19,6 +19,7 @@ import pytest
 import fake_data
 import run_configs
 from flowers import artifacts
+from flowers import inputs
 from flowers import runs
 from flowers import train
 
@@ -160,7 +161,7 @@ class KillAndResumeTest(parameterized.TestCase):
     def model_and_inputs():
       model = train.new_model(run_config, len(self.source.class_names))
       splits = train.load_splits_seeded(run_config, self.source, workdir)
-      return model, train.make_inputs(model, splits, run_config, workdir,
+      return model, inputs.make_inputs(model, splits, run_config, workdir,
                                       run_config.train.unfreeze_ratio)
 
     trained, inputs = model_and_inputs()
@@ -217,7 +218,7 @@ class PrefixCacheKeyTest(parameterized.TestCase):
   def make_inputs(self, workdir: str):
     model = train.new_model(self.config, len(self.source.class_names))
     splits = train.load_splits_seeded(self.config, self.source, workdir)
-    return train.make_inputs(model, splits, self.config, workdir,
+    return inputs.make_inputs(model, splits, self.config, workdir,
                              self.config.train.unfreeze_ratio)
 
   @parameterized.named_parameters(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -11,6 +14,7 @@ from absl.testing import absltest
 import numpy as np
 from PIL import Image
 
+from flowers import lineage
 from flowers import summary
 from flowers.errors import UserError
 from test_plots import check_png, class_names, confusion
@@ -97,6 +101,11 @@ def snapshot(workdir) -> dict[str, bytes]:
 COMMAND = "flowers_main --mode=train --workdir=run"
 
 
+def headings(text: str) -> list[str]:
+  """The page's title and section headings, in order."""
+  return re.findall(r"^#{1,2} .*$", text, re.MULTILINE)
+
+
 class WriteReportTest(absltest.TestCase):
   """A finished train run (with an augmented_samples.png) reported once."""
 
@@ -137,6 +146,23 @@ class WriteReportTest(absltest.TestCase):
     self.assertIn("most confused pairs", text)
     self.assertIn("flower 0", text)
 
+  def test_sections_come_in_order(self):
+    text = open(self.path, encoding="utf-8").read()
+    self.assertEqual(headings(text), [
+        "# flowers run: run", "## Command", "## Data", "## Results", "## Export",
+        "## Tuning", "## Training history", "## Confusion", "## Worst classes",
+        "## Configuration"])
+    self.assertIn("## Command\n\n```sh\n" + COMMAND + "\n```\n\n## Data\n\n"
+                  "source: tfds:oxford_flowers102; split: 64,16,20; seed: 42.\n\n", text)
+    self.assertIn(f"| Test accuracy | {self.result['test_accuracy']:.4f} |\n"
+                  "| Test top-5 accuracy | 0.9876 |", text)
+    self.assertIn("| 1 | 0: flower 0 | 0.700 | 10 | 2: flower 2 (3) |", text)
+    self.assertIn("| TFLite size | 2.38 MiB (2,500,000 bytes) |", text)
+    self.assertIn("| setting | value |\n| --- | --- |\n"
+                  '| augmentation | {"flip": true} |\n| dropout | 0.2000 |\n'
+                  "| epochs | 3 |\n", text)
+    self.assertTrue(text.endswith(" |\n") and not text.endswith("\n\n"))
+
   def test_write_report_is_idempotent(self):
     workdir, first = self.workdir, self.first
     # As --mode=report does: no command given, so the recorded one is kept; the
@@ -168,11 +194,85 @@ class PartialWorkdirTest(absltest.TestCase):
       self.assertNotIn(absent, text)
     check_png(os.path.join(workdir, "plots", "confusion_matrix.png"))
 
+  def test_evaluate_only_sections(self):
+    workdir = os.path.join(self.create_tempdir(), "evaluated")
+    write_workdir(workdir, history=False, trials=False, export=False)
+    text = open(summary.write_report(workdir), encoding="utf-8").read()
+    self.assertEqual(headings(text), [
+        "# flowers run: evaluated", "## Command", "## Data", "## Results",
+        "## Training history", "## Confusion", "## Worst classes", "## Configuration"])
+    self.assertIn("```sh\n(not recorded)\n```", text)
+
+  def test_files_lineage_rejects_are_left_out_and_listed_in_order(self):
+    """Unrecorded, changed and another run's files are left out, each with why."""
+    workdir = os.path.join(self.create_tempdir(), "run")
+    write_workdir(workdir)
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+      json.dump({"seed": 42}, f)
+    with open(os.path.join(workdir, "best_hparams.json"), "w") as f:
+      json.dump({"dropout": 0.3}, f)
+    lineage.record(workdir, ["report.json", "export_report.json", "trials.csv"],
+                   mode="train", model=None)
+    lineage.record(workdir, ["best_hparams.json"], mode="tune", model=None, run="another")
+    with open(os.path.join(workdir, "trials.csv"), "a") as f:
+      f.write("04,0.2,0.3,2e-4,0.5,1.0,COMPLETED,\n")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+      text = open(summary.write_report(workdir), encoding="utf-8").read()
+    self.assertEqual(headings(text), [
+        "# flowers run: run", "## Command", "## Data", "## Results", "## Export",
+        "## Training history", "## Confusion", "## Worst classes", "## Left out",
+        "## Configuration"])
+    self.assertIn(
+        "## Left out\n\nThese files are in the folder but were not made from this run "
+        "and model, so nothing above comes from them:\n\n"
+        "- `history.json`: it has no lineage record (made by an older flowers, or copied "
+        "in).\n"
+        "- `trials.csv`: it changed after it was written.\n"
+        "- `best_hparams.json`: it was made by another run in this folder.\n\n"
+        "## Configuration", text)
+    self.assertIn("history.json not found", text)
+    self.assertEqual(len(err.getvalue().splitlines()), 3)
+    self.assertIn("trials.csv left out of the summary", err.getvalue())
+    recorded = lineage.recorded(workdir)
+    self.assertIn("summary.md", recorded)
+    self.assertIn(os.path.join("plots", "confusion_matrix.png"), recorded)
+    self.assertNotIn(os.path.join("plots", "history.png"), recorded)
+
   def test_missing_report_json_names_the_mode(self):
     workdir = os.path.join(self.create_tempdir(), "empty")
     os.makedirs(workdir)
     with self.assertRaisesRegex(UserError, r"report\.json not found.*--mode=train"):
       summary.write_report(workdir)
+
+
+class SummaryMarkdownTest(absltest.TestCase):
+
+  def test_a_bare_report_gives_the_whole_page(self):
+    text = summary.summary_markdown("/somewhere/run", {"test_accuracy": 0.5},
+                                    history_found=False)
+    self.assertEqual(text, (
+        "# flowers run: run\n\n"
+        "## Command\n\n```sh\n(not recorded)\n```\n\n"
+        "## Data\n\nsplits.csv not found: no split sizes.\n\n"
+        "## Results\n\n| metric | value |\n| --- | ---: |\n| Test accuracy | 0.5000 |\n\n"
+        "## Training history\n\nhistory.json not found (--mode=train and --mode=tune "
+        "write it): no training curves.\n"))
+
+  def test_tuning_lists_best_hyperparameters_and_no_errors_has_no_pairs(self):
+    text = summary.summary_markdown(
+        "run", {"confusion_matrix": [[2, 0], [0, 1]], "class_names": ["a", "b"],
+                "per_class_accuracy": {"a": 1.0, "b": 1.0}},
+        trials=[{"trial_id": "00", "fine_tune_learning_rate": 3e-5, "val_accuracy": 0.5,
+                 "seconds": 12.4, "note": ""}],
+        best_hparams={"fine_tune_learning_rate": 3e-5, "dropout": 0.25})
+    self.assertIn("| trial_id | fine_tune_learning_rate | val_accuracy | seconds |\n"
+                  "| --- | ---: | ---: | ---: |\n| 00 | 3.00e-05 | 0.5000 | 12 |\n\n"
+                  "Best hyperparameters: dropout=0.25, fine_tune_learning_rate=3.00e-05.\n",
+                  text)
+    self.assertIn("## Confusion\n\nThe 0 most confused pairs (test images of the true "
+                  "class predicted as the other):\n\nNo errors.\n\n## Worst classes", text)
+    self.assertIn("| 1 | 0: a | 1.000 | 2 |  |", text)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import keras
 import pytest
+import tensorflow as tf
 
 import fake_data
 import run_configs
@@ -249,7 +250,7 @@ class RunIdentityTest(parameterized.TestCase):
     auto = run_configs.with_train(self.config, feature_cache="auto")
     overwritten = self.create_tempdir().full_path
     train.train_and_evaluate(auto, overwritten, self.source)  # No GPU: auto is on.
-    with mock.patch.object(train.tf.config, "list_physical_devices", return_value=["GPU"]):
+    with mock.patch.object(tf.config, "list_physical_devices", return_value=["GPU"]):
       with self.assertRaisesRegex(UserError, "train.feature_cache: on -> off"):
         train.train_and_evaluate(auto, overwritten, self.source)
 

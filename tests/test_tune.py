@@ -107,6 +107,20 @@ class HyperparametersTest(TuneTestCase):
     self.assertEqual(kinds["fine_tune_learning_rate"].sampling, "log")
     self.assertEqual(kinds["unfreeze_ratio"].sampling, "linear")
 
+  def test_a_trial_run_takes_its_values_and_hyperbands_parent_and_budget(self):
+    hp = keras_tuner.HyperParameters()
+    tune.declare_hyperparameters(hp, config_lib.SearchConfig(dropout_range=(0.3, 0.3)))
+    place = tune.TrialRun("4", str(self.tmp / "trial_4"), str(self.tmp / "weights"))
+    fresh = place.given(hp, None, None)
+    self.assertEqual(set(fresh.values), set(config_lib.HPARAMS))
+    self.assertEqual(fresh.values["dropout"], 0.3)
+    self.assertEqual((fresh.parent, fresh.stage2_epochs, fresh.initial_epoch), (None, None, 0))
+    self.assertEqual((fresh.trial_id, fresh.checkpoint), ("4", place.checkpoint))
+    hp.values["tuner/trial_id"] = "1"  # As Hyperband sets it for a trial it continues.
+    continued = place.given(hp, 3, 1)
+    self.assertEqual((continued.parent, continued.stage2_epochs, continued.initial_epoch),
+                     ("1", 3, 1))
+
 
 class MedianStoppingTest(TuneTestCase):
   """The median stopping rule."""
