@@ -42,7 +42,7 @@ from flowers import lineage
 from flowers import model as model_lib
 from flowers import runs
 from flowers import tflite_metadata
-from flowers.config import ExportOptions
+from flowers.config import ExportConfig
 from flowers.config import IoDtype
 from flowers.config import Quantization
 from flowers.config import RunConfig
@@ -64,7 +64,7 @@ def _image_batches(images: Iterable[np.ndarray]) -> list[np.ndarray]:
   return singles
 
 
-def convert(model: keras.Model, options: ExportOptions,
+def convert(model: keras.Model, options: ExportConfig,
             representative_images: Iterable[np.ndarray] | None = None) -> bytes:
   """Converts a `build_model` model to TFLite bytes.
 
@@ -131,7 +131,7 @@ def convert(model: keras.Model, options: ExportOptions,
     logger.setLevel(level)
 
 
-def metadata_info(options: ExportOptions, source_name: str, num_classes: int,
+def metadata_info(options: ExportConfig, source_name: str, num_classes: int,
                   image_size: int) -> tflite_metadata.ModelInfo:
   """What the `.tflite`'s metadata says about the model, for client apps."""
   from flowers import __version__  # pylint: disable=g-import-not-at-top
@@ -186,7 +186,7 @@ def _details(interpreter) -> tuple[dict, dict]:
 
 
 def check_interface(path: str, image_size: int, num_classes: int,
-                    options: ExportOptions) -> dict:
+                    options: ExportConfig) -> dict:
   """Loads `path` with LiteRT and checks its input and output; returns them.
 
   Raises `UserError` if the dtypes or shapes are not the ones `options` asks
@@ -304,7 +304,7 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
   if not splits.keys("test"):
     raise UserError("The test split is empty, so the export cannot be verified; "
                     "check --split.")
-  calibration = (data_lib.calibration_images(splits, options.calibration_examples, data.seed,
+  calibration = (data_lib.calibration_images(splits, options.calibration_examples, data.split_seed,
                                              image_size) if options.is_int8 else None)
   tflite_model = tflite_metadata.add_metadata(
       convert(model, options, calibration),
@@ -359,7 +359,7 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
         "metadata_labels": len(metadata_labels),
         "source": source.name,
         "split": data.split,
-        "seed": data.seed,
+        "split_seed": data.split_seed,
         "export_seconds": round(time.time() - start, 1),
     })
     artifacts.write_json(report_path, report)

@@ -351,8 +351,8 @@ def make_inputs(model: keras.Model, splits: data_lib.Splits, config: RunConfig,
       splits.source, splits.keys(name), image_size=config.data.image_size,
       batch_size=64, shuffle=False, cache="none") for name in ("train", "val")}
   cache = prefix_cache.PrefixCache.build(
-      model, cut, ordered["train"], ordered["val"], views=config.train.cache_views,
-      seed=config.data.seed, cache_dir=os.path.join(workdir, artifacts.CACHE_DIR),
+      model, cut, ordered["train"], ordered["val"], views=config.train.feature_cache_views,
+      seed=config.train.seed, cache_dir=os.path.join(workdir, artifacts.CACHE_DIR),
       split_keys={n: splits.keys(n) for n in ("train", "val")},
       key=cache_key(splits, config), verbose=config.train.verbose)
   return CachedInputs(cache, len(splits.class_names), config.data.batch_size)
@@ -422,7 +422,7 @@ def fit_stages(model: keras.Model, inputs: Inputs, config: TrainConfig, run_dir:
     return stage
   if stage1_loaded:  # Carry on from where stage 1 left the random states and data.
     _restore_finished(run_dir, "stage1", stage)
-  compile_model(stage.model, config, config.stage2_learning_rate,
+  compile_model(stage.model, config, config.fine_tune_rate,
                 stage.steps * config.fine_tune_epochs)
   epochs = config.fine_tune_epochs if stage2_epochs is None else stage2_epochs
   _fit(stage, epochs, initial_epoch, run_dir, "stage2", config, stage2_callbacks)
@@ -642,11 +642,11 @@ def new_model(config: RunConfig, num_classes: int, *, random_base: bool = False)
   it read once into each trial's model).
   """
   t = config.train
-  keras.utils.set_random_seed(config.data.seed)
+  keras.utils.set_random_seed(config.train.seed)
   return model_lib.build_model(
       num_classes, image_size=config.data.image_size, dropout=t.dropout,
       weights=None if random_base else t.weights, augment=t.augment,
-      augmentation=t.augmentation, alpha=t.alpha, seed=config.data.seed)
+      augmentation=t.augmentation, alpha=t.alpha, seed=config.train.seed)
 
 
 def round_for_int8(model: keras.Model, config: RunConfig,
@@ -667,7 +667,7 @@ def calibration_images(config: RunConfig, splits: data_lib.Splits) -> list[np.nd
   if not config.train.int8_grid_weights:
     return []
   return data_lib.calibration_images(splits, config.export.calibration_examples,
-                                     config.data.seed, config.data.image_size)
+                                     config.data.split_seed, config.data.image_size)
 
 
 def save_model(model: keras.Model, path: str) -> None:
@@ -724,7 +724,8 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
   report.update({
       "source": splits.source.name,
       "split": config.data.split,
-      "seed": config.data.seed,
+      "split_seed": config.data.split_seed,
+      "seed": config.train.seed,
       "num_train_examples": len(splits.keys("train")) - skipped.get("train", 0),
       "num_skipped_images": skipped,
       "feature_cache": uses_feature_cache(config.train),
@@ -747,8 +748,9 @@ def load_splits_seeded(config: RunConfig, source: data_lib.Source,
   """`data.load_splits` with every seed set first, so the training shuffle order
   is the same whatever ran before in this process (tf.data combines its own
   seed with TensorFlow's global one)."""
-  keras.utils.set_random_seed(config.data.seed)
-  return data_lib.load_splits(config.data, source=source, workdir=workdir)
+  keras.utils.set_random_seed(config.train.seed)
+  return data_lib.load_splits(config.data, source=source, workdir=workdir,
+                              shuffle_seed=config.train.seed)
 
 
 def train_and_evaluate(config: RunConfig, workdir: str,
@@ -783,8 +785,8 @@ def train_and_evaluate(config: RunConfig, workdir: str,
   num_classes = len(splits.class_names)
   with strategy.scope():
     model = new_model(config, num_classes)
-    inputs = make_inputs(model, splits, config, workdir, config.train.cache_cut)
-    fit_stages(model, inputs, config.train, workdir, seed=config.data.seed)
+    inputs = make_inputs(model, splits, config, workdir, config.train.feature_cache_cut)
+    fit_stages(model, inputs, config.train, workdir, seed=config.train.seed)
   if not chief:
     return {"is_chief": False}
   return save_run(model, splits, config, workdir, workdir,

@@ -12,7 +12,7 @@ frozen-prefix cache cut for the *largest* unfreeze ratio of the space, with the
 pooled base features stage 1 trains on (`train.CachedInputs`). A trial with a
 smaller ratio trains on the same cache, the layers between the cache's cut and
 its own cut kept frozen. That cut is part of the trial's settings
-(`cache_cut_ratio`, written to `best_hparams.json`), so `--mode=train` with the
+(`feature_cache_cut_ratio`, written to `best_hparams.json`), so `--mode=train` with the
 best trial's values computes exactly what the trial did.
 
 A trial that trails the others stops early (the median stopping rule of
@@ -220,14 +220,14 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     self._calibration: list[np.ndarray] | None = None
 
   @property
-  def cache_cut_ratio(self) -> float:
+  def feature_cache_cut_ratio(self) -> float:
     """The unfreeze ratio every trial's frozen-prefix cache is cut for."""
-    return search_cache_cut_ratio(self.config)
+    return search_feature_cache_cut_ratio(self.config)
 
   def trial_config(self, values: dict[str, float]) -> RunConfig:
     """The run's config with a trial's hyperparameters and the search's cache cut."""
     train = dataclasses.replace(self.config.train,
-                                **{**values, "cache_cut_ratio": self.cache_cut_ratio})
+                                **{**values, "feature_cache_cut_ratio": self.feature_cache_cut_ratio})
     return dataclasses.replace(self.config, train=train)
 
   def template(self) -> keras.Model:
@@ -245,7 +245,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     """The stages' inputs, cut (when cached) for the space's largest unfreeze ratio."""
     if self._inputs is None:
       self._inputs = train_lib.make_inputs(
-          self.template(), self.splits, self.config, self.workdir, self.cache_cut_ratio)
+          self.template(), self.splits, self.config, self.workdir, self.feature_cache_cut_ratio)
     return self._inputs
 
   def calibration(self) -> list[np.ndarray]:
@@ -301,7 +301,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
             search.median_stop_epoch, trial_dir)
       with self.strategy.scope():
         train_lib.fit_stages(
-            model, inputs, config.train, trial_dir, seed=config.data.seed,
+            model, inputs, config.train, trial_dir, seed=config.train.seed,
             run_stage1=not parent, stage2_epochs=epochs, initial_epoch=int(initial_epoch or 0),
             stage2_callbacks=[stopper] if stopper else [])
       train_lib.round_for_int8(model, config, self.calibration())
@@ -310,7 +310,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
       model.save_weights(tmp)
     seconds = time.time() - start
     result = {"trial_id": trial_id, "tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"),
-              "hyperparameters": values, "cache_cut_ratio": config.train.cache_cut_ratio,
+              "hyperparameters": values, "feature_cache_cut_ratio": config.train.feature_cache_cut_ratio,
               "val_accuracy": val_accuracy, "seconds": round(seconds, 2),
               "stage2_epochs": [int(initial_epoch or 0),
                                 config.train.fine_tune_epochs if epochs is None else int(epochs)],
@@ -366,7 +366,7 @@ def make_tuner(hypermodel: TwoStageHyperModel, workdir: str, *, overwrite: bool,
   config = hypermodel.config
   search = config.search
   common = dict(hypermodel=hypermodel, objective=keras_tuner.Objective(OBJECTIVE, "max"),
-                seed=config.data.seed or 1,  # KerasTuner draws a random seed for 0.
+                seed=config.train.seed or 1,  # KerasTuner draws a random seed for 0.
                 overwrite=overwrite,
                 directory=workdir, project_name=artifacts.TUNER_DIR,
                 distribution_strategy=strategy)
@@ -389,7 +389,7 @@ def run_search(config: RunConfig, workdir: str,
   """
   start = time.time()
   distributed, chief = _distributed_role()
-  search_cache_cut_ratio(config)  # A bad --cache_cut_ratio fails before any work.
+  search_feature_cache_cut_ratio(config)  # A bad --feature_cache_cut_ratio fails before any work.
   strategy = distribute.make_strategy(config.train.distribution_strategy)
   feature_cache = train_lib.uses_feature_cache(config.train)
   # Only the chief (or a single process) may wipe or record the run: a worker
@@ -428,18 +428,18 @@ def run_search(config: RunConfig, workdir: str,
   return report
 
 
-def search_cache_cut_ratio(config: RunConfig) -> float:
+def search_feature_cache_cut_ratio(config: RunConfig) -> float:
   """The unfreeze ratio the trials' frozen-prefix cache is cut for.
 
-  --cache_cut_ratio when set, else the largest --unfreeze_ratio_range: every
+  --feature_cache_cut_ratio when set, else the largest --unfreeze_ratio_range: every
   trial's trainable layers must lie above the cut.
   """
   largest = config.search.unfreeze_ratio_range[1]
-  cut = config.train.cache_cut_ratio
+  cut = config.train.feature_cache_cut_ratio
   if cut is None:
     return largest
   if cut < largest:
-    raise UserError(f"--cache_cut_ratio={cut:g} is below the largest --unfreeze_ratio_range "
+    raise UserError(f"--feature_cache_cut_ratio={cut:g} is below the largest --unfreeze_ratio_range "
                     f"({largest:g}), so trials there would train layers below the cache's "
                     "cut; leave it unset (the search cuts at the range's top) or raise it.")
   return cut
@@ -447,7 +447,7 @@ def search_cache_cut_ratio(config: RunConfig) -> float:
 
 def splits_sha256(config: RunConfig, source: data_lib.Source) -> str:
   """The sha256 of the splits.csv `config` gives for `source`, written nowhere."""
-  spec = split_lib.parse_split(config.data.split, config.data.seed)
+  spec = split_lib.parse_split(config.data.split, config.data.split_seed)
   assignment = split_lib.assign(source.keys, source.labels, source.source_splits, spec)
   labels = {k: int(l) for k, l in zip(source.keys, source.labels)}
   return hashlib.sha256(split_lib.manifest_text(assignment, labels).encode("utf-8")).hexdigest()
@@ -575,7 +575,7 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
   checkpoint = _best_checkpoint(tuner, best)
   values = {name: float(best.hyperparameters.get(name)) for name in HPARAMS}
   # With the cache's cut, `--mode=train` on these values repeats the trial exactly.
-  best_hparams = {**values, "cache_cut_ratio": hypermodel.cache_cut_ratio}
+  best_hparams = {**values, "feature_cache_cut_ratio": hypermodel.feature_cache_cut_ratio}
   artifacts.write_json(os.path.join(workdir, artifacts.BEST_HPARAMS), best_hparams)
 
   model = hypermodel.build(best.hyperparameters)

@@ -143,8 +143,8 @@ class TfdsSourceTest(absltest.TestCase):
 
   def test_pipeline_shapes_dtypes_and_determinism(self):
     with fake_data.mock_flowers(COUNTS, size=48):
-      splits = data.load_splits(DataConfig(image_size=32, batch_size=4, seed=3),
-                                workdir=self.create_tempdir().full_path)
+      splits = data.load_splits(DataConfig(image_size=32, batch_size=4, split_seed=3),
+                                workdir=self.create_tempdir().full_path, shuffle_seed=3)
       batches = list(splits.train.as_numpy_iterator())
       again = list(splits.train.as_numpy_iterator())
       val_labels = np.concatenate([y for _, y in splits.val.as_numpy_iterator()])
@@ -161,8 +161,8 @@ class TfdsSourceTest(absltest.TestCase):
     images_second = np.concatenate([x for x, _ in again])
     self.assertFalse(np.array_equal(images_first, images_second))
     with fake_data.mock_flowers(COUNTS, size=48):
-      rebuilt = data.load_splits(DataConfig(image_size=32, batch_size=4, seed=3),
-                                 workdir=self.create_tempdir().full_path)
+      rebuilt = data.load_splits(DataConfig(image_size=32, batch_size=4, split_seed=3),
+                                 workdir=self.create_tempdir().full_path, shuffle_seed=3)
       rebuilt_first = np.concatenate([x for x, _ in rebuilt.train.as_numpy_iterator()])
     np.testing.assert_array_equal(rebuilt_first, images_first)
     self.assertLen(val_labels, len(splits.keys("val")))

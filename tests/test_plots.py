@@ -86,8 +86,8 @@ class PlotsTest(absltest.TestCase):
 
     workdir = os.path.join(self.create_tempdir(), "run")
     config = config_lib.RunConfig(
-        data=config_lib.DataConfig(image_size=32, seed=3),
-        train=config_lib.TrainConfig(augmentation=config_lib.Augmentation(rotation=30)))
+        data=config_lib.DataConfig(image_size=32, split_seed=3),
+        train=config_lib.TrainConfig(seed=3, augmentation=config_lib.Augmentation(rotation=30)))
     with fake_data.mock_flowers(fake_data.uniform_counts(4, 4, 2, 2), size=40):
       source = data_lib.load_tfds()
       # Writes splits.csv, as training does.

@@ -243,8 +243,8 @@ class SearchTest(TuneTestCase):
       self.assertEqual(r["status"], "COMPLETED")
 
     best = read_json(workdir, artifacts.BEST_HPARAMS)
-    self.assertEqual(set(best), set(config_lib.HPARAMS) | {"cache_cut_ratio"})
-    self.assertEqual(best["cache_cut_ratio"],
+    self.assertEqual(set(best), set(config_lib.HPARAMS) | {"feature_cache_cut_ratio"})
+    self.assertEqual(best["feature_cache_cut_ratio"],
                      tune_worker.small_config().search.unfreeze_ratio_range[1])
     self.assertApprox(best["dropout"], float(rows[0]["dropout"]))
     saved = read_json(workdir, "report.json")
@@ -302,9 +302,9 @@ class SearchTest(TuneTestCase):
       self.assertEqual(again[key], first[key], key)
 
   def test_a_cache_cut_below_the_searched_ratios_is_refused(self):
-    config = tune_worker.small_config(unfreeze_ratio=0.1, cache_cut_ratio=0.3,
+    config = tune_worker.small_config(unfreeze_ratio=0.1, feature_cache_cut_ratio=0.3,
                                       search={"unfreeze_ratio_range": (0.2, 0.6)})
-    with self.assertRaisesRegex(UserError, r"--cache_cut_ratio=0.3 is below the largest "
+    with self.assertRaisesRegex(UserError, r"--feature_cache_cut_ratio=0.3 is below the largest "
                                            r"--unfreeze_ratio_range \(0.6\)"):
       search(self.tmp, config=config)
     self.assertEmpty(os.listdir(self.tmp))  # Refused before any work.
