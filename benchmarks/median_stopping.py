@@ -7,7 +7,7 @@ Usage, from the repository root, on a search whose trials all ran in full
 
 For each start epoch the rule could use (`--median_stop_epoch`), it replays
 `flowers.tune.replay_median_stopping` on the trials' stage 2 val accuracies
-(`tuner/trial_*/history_stage2.csv`, in trial order, as they ran) and prints the
+(`tuner/trial_*/history_fine_tune.csv`, in trial order, as they ran) and prints the
 stage 2 epochs the search would have run against those it ran, the trials it
 would have stopped (id@epoch), and whether the best trial of `trials.csv` ran
 in full. Everything it reads is val: choosing the start epoch with it keeps
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
   ids = sorted((r["trial_id"] for r in rows), key=tune.trial_order)
   best_id = rows[0]["trial_id"]  # trials.csv lists the best first.
   project = os.path.join(args.workdir, artifacts.TUNER_DIR)
-  curves = [train.read_history(os.path.join(project, f"trial_{t}"), "stage2")["val_accuracy"]
+  curves = [train.read_history(os.path.join(project, f"trial_{t}"), "fine_tune")["val_accuracy"]
             for t in ids]
   full = sum(len(c) for c in curves)
   print(f"{len(ids)} trials, {full} stage 2 epochs run; best trial {best_id} "

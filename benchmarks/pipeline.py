@@ -153,9 +153,9 @@ def run_ours_train(args: argparse.Namespace) -> None:
       source.keys = source.keys[:args.limit]
       source.labels = source.labels[:args.limit]
       source.source_splits = source.source_splits[:args.limit]
-    data = DataConfig(seed=args.seed, image_size=args.image_size,
+    data = DataConfig(split_seed=args.seed, image_size=args.image_size,
                       batch_size=args.batch_size)
-    splits = data_lib.load_splits(data, source=source, workdir=workdir)
+    splits = data_lib.load_splits(data, source=source, workdir=workdir, shuffle_seed=args.seed)
     images, epoch_seconds = iterate_epochs(splits.train, args.epochs)
     seconds = time.perf_counter() - start
   emit({"images": images, "seconds": seconds, "epoch_seconds": epoch_seconds,

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
   sys.path.insert(0, REPO_ROOT)
   from flowers import export  # pylint: disable=g-import-not-at-top
   from flowers import model as model_lib  # pylint: disable=g-import-not-at-top
-  from flowers.config import ExportOptions  # pylint: disable=g-import-not-at-top
+  from flowers.config import ExportConfig  # pylint: disable=g-import-not-at-top
 
   if args.model:
     model = export.load_keras_model(args.model)
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                               args.seed)
   out = args.out or tempfile.mkdtemp(prefix="flowers_tflite_")
   os.makedirs(out, exist_ok=True)
-  variants = {"float32": ExportOptions(quantization="none"),
-              "int8": ExportOptions(quantization="int8")}
+  variants = {"float32": ExportConfig(quantization="none"),
+              "int8": ExportConfig(quantization="int8")}
   paths, convert_s = {}, {}
   for name, options in variants.items():
     start = time.time()

@@ -38,7 +38,7 @@ _EXPORTS = {
     "DataConfig": "flowers.config",
     "TrainConfig": "flowers.config",
     "SearchConfig": "flowers.config",
-    "ExportOptions": "flowers.config",
+    "ExportConfig": "flowers.config",
     "RunConfig": "flowers.config",
     "train_and_evaluate": "flowers.train",
     "UserError": "flowers.errors",

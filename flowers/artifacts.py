@@ -40,9 +40,9 @@ PER_CLASS_PNG = "per_class_accuracy.png"
 TUNING_PNG = "tuning.png"
 
 # Training state, per run folder (WORKDIR, or a tuning trial's folder).
-STAGE1_WEIGHTS = "stage1.weights.h5"  # Marks a finished stage 1.
+FROZEN_WEIGHTS = "frozen.weights.h5"  # Marks a finished stage 1.
 BACKUP_DIR = "backup"  # Per stage: its saved state (RESUME_STATE), to resume from.
-STAGE2_WEIGHTS = "stage2.weights.h5"  # Marks a finished stage 2: its final weights.
+FINE_TUNE_WEIGHTS = "fine_tune.weights.h5"  # Marks a finished stage 2: its final weights.
 RESUME_STATE = "state.npz"  # In BACKUP_DIR/<stage>: all the next epoch depends on.
 LOGS_DIR = "logs"  # TensorBoard, per stage.
 CACHE_DIR = "cache"  # Frozen-prefix activations; the disk pipeline cache.
@@ -63,8 +63,40 @@ def evaluation_report(model_path: str) -> str:
   return f"evaluation_{stem}.json"
 
 
+# The stage names an older flowers wrote files and history.json keys under.
+LEGACY_STAGES = {"stage1": "frozen", "stage2": "fine_tune"}
+
+
+def upgrade_history(history: dict[str, Any]) -> dict[str, Any]:
+  """history.json with its stages under their current names (older files named them
+  stage1 and stage2)."""
+  return {LEGACY_STAGES.get(key, key): value for key, value in history.items()}
+
+
+def rename_legacy_stage_files(folder: str) -> list[str]:
+  """Renames the training state an older flowers left under the old stage names.
+
+  An interrupted run of an older flowers then resumes from it rather than
+  training its stages again. Returns the paths renamed.
+  """
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = [d for d in dirs if d != CACHE_DIR]
+    for name in dirs + files:
+      for old, new in LEGACY_STAGES.items():
+        for before, after in ((f"{old}.weights.h5", f"{new}.weights.h5"),
+                              (f"history_{old}.csv", f"history_{new}.csv"), (old, new)):
+          if name == before and (before != old
+                                 or os.path.basename(root) in (BACKUP_DIR, LOGS_DIR)):
+            found.append((os.path.join(root, before), os.path.join(root, after)))
+  for before, after in sorted(found, key=lambda pair: -len(pair[0])):
+    if not os.path.exists(after):
+      os.replace(before, after)
+  return [before for before, _ in found]
+
+
 def stage_history(stage: str) -> str:
-  """The CSV log of one stage's epochs ("stage1" or "stage2")."""
+  """The CSV log of one stage's epochs ("frozen" or "fine_tune")."""
   return f"history_{stage}.csv"
 
 

@@ -4,7 +4,7 @@
       data:    DataConfig     where the images come from, the split, the pipeline
       train:   TrainConfig    the model and its two training stages
       search:  SearchConfig   what `--mode=tune` searches, and how
-      export:  ExportOptions  the TFLite conversion and its accuracy budget
+      export:  ExportConfig   the TFLite conversion and its accuracy budget
       predict: PredictConfig  what `--mode=predict`/`evaluate` read
       plots:   bool           plots and summary.md after a run
 
@@ -24,11 +24,11 @@ import dataclasses
 import enum
 import math
 import os
-import re
 import typing
 from typing import Any, Sequence
 
 from flowers import artifacts
+from flowers import backbone as backbone_lib
 from flowers import split as split_lib
 from flowers.errors import UserError
 
@@ -49,7 +49,7 @@ class Choice(str, enum.Enum):
                       f"{', '.join(m.value for m in cls)}.") from None
 
 
-class PipelineCache(Choice):
+class PixelCache(Choice):
   MEMORY = "memory"
   DISK = "disk"
   NONE = "none"
@@ -130,11 +130,12 @@ class DataConfig:
     download: let TFDS download and prepare a missing dataset.
     strict: fail on an unreadable image instead of skipping it.
     split: train,val,test percentages (stratified, seeded), or 'official'.
-    seed: seed of the split, shuffling, augmentation and initialization.
+    split_seed: seed of the stratified split (on the command line it follows --seed
+      unless given).
     image_size: the square model input side, pixels.
     batch_size: images per training step.
-    cache: where decoded, resized images are kept between epochs: memory, disk (in
-      WORKDIR/cache) or none.
+    pixel_cache: where decoded, resized images are kept between epochs: memory, disk
+      (in WORKDIR/cache) or none.
   """
 
   image_dir: str | None = None
@@ -143,16 +144,14 @@ class DataConfig:
   download: bool = True
   strict: bool = False
   split: str = "64,16,20"
-  seed: int = 42
+  split_seed: int = 42
   image_size: int = 224
   batch_size: int = 32
-  cache: PipelineCache = PipelineCache.MEMORY
+  pixel_cache: PixelCache = PixelCache.MEMORY
 
   def __post_init__(self):
     _choices(self)
-    split_lib.parse_split(self.split, self.seed)
-    _require(self.image_size >= 32, f"--image_size={self.image_size} is too small; "
-             "MobileNetV2 needs >= 32.")
+    split_lib.parse_split(self.split, self.split_seed)
     _require(self.batch_size >= 1, f"--batch_size={self.batch_size} must be >= 1.")
 
 
@@ -196,36 +195,44 @@ class TrainConfig:
   """The model and its two training stages (see `flowers.train`).
 
   Attributes:
-    weights: MobileNetV2 weights: imagenet (downloaded by Keras), none (random), or
-      the path of a ..._no_top.h5 file.
-    alpha: MobileNetV2 width multiplier.
+    seed: seed of initialization, augmentation, shuffling and the search (and, on
+      the command line, of the split unless --split_seed is given).
+    backbone: the pretrained base the classifier stands on (flowers.backbone):
+      mobilenet_v2.
+    weights: the backbone's weights: imagenet (downloaded by Keras), none (random),
+      or the path of its ..._no_top.h5 file.
+    alpha: the backbone's width multiplier.
     dropout: dropout rate before the classifier.
     augment: put the augmentation layers in the model.
     augmentation: which augmentations, and how strong.
-    unfreeze_ratio: top fraction of the base fine-tuned in stage 2 (whole blocks;
-      BatchNorm stays frozen).
+    unfreeze_ratio: top fraction of the base the fine-tune stage trains (whole
+      blocks; BatchNorm stays frozen).
     optimizer: the optimizer of both stages.
-    learning_rate: stage 1 learning rate.
-    fine_tune_learning_rate: stage 2 learning rate; unset means learning_rate / 10.
-    epochs: stage 1 epochs (frozen base).
-    fine_tune_epochs: stage 2 epochs (top of the base unfrozen).
+    learning_rate: learning rate of the first stage (frozen base).
+    fine_tune_learning_rate: learning rate of the fine-tune stage; unset means
+      learning_rate / 10.
+    epochs: epochs of the first stage (frozen base).
+    fine_tune_epochs: epochs of the fine-tune stage (top of the base unfrozen).
     label_smoothing: label smoothing of the cross-entropy loss.
     lr_schedule: learning rate over each stage: constant, or cosine decay to 0.
     weight_decay: decoupled weight decay of adamw (the other optimizers ignore it).
     early_stopping_patience: epochs without a val gain before a stage stops and
       keeps its best weights (0: off).
     feature_cache: run the frozen prefix of the base once per cached view instead
-      of every step (auto: on without a GPU).
-    cache_cut_ratio: the unfreeze ratio the frozen-prefix cache is cut for (at least
-      --unfreeze_ratio; the layers between the two cuts run frozen); unset:
+      of every step, keeping its activations in WORKDIR/cache (auto: on without a GPU).
+    feature_cache_cut_ratio: the unfreeze ratio the feature cache is cut for (at
+      least --unfreeze_ratio; the layers between the two cuts run frozen); unset:
       --unfreeze_ratio. A search sets it for its trials and in best_hparams.json.
-    cache_views: cached views of each training image (1 plain + augmented ones).
+    feature_cache_views: cached views of each training image (1 plain + augmented
+      ones).
     int8_grid_weights: round the trained conv kernels to the int8 export's grid,
       so the int8 model answers like the float one.
     distribution_strategy: tf.distribute strategy the stages train under.
     verbose: Keras verbosity: 0 silent, 1 progress bars, 2 a line per epoch.
   """
 
+  seed: int = 42
+  backbone: str = backbone_lib.DEFAULT
   weights: str | None = "imagenet"
   alpha: float = 1.0
   dropout: float = 0.2
@@ -242,8 +249,8 @@ class TrainConfig:
   weight_decay: float = 1e-4
   early_stopping_patience: int = 3
   feature_cache: FeatureCache = FeatureCache.AUTO
-  cache_cut_ratio: float | None = None
-  cache_views: int = 4
+  feature_cache_cut_ratio: float | None = None
+  feature_cache_views: int = 4
   int8_grid_weights: bool = True
   distribution_strategy: Strategy = Strategy.DEFAULT
   verbose: int = 1
@@ -252,6 +259,7 @@ class TrainConfig:
     _choices(self)
     if isinstance(self.weights, str) and self.weights.lower() == "none":
       _set(self, "weights", None)
+    backbone_lib.get(self.backbone)
     _require(0.0 <= self.dropout < 1.0, f"--dropout={self.dropout} must be in [0, 1).")
     _require(0.0 <= self.unfreeze_ratio <= 1.0,
              f"--unfreeze_ratio={self.unfreeze_ratio} must be in [0, 1].")
@@ -267,26 +275,29 @@ class TrainConfig:
     _require(self.weight_decay >= 0, f"--weight_decay={self.weight_decay} must be >= 0.")
     _require(self.early_stopping_patience >= 0,
              f"--early_stopping_patience={self.early_stopping_patience} must be >= 0.")
-    _require(self.cache_cut_ratio is None
-             or self.unfreeze_ratio <= self.cache_cut_ratio <= 1.0,
-             f"--cache_cut_ratio={self.cache_cut_ratio} must be in [--unfreeze_ratio, 1] "
-             f"(here [{self.unfreeze_ratio:g}, 1]): the cache is cut at or below the "
-             "layers that train; leave it unset to cut at --unfreeze_ratio.")
-    _require(self.cache_views >= 1, f"--cache_views={self.cache_views} must be >= 1.")
+    _require(self.feature_cache_cut_ratio is None
+             or self.unfreeze_ratio <= self.feature_cache_cut_ratio <= 1.0,
+             f"--feature_cache_cut_ratio={self.feature_cache_cut_ratio} must be in "
+             f"[--unfreeze_ratio, 1] (here [{self.unfreeze_ratio:g}, 1]): the cache is cut "
+             "at or below the layers that train; leave it unset to cut at --unfreeze_ratio.")
+    _require(self.feature_cache_views >= 1,
+             f"--feature_cache_views={self.feature_cache_views} must be >= 1.")
     _require(self.verbose in (0, 1, 2), f"--verbose={self.verbose} must be 0, 1 or 2.")
 
   @property
-  def stage2_learning_rate(self) -> float:
+  def fine_tune_rate(self) -> float:
+    """The fine-tune stage's learning rate, resolved (unset: learning_rate / 10)."""
     return self.fine_tune_learning_rate or self.learning_rate / 10.0
 
   @property
-  def cache_cut(self) -> float:
-    """The unfreeze ratio the frozen-prefix cache is cut for."""
-    return self.unfreeze_ratio if self.cache_cut_ratio is None else self.cache_cut_ratio
+  def feature_cache_cut(self) -> float:
+    """The unfreeze ratio the feature cache is cut for, resolved."""
+    return (self.unfreeze_ratio if self.feature_cache_cut_ratio is None
+            else self.feature_cache_cut_ratio)
 
   @property
   def fine_tunes(self) -> bool:
-    """Whether stage 2 runs at all."""
+    """Whether the fine-tune stage runs at all."""
     return self.fine_tune_epochs > 0 and self.unfreeze_ratio > 0
 
 
@@ -305,12 +316,11 @@ class SearchConfig:
     max_trials: trials to run (a trial is one training run, scored and shipped as is).
     dropout_range: min,max dropout (min == max fixes it).
     unfreeze_ratio_range: min,max unfreeze ratio.
-    fine_tune_learning_rate_range: min,max stage 2 learning rate (log scale).
-    median_stop_epoch: from this stage 2 epoch on, stop a trial whose best val
+    fine_tune_learning_rate_range: min,max fine-tune learning rate (log scale).
+    median_stop_epoch: from this fine-tune epoch on, stop a trial whose best val
       accuracy so far is below the median of the finished trials' at the same
       epoch (the median stopping rule; needs 2 finished trials, not used by
       hyperband); 0 runs every trial in full.
-    export: export the best model to TFLite after the search.
   """
 
   tuner: Tuner = Tuner.BAYESIAN
@@ -319,7 +329,6 @@ class SearchConfig:
   unfreeze_ratio_range: tuple[float, float] = (0.0, 0.5)
   fine_tune_learning_rate_range: tuple[float, float] = (1e-5, 1e-3)
   median_stop_epoch: int = 4
-  export: bool = True
 
   def __post_init__(self):
     _choices(self)
@@ -360,10 +369,11 @@ def _check_range(name: str, value: Sequence[Any] | str) -> tuple[float, float]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportOptions:
+class ExportConfig:
   """How to convert to TFLite, and how much accuracy the conversion may cost.
 
   Attributes:
+    export_best: export the search's best model after --mode=tune.
     quantization: int8 (full integer, calibrated), float16 (float16 weights), dynamic
       (int8 weights, float activations) or none.
     io_dtype: input and output type of the int8 model.
@@ -371,6 +381,7 @@ class ExportOptions:
     max_accuracy_drop: the largest allowed test accuracy drop, points.
   """
 
+  export_best: bool = True
   quantization: Quantization = Quantization.INT8
   io_dtype: IoDtype = IoDtype.UINT8
   calibration_examples: int = 300
@@ -438,10 +449,16 @@ class RunConfig:
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   search: SearchConfig = SearchConfig()
-  export: ExportOptions = ExportOptions()
+  export: ExportConfig = ExportConfig()
   predict: PredictConfig = PredictConfig()
   overwrite: bool = False
   plots: bool = True
+
+  def __post_init__(self):
+    spec = backbone_lib.get(self.train.backbone)
+    _require(self.data.image_size >= spec.min_image_size,
+             f"--image_size={self.data.image_size} is too small; {spec.title} needs "
+             f">= {spec.min_image_size}.")
 
   def to_json(self) -> dict[str, Any]:
     """Plain JSON values (enums as their strings), for reports and fingerprints."""
@@ -458,20 +475,25 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
+RENAMED = {
+    "cache": "pixel_cache",
+    "cache_views": "feature_cache_views",
+    "cache_cut_ratio": "feature_cache_cut_ratio",
+    "export": "export_best",
+}
+"""Settings under their older names -> their names now (flagfiles and run.json may hold
+the old ones; `flowers.cli` and `flowers.runs` read them). The old `seed` set the
+split too; it is now `DataConfig.split_seed` and `TrainConfig.seed`."""
 
 
-def attribute_docs(cls: type) -> dict[str, str]:
-  """Field name -> its text in the class docstring's `Attributes:` section."""
-  docs: dict[str, str] = {}
-  lines = (cls.__doc__ or "").split("Attributes:", 1)[-1].splitlines()
-  current = None
-  for line in lines:
-    match = re.match(r"^\s{4}(\w+): (.*)$", line)
-    if match:
-      current = match.group(1)
-      docs[current] = match.group(2).strip()
-    elif current and line.startswith(" " * 6) and line.strip():
-      docs[current] += " " + line.strip()
-    elif not line.strip():
-      current = None
-  return docs
+def field_paths(cls: type = RunConfig, path: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+  """Every settings field's name -> its path in `cls` (e.g. "dropout" -> ("train",
+  "dropout")); names are unique across the parts, so each is one flag."""
+  hints = typing.get_type_hints(cls)
+  found: dict[str, tuple[str, ...]] = {}
+  for field in dataclasses.fields(cls):
+    if dataclasses.is_dataclass(hints[field.name]):
+      found.update(field_paths(hints[field.name], path + (field.name,)))
+    else:
+      found[field.name] = path + (field.name,)
+  return found

@@ -24,7 +24,7 @@ import tensorflow as tf
 from flowers import artifacts
 from flowers import split as split_lib
 from flowers.config import DataConfig
-from flowers.config import PipelineCache
+from flowers.config import PixelCache
 from flowers.errors import UserError
 
 TFDS_SPLITS = ("train", "validation", "test")  # Listed first, in this order.
@@ -561,14 +561,14 @@ def _check_official_splits(source: Source) -> None:
                     f"{', '.join(sorted(have))}); use --split=64,16,20 instead.")
 
 
-# A pipeline cache's files: `<split>_<size>[_<digest>]` then `.index`, `.data-*`,
+# A pixel cache's files (--pixel_cache=disk): `<split>_<size>[_<digest>]` then `.index`, `.data-*`,
 # or a writer's `_<n>.lockfile` and temporaries.
-_PIPELINE_CACHE = re.compile(
+_PIXEL_CACHE = re.compile(
     r"^(?P<stem>(?P<split>train|val|test)_\d+(?:_[0-9a-f]{16})?)(?:_\d+)?(?:\..*)?$")
 
 
-def pipeline_cache(folder: str, split: str, keys: Sequence[str], image_size: int,
-                   source: Source) -> str:
+def pixel_cache_prefix(folder: str, split: str, keys: Sequence[str], image_size: int,
+                       source: Source) -> str:
   """The file cache prefix of one split in `folder`, keyed by what decides its bytes.
 
   The name is `<split>_<size>_<digest>`, the digest covering the split's keys,
@@ -587,38 +587,39 @@ def pipeline_cache(folder: str, split: str, keys: Sequence[str], image_size: int
   stem = f"{split}_{image_size}_{digest[:16]}"
   if os.path.isdir(folder):
     for file in os.listdir(folder):
-      match = _PIPELINE_CACHE.match(file)
+      match = _PIXEL_CACHE.match(file)
       if match and match["split"] == split and match["stem"] != stem:
         os.remove(os.path.join(folder, file))
   return os.path.join(folder, stem)
 
 
 def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None,
-                workdir: str | None = None) -> Splits:
+                workdir: str | None = None, shuffle_seed: int = 42) -> Splits:
   """Train/val/test datasets of (uint8 images, labels), stratified and seeded.
 
   Usable from any code: `flowers.load_splits(DataConfig(tfds_data_dir=...))`
-  gives the default oxford_flowers102 64/16/20 split. Train is shuffled (by
-  `data.seed`), val and test are in key order. With a `workdir`, its
-  `splits.csv` is reused (or written), and the disk cache lives there.
+  gives the default oxford_flowers102 64/16/20 split (seeded by
+  `data.split_seed`). Train is shuffled (by `shuffle_seed`, the training
+  seed), val and test are in key order. With a `workdir`, its `splits.csv` is
+  reused (or written), and the disk cache lives there.
   """
   if source is None:
     source = load_source(data)
-  spec = split_lib.parse_split(data.split, data.seed)
+  spec = split_lib.parse_split(data.split, data.split_seed)
   assignment = prepare_split(source, workdir, spec)
   if data.strict:
     check_decodable(source, [k for k in source.keys if k in assignment])
 
   def cache_for(name: str) -> str:
-    if data.cache is PipelineCache.DISK and workdir is not None:
-      return pipeline_cache(os.path.join(workdir, artifacts.CACHE_DIR), name,
+    if data.pixel_cache is PixelCache.DISK and workdir is not None:
+      return pixel_cache_prefix(os.path.join(workdir, artifacts.CACHE_DIR), name,
                             split_lib.keys_of(assignment, name), data.image_size, source)
-    return "none" if data.cache is PipelineCache.NONE else "memory"
+    return "none" if data.pixel_cache is PixelCache.NONE else "memory"
 
   datasets = {
       name: make_dataset(source, split_lib.keys_of(assignment, name),
                          image_size=data.image_size, batch_size=data.batch_size,
-                         shuffle=name == "train", seed=data.seed, cache=cache_for(name))
+                         shuffle=name == "train", seed=shuffle_seed, cache=cache_for(name))
       for name in split_lib.SPLITS
   }
   return Splits(datasets["train"], datasets["val"], datasets["test"],

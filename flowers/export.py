@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from flowers import artifacts
+from flowers import backbone as backbone_lib
 from flowers import data as data_lib
 from flowers import evaluate as evaluate_lib
 from flowers import lineage
@@ -46,7 +47,7 @@ from flowers import model as model_lib
 from flowers import runs
 from flowers import tflite_metadata
 from flowers.config import DataConfig
-from flowers.config import ExportOptions
+from flowers.config import ExportConfig
 from flowers.config import IoDtype
 from flowers.config import Quantization
 from flowers.config import RunConfig
@@ -54,7 +55,7 @@ from flowers.errors import UserError
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
-METADATA_AUTHOR = "flowers: MobileNetV2 transfer learning on TensorFlow"
+METADATA_AUTHOR = "flowers: {title} transfer learning on TensorFlow"  # The backbone's title.
 
 
 def _image_batches(images: Iterable[np.ndarray]) -> list[np.ndarray]:
@@ -68,7 +69,7 @@ def _image_batches(images: Iterable[np.ndarray]) -> list[np.ndarray]:
   return singles
 
 
-def convert(model: keras.Model, options: ExportOptions,
+def convert(model: keras.Model, options: ExportConfig,
             representative_images: Iterable[np.ndarray] | None = None) -> bytes:
   """Converts a `build_model` model to TFLite bytes.
 
@@ -119,7 +120,7 @@ def _frozen_graph_converter(inference: keras.Model,
   return converter
 
 
-def _set_quantization(converter: tf.lite.TFLiteConverter, options: ExportOptions,
+def _set_quantization(converter: tf.lite.TFLiteConverter, options: ExportConfig,
                       calibration: list[np.ndarray], input_dtype: type) -> None:
   """Sets the converter's optimizations for `options.quantization`.
 
@@ -166,22 +167,24 @@ def _run_quietly(converter: tf.lite.TFLiteConverter) -> bytes:
     logger.setLevel(level)
 
 
-def metadata_info(options: ExportOptions, source_name: str, num_classes: int,
-                  image_size: int) -> tflite_metadata.ModelInfo:
+def metadata_info(options: ExportConfig, source_name: str, num_classes: int,
+                  image_size: int, backbone: str = backbone_lib.DEFAULT
+                  ) -> tflite_metadata.ModelInfo:
   """What the `.tflite`'s metadata says about the model, for client apps."""
   from flowers import __version__  # pylint: disable=g-import-not-at-top
 
   # "tfds:oxford_flowers102" -> "oxford_flowers102"; an image folder -> its name.
   data = os.path.basename(source_name.split(":", 1)[-1].rstrip("/\\")) or source_name
+  title = backbone_lib.get(backbone).title
   return tflite_metadata.ModelInfo(
       name=f"flowers {data} classifier",
       description=(
-          f"MobileNetV2 fine-tuned by flowers on {data}: {num_classes} classes, "
+          f"{title} fine-tuned by flowers on {data}: {num_classes} classes, "
           f"{options.quantization.value} TFLite. Input: the whole photo resized "
           f"(squashed, not cropped) to {image_size}x{image_size} RGB, pixels 0..255. "
           "Output: the probability of each class."),
       version=__version__,
-      author=METADATA_AUTHOR)
+      author=METADATA_AUTHOR.format(title=title))
 
 
 def check_model_path(path: str) -> None:
@@ -222,7 +225,7 @@ def _details(interpreter) -> tuple[dict, dict]:
 
 
 def check_interface(path: str, image_size: int, num_classes: int,
-                    options: ExportOptions) -> dict:
+                    options: ExportConfig) -> dict:
   """Loads `path` with LiteRT and checks its input and output; returns them.
 
   Raises `UserError` if the dtypes or shapes are not the ones `options` asks
@@ -406,24 +409,25 @@ def _load_test_data(subject: _Subject, workdir: str,
 
 
 def _convert_with_metadata(subject: _Subject, test: _TestData,
-                           options: ExportOptions) -> _Converted:
+                           options: ExportConfig) -> _Converted:
   """The converted model with its metadata (class names, description) inside.
 
   int8 calibrates on a seeded choice of un-augmented train images
   (`data.calibration_images`), so a rerun calibrates on the same images.
   """
   calibration = (data_lib.calibration_images(test.splits, options.calibration_examples,
-                                             subject.data.seed, subject.image_size)
+                                             subject.data.split_seed, subject.image_size)
                  if options.is_int8 else None)
   tflite_model = tflite_metadata.add_metadata(
       convert(subject.model, options, calibration),
-      metadata_info(options, test.source.name, len(test.class_names), subject.image_size),
+      metadata_info(options, test.source.name, len(test.class_names), subject.image_size,
+                    model_lib.backbone_of(subject.model).name),
       test.class_names)
   return _Converted(tflite_model, int(sum(len(b) for b in calibration or [])))
 
 
 def _verify(path: str, subject: _Subject, test: _TestData,
-            options: ExportOptions) -> tuple[dict, list[str]]:
+            options: ExportConfig) -> tuple[dict, list[str]]:
   """Checks the `.tflite` at `path` and scores it against the Keras model.
 
   Raises if its interface is not the one `options` asks for, or if its
@@ -471,7 +475,7 @@ def _score(path: str, subject: _Subject, test: _TestData) -> dict:
   return report
 
 
-def _within_budget(accuracy_drop_points: float, options: ExportOptions) -> bool:
+def _within_budget(accuracy_drop_points: float, options: ExportConfig) -> bool:
   """Whether the test accuracy lost is at most `--max_accuracy_drop` points.
 
   The slack keeps a drop equal to the budget, rounded by `compare`, within it.
@@ -480,7 +484,7 @@ def _within_budget(accuracy_drop_points: float, options: ExportOptions) -> bool:
 
 
 def _describe(final_path: str, subject: _Subject, test: _TestData, converted: _Converted,
-              metadata_labels: list[str], options: ExportOptions) -> dict:
+              metadata_labels: list[str], options: ExportConfig) -> dict:
   """What the report says about the export besides its figures: what, from what, how."""
   return {
       "path": final_path,
@@ -500,7 +504,7 @@ def _describe(final_path: str, subject: _Subject, test: _TestData, converted: _C
       "metadata_labels": len(metadata_labels),
       "source": test.source.name,
       "split": subject.data.split,
-      "seed": subject.data.seed,
+      "split_seed": subject.data.split_seed,
   }
 
 
@@ -511,7 +515,7 @@ def _write_report(workdir: str, report: dict, subject: _Subject) -> None:
                  run=subject.run)
 
 
-def _refuse_over_budget(workdir: str, report: dict, options: ExportOptions) -> NoReturn:
+def _refuse_over_budget(workdir: str, report: dict, options: ExportConfig) -> NoReturn:
   """Raises the one-line refusal of an export that loses too much accuracy.
 
   An older export of the same name would now pass for this model's: it is
@@ -532,7 +536,7 @@ def _refuse_over_budget(workdir: str, report: dict, options: ExportOptions) -> N
 
 
 def _write_labels(workdir: str, subject: _Subject, test: _TestData,
-                  options: ExportOptions) -> None:
+                  options: ExportConfig) -> None:
   """`labels.txt` beside the export, and the records of the three files it wrote.
 
   Runs after the `.tflite` reached its final path, so the records describe
@@ -543,7 +547,7 @@ def _write_labels(workdir: str, subject: _Subject, test: _TestData,
                  mode="export", model=subject.sha, run=subject.run)
 
 
-def _print_result(report: dict, options: ExportOptions) -> None:
+def _print_result(report: dict, options: ExportConfig) -> None:
   """The one-line summary of a written export."""
   print(f"{options.file_name}: {report['size_bytes'] / 1e6:.2f} MB, test_accuracy="
         f"{report['tflite_test_accuracy']:.4f} (float {report['float_test_accuracy']:.4f}, "

@@ -231,8 +231,8 @@ def make_inputs(model: keras.Model, splits: data_lib.Splits, config: RunConfig,
       splits.source, splits.keys(name), image_size=config.data.image_size,
       batch_size=64, shuffle=False, cache="none") for name in ("train", "val")}
   cache = prefix_cache.PrefixCache.build(
-      model, cut, ordered["train"], ordered["val"], views=config.train.cache_views,
-      seed=config.data.seed, cache_dir=os.path.join(workdir, artifacts.CACHE_DIR),
+      model, cut, ordered["train"], ordered["val"], views=config.train.feature_cache_views,
+      seed=config.train.seed, cache_dir=os.path.join(workdir, artifacts.CACHE_DIR),
       split_keys={n: splits.keys(n) for n in ("train", "val")},
       key=cache_key(splits, config), verbose=config.train.verbose)
   return CachedInputs(cache, len(splits.class_names), config.data.batch_size)

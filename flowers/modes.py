@@ -32,11 +32,12 @@ def prepare(config: RunConfig, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   data = config.data
   source = data_lib.load_source(data)
-  spec = split_lib.parse_split(data.split, data.seed)
+  spec = split_lib.parse_split(data.split, data.split_seed)
   assignment = data_lib.prepare_split(source, workdir, spec)
   summary = split_lib.summarize(assignment, source.label_of(), source.num_classes)
   print(f"{source.name}: {len(assignment)} images, {source.num_classes} classes, "
-        f"split {data.split} (seed {data.seed}) -> {os.path.join(workdir, artifacts.SPLITS)}")
+        f"split {data.split} (split seed {data.split_seed}) -> "
+        f"{os.path.join(workdir, artifacts.SPLITS)}")
   print(f"{'split':<6} {'images':>7} {'classes':>8} {'smallest':>9} {'largest':>8}")
   for name, s in summary.items():
     print(f"{name:<6} {s.images:>7} {s.classes:>8} {s.smallest_class:>9} {s.largest_class:>8}")
@@ -120,7 +121,7 @@ def evaluate(config: RunConfig, workdir: str) -> dict:
     report["num_skipped_images"]["listing"] = len(listed)
   model_sha = lineage.model_sha256(path)
   report.update({"model": os.path.abspath(path), "source": splits.source.name,
-                 "split": data.split, "seed": data.seed})
+                 "split": data.split, "split_seed": data.split_seed})
   name = artifacts.evaluation_report(path)
   out = os.path.join(workdir, name)
   artifacts.write_json(out, report)
@@ -212,7 +213,7 @@ def tune(config: RunConfig, workdir: str) -> dict:
     _print_finished(report, workdir)
     return report
   lineage.record(workdir, [artifacts.TRIALS, artifacts.BEST_HPARAMS], mode="tune", model=None)
-  if config.search.export:
+  if config.export.export_best:
     from flowers import export as export_lib  # pylint: disable=g-import-not-at-top
 
     export_lib.export_from_workdir(config, workdir, os.path.join(workdir, artifacts.MODEL),

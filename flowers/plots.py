@@ -129,8 +129,8 @@ def concat_history(history: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], i
   A metric missing from one stage is NaN there. A flat {metric: [...]} history
   (no stages) counts as stage 1.
   """
-  if "stage1" in history or "stage2" in history:
-    stages = [history.get("stage1") or {}, history.get("stage2") or {}]
+  if "frozen" in history or "fine_tune" in history:
+    stages = [history.get("frozen") or {}, history.get("fine_tune") or {}]
   else:
     stages = [history, {}]
   lengths = [max((len(v) for v in s.values()), default=0) for s in stages]
@@ -439,13 +439,14 @@ def draw_augmented_samples(workdir: str, source: Source, config: RunConfig,
   from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
   from flowers import augment  # pylint: disable=g-import-not-at-top
 
-  seed = config.data.seed
+  seed = config.train.seed
   manifest = os.path.join(workdir, artifacts.SPLITS)
   if os.path.exists(manifest):
     assignment, _ = split_lib.read_manifest(manifest)
   else:
     assignment = data_lib.prepare_split(source, None,
-                                        split_lib.parse_split(config.data.split, seed))
+                                        split_lib.parse_split(config.data.split,
+                                                              config.data.split_seed))
   label_of = source.label_of()
   keys = sample_keys([k for k in split_lib.keys_of(assignment, "train") if k in label_of],
                      label_of, count, seed)
@@ -475,7 +476,7 @@ def _augmentation_title(config: RunConfig) -> str:
           ("shift", a.translation), ("contrast", a.contrast),
           ("crop area >=", a.crop_area)) if value]
   return (f"Augmented training samples ({', '.join(parts) or 'none'}; "
-          f"seed {config.data.seed}, {config.data.image_size} px)")
+          f"seed {config.train.seed}, {config.data.image_size} px)")
 
 
 def plot_image_grid(images: np.ndarray, titles: Sequence[str], path: str, title: str,

@@ -24,6 +24,7 @@ import shutil
 from typing import Any
 
 from flowers import artifacts
+from flowers import cli
 from flowers import config as config_lib
 from flowers import lineage
 from flowers.errors import UserError
@@ -32,9 +33,9 @@ from flowers.errors import UserError
 _NOT_RESULTS = {
     # Where the data lives, whether to fetch it, how a bad image is handled (a --strict
     # run that passes computes what a lenient one does), how the pipeline caches.
-    "data": ("image_dir", "tfds_data_dir", "download", "strict", "cache", "split"),
+    "data": ("image_dir", "tfds_data_dir", "download", "strict", "pixel_cache", "split"),
     "train": ("verbose",),
-    "search": ("max_trials", "export"),  # A search may be extended.
+    "search": ("max_trials",),  # A search may be extended.
 }
 # Where a run's data lives: recorded in run.json for the modes that come after (evaluate,
 # export), never compared (a moved image folder or TFDS copy is the same data).
@@ -42,9 +43,9 @@ _LOCATION = ("image_dir", "tfds_data_dir", "download")
 # ... and how its split was spelled (the fingerprint holds the fractions it means).
 # What a train or tune run leaves to resume from, and what it derives; --overwrite deletes
 # all of it (with every file lineage.json lists).
-_RUN_FILES = (artifacts.STAGE1_WEIGHTS, artifacts.STAGE2_WEIGHTS, artifacts.BACKUP_DIR,
+_RUN_FILES = (artifacts.FROZEN_WEIGHTS, artifacts.FINE_TUNE_WEIGHTS, artifacts.BACKUP_DIR,
               artifacts.LOGS_DIR,
-              artifacts.stage_history("stage1"), artifacts.stage_history("stage2"),
+              artifacts.stage_history("frozen"), artifacts.stage_history("fine_tune"),
               artifacts.MODEL, artifacts.REPORT, artifacts.HISTORY, artifacts.LABELS,
               artifacts.TRIALS, artifacts.BEST_HPARAMS, artifacts.EXPORT_REPORT,
               artifacts.SUMMARY, artifacts.PLOTS_DIR, artifacts.TUNER_DIR, artifacts.SPLITS,
@@ -62,7 +63,7 @@ def weights_identity(weights: str | None) -> str:
   if weights == "imagenet":
     return weights
   if not os.path.isfile(weights):
-    raise UserError(f"--weights={weights} is not a file; give the path of a MobileNetV2 "
+    raise UserError(f"--weights={weights} is not a file; give the path of the backbone's "
                     "no-top .h5, or 'imagenet' to download.")
   return "sha256:" + file_sha256(weights)
 
@@ -122,9 +123,9 @@ def fingerprint(config: config_lib.RunConfig, mode: str, *, source: Any,
           for part in ("data", "train") + (("search",) if mode == "tune" else ())}
   if mode == "tune":
     kept["train"] = {k: v for k, v in kept["train"].items() if k not in config_lib.HPARAMS}
-  kept["data"]["split"] = split_identity(config.data.split, config.data.seed)
+  kept["data"]["split"] = split_identity(config.data.split, config.data.split_seed)
   if not feature_cache:  # The cached path reads its own sampler, not the shuffled pipeline.
-    kept["data"]["shuffle_buffer"] = ("whole split" if config.data.cache.value == "memory"
+    kept["data"]["shuffle_buffer"] = ("whole split" if config.data.pixel_cache.value == "memory"
                                       else "bounded")
   kept["train"]["feature_cache"] = "on" if feature_cache else "off"  # auto, resolved.
   kept["train"]["weights"] = weights_identity(config.train.weights)
@@ -189,11 +190,41 @@ def _refuse_other_settings(workdir: str, old: dict[str, Any], new: dict[str, Any
 
 
 def read_run(workdir: str) -> dict[str, Any] | None:
-  """The workdir's run.json, or None; a damaged one is a one-line error."""
+  """The workdir's run.json (settings under their current names), or None; a damaged
+  one is a one-line error."""
+  raw = _read_raw(workdir)
+  return None if raw is None else upgrade(raw)
+
+
+def _read_raw(workdir: str) -> dict[str, Any] | None:
   path = os.path.join(workdir, artifacts.RUN)
   if not os.path.exists(path):
     return None
   return artifacts.read_json(path, fix="add --overwrite to start afresh")
+
+
+def upgrade(run: dict[str, Any]) -> dict[str, Any]:
+  """A run.json of an older flowers with its settings under their current names.
+
+  Renamed settings (`config.RENAMED`) move to their new name and part; the
+  one seed that set the split and the training becomes `data.split_seed` and
+  `train.seed`. A run recorded before a setting existed had its default.
+  """
+  run = json.loads(json.dumps(run))  # A copy.
+  paths = config_lib.field_paths()
+  for part in [p for p in ("data", "train", "search", "export") if isinstance(run.get(p), dict)]:
+    for old in [k for k in run[part] if k in config_lib.RENAMED]:
+      new_part, new_name = paths[config_lib.RENAMED[old]]
+      run.setdefault(new_part, {})[new_name] = run[part].pop(old)
+  data, train = run.get("data"), run.get("train")
+  if isinstance(data, dict) and "seed" in data:
+    seed = data.pop("seed")
+    data.setdefault("split_seed", seed)
+    if isinstance(train, dict):
+      train.setdefault("seed", seed)
+  if isinstance(train, dict):
+    train.setdefault("backbone", "mobilenet_v2")  # The only one there was.
+  return run
 
 
 def begin(config: config_lib.RunConfig, workdir: str, mode: str, source: Any, *,
@@ -207,16 +238,22 @@ def begin(config: config_lib.RunConfig, workdir: str, mode: str, source: Any, *,
   """
   new = run_fingerprint(config, workdir, mode, source, feature_cache)
   old = read_run(workdir)
+  recorded = new
   if old is not None:
     _refuse_other_settings(workdir, old, new)
+    # The same run: its record stays as written (an older flowers' names too), so the
+    # run id every lineage record names stays the same.
+    recorded = {k: v for k, v in _read_raw(workdir).items() if k != "location"}
   if chief:
     artifacts.remove_orphaned_temporaries(workdir)
+    if old is not None:
+      artifacts.rename_legacy_stage_files(workdir)
     _write_if_changed(os.path.join(workdir, artifacts.RUN),
-                      json.dumps({**new, "location": location(config)}, indent=2,
+                      json.dumps({**recorded, "location": location(config)}, indent=2,
                                  sort_keys=True) + "\n")
     _write_if_changed(os.path.join(workdir, artifacts.FLAGS),
                       "\n".join([f"--mode={mode}", f"--workdir={workdir}"]
-                                 + as_flags(config)) + "\n")
+                                 + cli.as_flags(config)) + "\n")
   return new
 
 
@@ -250,7 +287,7 @@ def finished(config: config_lib.RunConfig, workdir: str, mode: str, source: Any,
   if mode == "tune":
     if report.get("max_trials", 0) < config.search.max_trials:
       return None
-    if config.search.export and lineage.check(workdir, config.export.file_name,
+    if config.export.export_best and lineage.check(workdir, config.export.file_name,
                                               model=model) is not None:
       return None
   return report
@@ -301,7 +338,7 @@ def data_of_run(run: dict[str, Any], data: config_lib.DataConfig) -> config_lib.
   if "tfds_name" in made:
     kept["tfds_name"] = made["tfds_name"]
   return dataclasses.replace(data, split=where.get("split", data.split),
-                             seed=made.get("seed", data.seed), **kept)
+                             split_seed=made.get("split_seed", data.split_seed), **kept)
 
 
 def same_folder(a: str, b: str) -> bool:
@@ -354,28 +391,3 @@ def start_afresh(workdir: str) -> None:
       os.remove(path)
   artifacts.remove_orphaned_temporaries(workdir)
 
-
-_ONE_SHOT = ("overwrite",)  # Actions, not settings: never recorded in flags.cfg.
-
-
-def as_flags(config: Any) -> list[str]:
-  """`config` as `flowers_main` flags, one per settings field (unset ones and one-shot
-  actions such as --overwrite left out), so a run's flags.cfg resumes it."""
-  lines = []
-  for field in dataclasses.fields(config):
-    if field.name in _ONE_SHOT:
-      continue
-    value = getattr(config, field.name)
-    if dataclasses.is_dataclass(value):
-      lines += as_flags(value)
-    elif isinstance(value, bool):
-      lines.append(f"--{'' if value else 'no'}{field.name}")
-    elif isinstance(value, tuple):
-      items = (f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-      lines.append(f"--{field.name}={','.join(items)}")
-    elif value is None:
-      if field.name == "weights":
-        lines.append("--weights=none")
-    else:
-      lines.append(f"--{field.name}={value}")
-  return lines

@@ -69,7 +69,7 @@ class BestHparams(Hyperparameters):
   repeats the trial exactly.
   """
 
-  cache_cut_ratio: float  # The unfreeze ratio every trial's frozen-prefix cache was cut for.
+  feature_cache_cut_ratio: float  # The unfreeze ratio every trial's feature cache was cut for.
 
 
 # report.json
@@ -83,7 +83,8 @@ class _RunReport(TestMetrics, ValMetrics):
   val_accuracy_before_int8_grid: NotRequired[float]
   source: str  # The source's name: "tfds:<dataset>", or the image folder's path.
   split: str  # --split as given ("64,16,20", "official").
-  seed: int  # The run's seed (split, initialization, augmentation, shuffling).
+  split_seed: int  # The seed of the run's split.
+  seed: int  # The run's training seed (initialization, augmentation, shuffling, search).
   num_train_examples: int  # Training images the stages saw (less the skipped ones).
   num_skipped_images: SkippedImages
   feature_cache: bool  # Whether the stages trained on the frozen-prefix cache.
@@ -139,7 +140,7 @@ class EvaluationReport(TestMetrics):
   model: str  # Absolute path of the evaluated .keras or .tflite.
   source: str  # The source's name: "tfds:<dataset>", or the image folder's path.
   split: str  # --split of the model's run.
-  seed: int  # The seed of the model's run (which decides its split).
+  split_seed: int  # The split seed of the model's run.
 
 
 # export_report.json
@@ -193,7 +194,7 @@ class ExportReport(ExportComparison, TfliteInterface):
   metadata_labels: int  # Labels read back from that metadata.
   source: str  # The source's name: "tfds:<dataset>", or the image folder's path.
   split: str  # --split of the model's run.
-  seed: int  # The seed of the model's run (which decides its split).
+  split_seed: int  # The split seed of the model's run.
   export_seconds: float  # Wall time of the export, to 0.1 s.
 
 
@@ -213,16 +214,16 @@ class TrialResult(TypedDict):
 
   Written by `tune.TwoStageHyperModel.fit`; read by `tune.trial_rows`
   (trials.csv's tuner_id and median_stop) and, for being there,
-  `tune.finished_stage2_curves`.
+  `tune.finished_fine_tune_curves`.
   """
 
   trial_id: str  # KerasTuner's trial id.
   tuner_id: str  # KERASTUNER_TUNER_ID of the process that ran it ("tuner0" alone).
   hyperparameters: Hyperparameters
-  cache_cut_ratio: float  # The unfreeze ratio the search's frozen-prefix cache was cut for.
+  feature_cache_cut_ratio: float  # The unfreeze ratio the search's frozen-prefix cache was cut for.
   val_accuracy: float  # The objective: val accuracy after the int8-grid rounding.
   seconds: float  # Wall time of the trial's stages and scoring, to 0.01 s.
-  stage2_epochs: list[int]  # [first epoch, epochs]: Hyperband's budget, else [0, fine_tune].
+  fine_tune_until: list[int]  # [first epoch, epochs]: Hyperband's budget, else [0, fine_tune].
   continues_trial: str | None  # The Hyperband trial it continued, else None.
   median_stop: MedianStop | None  # None when it ran in full.
 
@@ -241,8 +242,8 @@ class History(TypedDict):
   is {}.
   """
 
-  stage1: StageHistory  # The frozen base: only the head trains.
-  stage2: StageHistory  # Fine-tuning: the top of the base unfrozen.
+  frozen: StageHistory  # The frozen base: only the head trains.
+  fine_tune: StageHistory  # Fine-tuning: the top of the base unfrozen.
 
 
 # run.json

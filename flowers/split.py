@@ -207,7 +207,7 @@ def load_or_create(workdir: str, keys: Sequence[str], labels: Sequence[int],
     existing, existing_labels = read_manifest(path)
     if existing != wanted or existing_labels != label_of:
       raise UserError(
-          f"{path} was made with another --split, --seed or data source; use the "
+          f"{path} was made with another --split, --split_seed or data source; use the "
           "same flags as before, or a fresh --workdir.")
     return existing
   write_manifest(path, wanted, label_of)

@@ -201,7 +201,7 @@ def _data_section(report: Mapping[str, Any],
                   plots: Mapping[str, str]) -> list[str]:
   """Where the images came from, the split's sizes and the class distribution."""
   paragraphs = []
-  facts = [f"{k}: {_fmt(report[k])}" for k in ("source", "split", "seed")
+  facts = [f"{k}: {_fmt(report[k])}" for k in ("source", "split", "split_seed", "seed")
            if report.get(k) is not None]
   if facts:
     paragraphs.append("; ".join(facts) + ".")
@@ -459,7 +459,8 @@ def _collect(workdir: str) -> _Inputs:
   files = _CurrentFiles(workdir)
   report = _read_report(files)
   history_found = files.usable(artifacts.HISTORY)
-  history = artifacts.read_json(files.path(artifacts.HISTORY)) if history_found else None
+  history = (artifacts.upgrade_history(artifacts.read_json(files.path(artifacts.HISTORY)))
+             if history_found else None)
   split = _read_split(workdir, report["class_names"])
   export_report = files.read_json(artifacts.EXPORT_REPORT)
   trials = (plots_lib.read_trials(files.path(artifacts.TRIALS))

@@ -11,7 +11,7 @@ seeds. Each stage resumes after an interruption, at the epoch after the last
 finished one, as if never stopped: `StageState` keeps all the next epoch
 depends on (weights, optimizer, random seeds, early stopping, the data's
 position). A finished stage is never run again: its final weights are kept in
-the run folder (`stage1.weights.h5`, `stage2.weights.h5`).
+the run folder (`frozen.weights.h5`, `fine_tune.weights.h5`).
 
 The stages read their data from `flowers.inputs` (`Inputs.stage`): the plain
 tf.data pipeline or the frozen-prefix cache, the model's weights being the
@@ -49,7 +49,7 @@ from flowers.config import RunConfig
 from flowers.config import TrainConfig
 from flowers.errors import UserError
 
-STAGES = ("stage1", "stage2")
+STAGES = ("frozen", "fine_tune")
 
 
 
@@ -163,9 +163,9 @@ def read_history(run_dir: str, stage: str) -> dict[str, list[float]]:
 
 
 def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfig,
-               run_dir: str, *, seed: int, run_stage1: bool = True,
-               stage2_epochs: int | None = None, initial_epoch: int = 0,
-               stage2_callbacks: Sequence[keras.callbacks.Callback] = ()) -> inputs_lib.Stage:
+               run_dir: str, *, seed: int, run_frozen_stage: bool = True,
+               fine_tune_until: int | None = None, initial_epoch: int = 0,
+               fine_tune_callbacks: Sequence[keras.callbacks.Callback] = ()) -> inputs_lib.Stage:
   """Trains `model` in place: stage 1 (frozen base), then stage 2 (top unfrozen).
 
   Resumable: a stage interrupted in `run_dir` goes on from its last finished
@@ -178,12 +178,12 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
     config: the training settings (a tune trial's hyperparameters included).
     run_dir: this run's folder: the stages' weights and states, CSV history, logs.
     seed: seeds Python, NumPy, TensorFlow and the cached-view sampling.
-    run_stage1: False to start stage 2 from the weights `model` holds (a
+    run_frozen_stage: False to start stage 2 from the weights `model` holds (a
       Hyperband trial continuing an earlier one).
-    stage2_epochs: train stage 2 up to this epoch (Hyperband's budget); its
+    fine_tune_until: train stage 2 up to this epoch (Hyperband's budget); its
       schedule still spans `config.fine_tune_epochs`.
     initial_epoch: the stage 2 epoch to start from (Hyperband).
-    stage2_callbacks: more callbacks for stage 2 (a tune trial's median
+    fine_tune_callbacks: more callbacks for stage 2 (a tune trial's median
       stopping rule), after the usual ones.
 
   Returns:
@@ -193,13 +193,13 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
   os.makedirs(run_dir, exist_ok=True)
   model_lib.freeze_base(model)
   run = _StageRun(model, inputs, config, run_dir, seed)
-  stage, stage1_loaded = None, False
-  if not _stage2_finished(run, run_stage1):
-    stage, stage1_loaded = _stage1(run, train=run_stage1)
+  stage, frozen_loaded = None, False
+  if not _fine_tune_finished(run, run_frozen_stage):
+    stage, frozen_loaded = _frozen_stage(run, train=run_frozen_stage)
   if not config.fine_tunes:
     return stage
-  epochs = config.fine_tune_epochs if stage2_epochs is None else stage2_epochs
-  return _stage2(run, epochs, initial_epoch, stage2_callbacks, carry_on=stage1_loaded)
+  epochs = config.fine_tune_epochs if fine_tune_until is None else fine_tune_until
+  return _fine_tune_stage(run, epochs, initial_epoch, fine_tune_callbacks, carry_on=frozen_loaded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,41 +221,41 @@ class _StageRun:
     return _done_path(self.run_dir, name)
 
 
-def _stage2_finished(run: _StageRun, run_stage1: bool) -> bool:
+def _fine_tune_finished(run: _StageRun, run_frozen_stage: bool) -> bool:
   """Whether an earlier process finished stage 2 on this run's stage 1.
 
   A stage 2 finished on a stage 1 that is gone is no finished stage 2.
   """
-  return run.config.fine_tunes and os.path.exists(run.done("stage2")) and (
-      not run_stage1 or os.path.exists(run.done("stage1")))
+  return run.config.fine_tunes and os.path.exists(run.done("fine_tune")) and (
+      not run_frozen_stage or os.path.exists(run.done("frozen")))
 
 
-def _stage1(run: _StageRun, train: bool) -> tuple[inputs_lib.Stage | None, bool]:
+def _frozen_stage(run: _StageRun, train: bool) -> tuple[inputs_lib.Stage | None, bool]:
   """Stage 1: loaded when an earlier process finished it, else compiled and
   (when `train`) fitted and marked finished.
 
   Returns the stage (None when loaded for a stage 2 to follow) and whether it
   was loaded.
   """
-  config, done = run.config, run.done("stage1")
+  config, done = run.config, run.done("frozen")
   if train and os.path.exists(done):
     run.model.load_weights(done)
     logging.info("Stage 1 already finished; loaded %s.", done)
     stage = None
     if not config.fine_tunes:
       stage = run.stage(1)
-      _restore_finished(run.run_dir, "stage1", stage)
+      _restore_finished(run.run_dir, "frozen", stage)
     return stage, True
   stage = run.stage(1)
   compile_model(stage.model, config, config.learning_rate, stage.steps * config.epochs)
   if train:
-    _fit(stage, config.epochs, 0, run.run_dir, "stage1", config)
-    _finish(run.run_dir, "stage1", run.model)
-    _forget(run.run_dir, "stage2")  # Whatever is there was not made on this stage 1.
+    _fit(stage, config.epochs, 0, run.run_dir, "frozen", config)
+    _finish(run.run_dir, "frozen", run.model)
+    _forget(run.run_dir, "fine_tune")  # Whatever is there was not made on this stage 1.
   return stage, False
 
 
-def _stage2(run: _StageRun, epochs: int, initial_epoch: int,
+def _fine_tune_stage(run: _StageRun, epochs: int, initial_epoch: int,
             callbacks: Sequence[keras.callbacks.Callback], carry_on: bool) -> inputs_lib.Stage:
   """Stage 2 up to `epochs`: loaded when an earlier process finished it, else fitted.
 
@@ -263,27 +263,27 @@ def _stage2(run: _StageRun, epochs: int, initial_epoch: int,
   data position it left. A budget short of `fine_tune_epochs` (Hyperband's)
   does not mark the stage finished.
   """
-  model, config, done = run.model, run.config, run.done("stage2")
+  model, config, done = run.model, run.config, run.done("fine_tune")
   model_lib.unfreeze(model, config.unfreeze_ratio)
   stage = run.stage(2)
   if os.path.exists(done):
     model.load_weights(done)
     logging.info("Stage 2 already finished; loaded %s.", done)
-    _restore_finished(run.run_dir, "stage2", stage)
+    _restore_finished(run.run_dir, "fine_tune", stage)
     return stage
   if carry_on:
-    _restore_finished(run.run_dir, "stage1", stage)
-  compile_model(stage.model, config, config.stage2_learning_rate,
+    _restore_finished(run.run_dir, "frozen", stage)
+  compile_model(stage.model, config, config.fine_tune_rate,
                 stage.steps * config.fine_tune_epochs)
-  _fit(stage, epochs, initial_epoch, run.run_dir, "stage2", config, callbacks)
+  _fit(stage, epochs, initial_epoch, run.run_dir, "fine_tune", config, callbacks)
   if epochs >= config.fine_tune_epochs:
-    _finish(run.run_dir, "stage2", model)
+    _finish(run.run_dir, "fine_tune", model)
   return stage
 
 
 def _done_path(run_dir: str, name: str) -> str:
-  return os.path.join(run_dir, artifacts.STAGE1_WEIGHTS if name == "stage1"
-                      else artifacts.STAGE2_WEIGHTS)
+  return os.path.join(run_dir, artifacts.FROZEN_WEIGHTS if name == "frozen"
+                      else artifacts.FINE_TUNE_WEIGHTS)
 
 
 def _state_path(run_dir: str, name: str) -> str:
@@ -497,11 +497,12 @@ def new_model(config: RunConfig, num_classes: int, *, random_base: bool = False)
   it read once into each trial's model).
   """
   t = config.train
-  keras.utils.set_random_seed(config.data.seed)
+  keras.utils.set_random_seed(config.train.seed)
   return model_lib.build_model(
       num_classes, image_size=config.data.image_size, dropout=t.dropout,
       weights=None if random_base else t.weights, augment=t.augment,
-      augmentation=t.augmentation, alpha=t.alpha, seed=config.data.seed)
+      augmentation=t.augmentation, alpha=t.alpha, seed=config.train.seed,
+      backbone=t.backbone)
 
 
 def round_for_int8(model: keras.Model, config: RunConfig,
@@ -522,7 +523,7 @@ def calibration_images(config: RunConfig, splits: data_lib.Splits) -> list[np.nd
   if not config.train.int8_grid_weights:
     return []
   return data_lib.calibration_images(splits, config.export.calibration_examples,
-                                     config.data.seed, config.data.image_size)
+                                     config.data.split_seed, config.data.image_size)
 
 
 def save_model(model: keras.Model, path: str) -> None:
@@ -619,7 +620,8 @@ def _run_facts(splits: data_lib.Splits, config: RunConfig,
   return {
       "source": splits.source.name,
       "split": config.data.split,
-      "seed": config.data.seed,
+      "split_seed": config.data.split_seed,
+      "seed": config.train.seed,
       "num_train_examples": len(splits.keys("train")) - skipped.get("train", 0),
       "num_skipped_images": skipped,
       "feature_cache": inputs_lib.uses_feature_cache(config.train),
@@ -645,8 +647,9 @@ def load_splits_seeded(config: RunConfig, source: data_lib.Source,
   """`data.load_splits` with every seed set first, so the training shuffle order
   is the same whatever ran before in this process (tf.data combines its own
   seed with TensorFlow's global one)."""
-  keras.utils.set_random_seed(config.data.seed)
-  return data_lib.load_splits(config.data, source=source, workdir=workdir)
+  keras.utils.set_random_seed(config.train.seed)
+  return data_lib.load_splits(config.data, source=source, workdir=workdir,
+                              shuffle_seed=config.train.seed)
 
 
 def train_and_evaluate(config: RunConfig, workdir: str,
@@ -677,8 +680,8 @@ def train_and_evaluate(config: RunConfig, workdir: str,
   num_classes = len(splits.class_names)
   with strategy.scope():
     model = new_model(config, num_classes)
-    inputs = inputs_lib.make_inputs(model, splits, config, workdir, config.train.cache_cut)
-    fit_stages(model, inputs, config.train, workdir, seed=config.data.seed)
+    inputs = inputs_lib.make_inputs(model, splits, config, workdir, config.train.feature_cache_cut)
+    fit_stages(model, inputs, config.train, workdir, seed=config.train.seed)
   if not chief:
     return {"is_chief": False}
   return save_run(model, splits, config, workdir, workdir,

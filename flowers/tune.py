@@ -12,7 +12,7 @@ frozen-prefix cache cut for the *largest* unfreeze ratio of the space, with the
 pooled base features stage 1 trains on (`inputs.CachedInputs`). A trial with a
 smaller ratio trains on the same cache, the layers between the cache's cut and
 its own cut kept frozen. That cut is part of the trial's settings
-(`cache_cut_ratio`, written to `best_hparams.json`), so `--mode=train` with the
+(`feature_cache_cut_ratio`, written to `best_hparams.json`), so `--mode=train` with the
 best trial's values computes exactly what the trial did.
 
 A trial that trails the others stops early (the median stopping rule of
@@ -144,7 +144,7 @@ class MedianStopping(keras.callbacks.Callback):
     current = (logs or {}).get("val_accuracy")
     if current is None or epoch + 1 < self.start_epoch:
       return
-    earlier = train_lib.read_history(self.run_dir, "stage2").get("val_accuracy", [])[:epoch]
+    earlier = train_lib.read_history(self.run_dir, "fine_tune").get("val_accuracy", [])[:epoch]
     best = max([float(current), *earlier])
     median = trailed_median(best, epoch, self.finished)
     if median is not None:
@@ -185,7 +185,7 @@ def replay_median_stopping(val_curves: Sequence[Sequence[float]],
   return stops
 
 
-def finished_stage2_curves(project_dir: str, exclude: str | None = None) -> list[list[float]]:
+def finished_fine_tune_curves(project_dir: str, exclude: str | None = None) -> list[list[float]]:
   """Each finished trial's best-so-far stage 2 val accuracy, per epoch."""
   curves = []
   for name in sorted(os.listdir(project_dir)) if os.path.isdir(project_dir) else []:
@@ -193,7 +193,7 @@ def finished_stage2_curves(project_dir: str, exclude: str | None = None) -> list
     if (not name.startswith("trial_") or name == exclude
         or not os.path.exists(os.path.join(trial_dir, artifacts.TRIAL_RESULT))):
       continue
-    val = train_lib.read_history(trial_dir, "stage2").get("val_accuracy", [])
+    val = train_lib.read_history(trial_dir, "fine_tune").get("val_accuracy", [])
     if val:
       curves.append(np.maximum.accumulate(val).tolist())
   return curves
@@ -210,7 +210,7 @@ class TrialRun:
     values: its hyperparameters (HPARAMS).
     parent: the trial a Hyperband trial continues (from its weights and
       histories, so it skips stage 1); None (or empty) otherwise.
-    stage2_epochs: Hyperband's budget, stage 2 up to this epoch; None: all.
+    fine_tune_until: Hyperband's budget, stage 2 up to this epoch; None: all.
     initial_epoch: the stage 2 epoch it starts from (Hyperband).
   """
 
@@ -219,7 +219,7 @@ class TrialRun:
   checkpoint: str
   values: dict[str, float] = dataclasses.field(default_factory=dict)
   parent: str | None = None
-  stage2_epochs: int | None = None
+  fine_tune_until: int | None = None
   initial_epoch: int = 0
 
   def given(self, hp: keras_tuner.HyperParameters, epochs: int | None,
@@ -228,7 +228,7 @@ class TrialRun:
     parent trial and stage 2 epochs."""
     return dataclasses.replace(
         self, values={name: float(hp.get(name)) for name in HPARAMS},
-        parent=hp.values.get("tuner/trial_id"), stage2_epochs=epochs,
+        parent=hp.values.get("tuner/trial_id"), fine_tune_until=epochs,
         initial_epoch=int(initial_epoch or 0))
 
 
@@ -254,14 +254,14 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     self._calibration: list[np.ndarray] | None = None
 
   @property
-  def cache_cut_ratio(self) -> float:
+  def feature_cache_cut_ratio(self) -> float:
     """The unfreeze ratio every trial's frozen-prefix cache is cut for."""
-    return search_cache_cut_ratio(self.config)
+    return search_feature_cache_cut_ratio(self.config)
 
   def trial_config(self, values: dict[str, float]) -> RunConfig:
     """The run's config with a trial's hyperparameters and the search's cache cut."""
-    train = dataclasses.replace(self.config.train,
-                                **{**values, "cache_cut_ratio": self.cache_cut_ratio})
+    train = dataclasses.replace(
+        self.config.train, **{**values, "feature_cache_cut_ratio": self.feature_cache_cut_ratio})
     return dataclasses.replace(self.config, train=train)
 
   def template(self) -> keras.Model:
@@ -279,7 +279,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     """The stages' inputs, cut (when cached) for the space's largest unfreeze ratio."""
     if self._inputs is None:
       self._inputs = inputs_lib.make_inputs(
-          self.template(), self.splits, self.config, self.workdir, self.cache_cut_ratio)
+          self.template(), self.splits, self.config, self.workdir, self.feature_cache_cut_ratio)
     return self._inputs
 
   def calibration(self) -> list[np.ndarray]:
@@ -347,9 +347,9 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     stopper = self._median_stopper(trial)
     with self.strategy.scope():
       train_lib.fit_stages(
-          model, inputs, config.train, trial.trial_dir, seed=config.data.seed,
-          run_stage1=not trial.parent, stage2_epochs=trial.stage2_epochs,
-          initial_epoch=trial.initial_epoch, stage2_callbacks=[stopper] if stopper else [])
+          model, inputs, config.train, trial.trial_dir, seed=config.train.seed,
+          run_frozen_stage=not trial.parent, fine_tune_until=trial.fine_tune_until,
+          initial_epoch=trial.initial_epoch, fine_tune_callbacks=[stopper] if stopper else [])
     return stopper
 
   def _median_stopper(self, trial: TrialRun) -> MedianStopping | None:
@@ -359,7 +359,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     if not search.median_stop_epoch or search.tuner is Tuner.HYPERBAND:
       return None
     project_dir, name = os.path.split(trial.trial_dir)
-    return MedianStopping(finished_stage2_curves(project_dir, name),
+    return MedianStopping(finished_fine_tune_curves(project_dir, name),
                           search.median_stop_epoch, trial.trial_dir)
 
   def _score(self, model: keras.Model, config: RunConfig) -> float:
@@ -370,13 +370,14 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
   def _record(self, trial: TrialRun, config: RunConfig, val_accuracy: float, seconds: float,
               stopper: MedianStopping | None) -> None:
     """The trial's `result.json`: its values, score, time, stage 2 epochs and stop."""
-    stage2_end = (config.train.fine_tune_epochs if trial.stage2_epochs is None
-                  else int(trial.stage2_epochs))
+    fine_tune_end = (config.train.fine_tune_epochs if trial.fine_tune_until is None
+                  else int(trial.fine_tune_until))
     result = {"trial_id": trial.trial_id,
               "tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"),
-              "hyperparameters": trial.values, "cache_cut_ratio": config.train.cache_cut_ratio,
+              "hyperparameters": trial.values,
+              "feature_cache_cut_ratio": config.train.feature_cache_cut_ratio,
               "val_accuracy": val_accuracy, "seconds": round(seconds, 2),
-              "stage2_epochs": [trial.initial_epoch, stage2_end],
+              "fine_tune_until": [trial.initial_epoch, fine_tune_end],
               "continues_trial": trial.parent,
               "median_stop": stopper.stopped if stopper else None}
     artifacts.write_json(os.path.join(trial.trial_dir, artifacts.TRIAL_RESULT), result)
@@ -429,7 +430,7 @@ def make_tuner(hypermodel: TwoStageHyperModel, workdir: str, *, overwrite: bool,
   config = hypermodel.config
   search = config.search
   common = dict(hypermodel=hypermodel, objective=keras_tuner.Objective(OBJECTIVE, "max"),
-                seed=config.data.seed or 1,  # KerasTuner draws a random seed for 0.
+                seed=config.train.seed or 1,  # KerasTuner draws a random seed for 0.
                 overwrite=overwrite,
                 directory=workdir, project_name=artifacts.TUNER_DIR,
                 distribution_strategy=strategy)
@@ -452,7 +453,7 @@ def run_search(config: RunConfig, workdir: str,
   """
   start = time.time()
   distributed, chief = _distributed_role()
-  search_cache_cut_ratio(config)  # A bad --cache_cut_ratio fails before any work.
+  search_feature_cache_cut_ratio(config)  # A bad --feature_cache_cut_ratio fails before any work.
   strategy = distribute.make_strategy(config.train.distribution_strategy)
   feature_cache = inputs_lib.uses_feature_cache(config.train)
   # Only the chief (or a single process) may wipe or record the run: a worker
@@ -503,18 +504,19 @@ def _worker_result(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel,
           "trials_run": hypermodel.trials_run, "seconds": round(time.time() - start, 1)}
 
 
-def search_cache_cut_ratio(config: RunConfig) -> float:
+def search_feature_cache_cut_ratio(config: RunConfig) -> float:
   """The unfreeze ratio the trials' frozen-prefix cache is cut for.
 
-  --cache_cut_ratio when set, else the largest --unfreeze_ratio_range: every
+  --feature_cache_cut_ratio when set, else the largest --unfreeze_ratio_range: every
   trial's trainable layers must lie above the cut.
   """
   largest = config.search.unfreeze_ratio_range[1]
-  cut = config.train.cache_cut_ratio
+  cut = config.train.feature_cache_cut_ratio
   if cut is None:
     return largest
   if cut < largest:
-    raise UserError(f"--cache_cut_ratio={cut:g} is below the largest --unfreeze_ratio_range "
+    raise UserError(f"--feature_cache_cut_ratio={cut:g} is below the largest "
+                    f"--unfreeze_ratio_range "
                     f"({largest:g}), so trials there would train layers below the cache's "
                     "cut; leave it unset (the search cuts at the range's top) or raise it.")
   return cut
@@ -522,7 +524,7 @@ def search_cache_cut_ratio(config: RunConfig) -> float:
 
 def splits_sha256(config: RunConfig, source: data_lib.Source) -> str:
   """The sha256 of the splits.csv `config` gives for `source`, written nowhere."""
-  spec = split_lib.parse_split(config.data.split, config.data.seed)
+  spec = split_lib.parse_split(config.data.split, config.data.split_seed)
   assignment = split_lib.assign(source.keys, source.labels, source.source_splits, spec)
   labels = {k: int(l) for k, l in zip(source.keys, source.labels)}
   return hashlib.sha256(split_lib.manifest_text(assignment, labels).encode("utf-8")).hexdigest()
@@ -642,7 +644,7 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
   checkpoint = _best_checkpoint(tuner, best)
   values = {name: float(best.hyperparameters.get(name)) for name in HPARAMS}
   # With the cache's cut, `--mode=train` on these values repeats the trial exactly.
-  best_hparams = {**values, "cache_cut_ratio": hypermodel.cache_cut_ratio}
+  best_hparams = {**values, "feature_cache_cut_ratio": hypermodel.feature_cache_cut_ratio}
   artifacts.write_json(os.path.join(workdir, artifacts.BEST_HPARAMS), best_hparams)
 
   model = hypermodel.build(best.hyperparameters)

@@ -10,7 +10,7 @@ def tiny(data=None, search=None, export=None, **train):
 
   `data`, `search` and `export` are dicts of overrides for those parts.
   """
-  train_settings = dict(epochs=2, fine_tune_epochs=2, weights=None, cache_views=2,
+  train_settings = dict(epochs=2, fine_tune_epochs=2, weights=None, feature_cache_views=2,
                         early_stopping_patience=0, verbose=0, learning_rate=1e-2,
                         optimizer="adam")
   train_settings.update(train)
@@ -18,7 +18,7 @@ def tiny(data=None, search=None, export=None, **train):
       data=config_lib.DataConfig(**{"image_size": 32, "batch_size": 8, **(data or {})}),
       train=config_lib.TrainConfig(**train_settings),
       search=config_lib.SearchConfig(**(search or {})),
-      export=config_lib.ExportOptions(**(export or {})),
+      export=config_lib.ExportConfig(**(export or {})),
       plots=False)
 
 

@@ -143,8 +143,8 @@ class TfdsSourceTest(absltest.TestCase):
 
   def test_pipeline_shapes_dtypes_and_determinism(self):
     with fake_data.mock_flowers(COUNTS, size=48):
-      splits = data.load_splits(DataConfig(image_size=32, batch_size=4, seed=3),
-                                workdir=self.create_tempdir().full_path)
+      splits = data.load_splits(DataConfig(image_size=32, batch_size=4, split_seed=3),
+                                workdir=self.create_tempdir().full_path, shuffle_seed=3)
       batches = list(splits.train.as_numpy_iterator())
       again = list(splits.train.as_numpy_iterator())
       val_labels = np.concatenate([y for _, y in splits.val.as_numpy_iterator()])
@@ -161,8 +161,8 @@ class TfdsSourceTest(absltest.TestCase):
     images_second = np.concatenate([x for x, _ in again])
     self.assertFalse(np.array_equal(images_first, images_second))
     with fake_data.mock_flowers(COUNTS, size=48):
-      rebuilt = data.load_splits(DataConfig(image_size=32, batch_size=4, seed=3),
-                                 workdir=self.create_tempdir().full_path)
+      rebuilt = data.load_splits(DataConfig(image_size=32, batch_size=4, split_seed=3),
+                                 workdir=self.create_tempdir().full_path, shuffle_seed=3)
       rebuilt_first = np.concatenate([x for x, _ in rebuilt.train.as_numpy_iterator()])
     np.testing.assert_array_equal(rebuilt_first, images_first)
     self.assertLen(val_labels, len(splits.keys("val")))
@@ -180,7 +180,7 @@ class TfdsSourceTest(absltest.TestCase):
   def test_disk_cache(self):
     workdir = self.create_tempdir().full_path
     with fake_data.mock_flowers(COUNTS):
-      splits = data.load_splits(DataConfig(image_size=32, batch_size=8, cache="disk"),
+      splits = data.load_splits(DataConfig(image_size=32, batch_size=8, pixel_cache="disk"),
                                 workdir=workdir)
       n = sum(len(y) for _, y in splits.test.as_numpy_iterator())
     self.assertEqual(n, len(splits.keys("test")))
@@ -190,7 +190,7 @@ class TfdsSourceTest(absltest.TestCase):
   def test_disk_cache_is_rebuilt_when_the_preprocessing_changes(self):
     workdir = self.create_tempdir().full_path
     cache_dir = os.path.join(workdir, "cache")
-    config = DataConfig(image_size=32, batch_size=4, cache="disk")
+    config = DataConfig(image_size=32, batch_size=4, pixel_cache="disk")
     resize = data.resize
     with fake_data.mock_flowers(COUNTS):
       before = pixels(data.load_splits(config, workdir=workdir).test)
@@ -366,7 +366,7 @@ class ImageDirTest(absltest.TestCase):
     root = self.create_tempdir().full_path
     fake_data.write_image_dir(root, [4, 4])
     workdir = self.create_tempdir().full_path
-    config = DataConfig(image_dir=root, image_size=32, batch_size=4, cache="disk",
+    config = DataConfig(image_dir=root, image_size=32, batch_size=4, pixel_cache="disk",
                         split="50,25,25")
     before = pixels(data.load_splits(config, workdir=workdir).test)
     splits = data.load_splits(config, workdir=workdir)

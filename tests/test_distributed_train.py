@@ -111,7 +111,7 @@ class MultiWorkerTest(absltest.TestCase):
     self.assertBetween(chief["test_accuracy"], 0.0, 1.0)
     self.assertEqual(chief["num_test_examples"], 16)
     self.assertEqual(chief["num_train_examples"], 32)
-    self.assertEqual(chief["stage2_epochs"], 1)
+    self.assertEqual(chief["fine_tune_until"], 1)
     self.assertNotIn("test_accuracy", worker)
     self.assertTrue(os.path.exists(os.path.join(workdirs[0], "model.keras")))
     self.assertTrue(os.path.exists(os.path.join(workdirs[0], "report.json")))

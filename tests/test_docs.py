@@ -27,7 +27,7 @@ FLAGFILES = sorted(os.path.relpath(p, REPO)
 
 # What the README's code needs changed to run in seconds on mock data.
 TINY_DATA = {"image_size": 32, "batch_size": 8}
-TINY_TRAIN = {"weights": None, "epochs": 1, "fine_tune_epochs": 1, "cache_views": 2,
+TINY_TRAIN = {"weights": None, "epochs": 1, "fine_tune_epochs": 1, "feature_cache_views": 2,
               "early_stopping_patience": 0, "verbose": 0}
 SUBSTITUTIONS = (
     ("DataConfig(", "DataConfig(**TINY_DATA, "),

@@ -29,7 +29,7 @@ from flowers import inputs
 from flowers import model as model_lib
 from flowers import train
 from flowers.config import DataConfig
-from flowers.config import ExportOptions
+from flowers.config import ExportConfig
 from flowers.config import RunConfig
 from flowers.errors import UserError
 
@@ -88,8 +88,8 @@ class WorkdirTestCase(parameterized.TestCase):
     cls.workdir = os.path.join(cls.root, "workdir")
     cls.source = data.load_tfds()
     cls.splits = data.load_splits(
-        DataConfig(split=SPLIT, seed=SEED, image_size=cls.image_size, batch_size=8),
-        source=cls.source, workdir=cls.workdir)
+        DataConfig(split=SPLIT, split_seed=SEED, image_size=cls.image_size, batch_size=8),
+        source=cls.source, workdir=cls.workdir, shuffle_seed=SEED)
     cls.model = model_lib.build_model(len(cls.splits.class_names),
                                       image_size=cls.image_size, weights=cls.weights,
                                       seed=SEED)
@@ -113,8 +113,8 @@ class WorkdirTestCase(parameterized.TestCase):
   @classmethod
   def run_export(cls, workdir=None, model_path=None, **options):
     workdir = workdir or cls.workdir
-    config = RunConfig(data=DataConfig(split=SPLIT, seed=SEED),
-                       export=ExportOptions(**options))
+    config = RunConfig(data=DataConfig(split=SPLIT, split_seed=SEED),
+                       export=ExportConfig(**options))
     return export.export_from_workdir(
         config, workdir, model_path or os.path.join(workdir, artifacts.MODEL), cls.source)
 
@@ -164,7 +164,7 @@ class ExportTest(WorkdirTestCase):
     self.assertEqual(labels, self.source.class_names)
 
   def test_int8_io_dtype_gives_int8_input_and_output(self):
-    options = ExportOptions(io_dtype="int8")
+    options = ExportConfig(io_dtype="int8")
     path = os.path.join(self.create_tempdir().full_path, "model.tflite")
     calibration = data.calibration_images(self.splits, 300, SEED, self.image_size)
     with open(path, "wb") as f:
@@ -222,7 +222,7 @@ class ExportTest(WorkdirTestCase):
                      self.source.class_names)
 
   def test_dynamic_conversion_is_loadable(self):
-    options = ExportOptions(quantization="dynamic")
+    options = ExportConfig(quantization="dynamic")
     path = os.path.join(self.create_tempdir().full_path, "model_dynamic.tflite")
     with open(path, "wb") as f:
       f.write(export.convert(self.model, options))
@@ -247,11 +247,11 @@ class ExportTest(WorkdirTestCase):
       ("calibration", {"calibration_examples": 0}, "--calibration_examples=0"))
   def test_bad_options_are_user_errors(self, options, message):
     with self.assertRaisesRegex(UserError, message):
-      ExportOptions(**options)
+      ExportConfig(**options)
 
   def test_int8_needs_representative_images(self):
     with self.assertRaisesRegex(UserError, "representative images"):
-      export.convert(self.model, ExportOptions(), [])
+      export.convert(self.model, ExportConfig(), [])
 
 
 @pytest.mark.slow
@@ -305,7 +305,7 @@ class FidelityTest(WorkdirTestCase):
     self.assert_close_to_float(evaluate.tflite_predictor(self.int8_path)(self.images))
 
   def test_int8_io_agrees_with_float(self):
-    options = ExportOptions(io_dtype="int8")
+    options = ExportConfig(io_dtype="int8")
     path = os.path.join(self.create_tempdir().full_path, "model_int8.tflite")
     with open(path, "wb") as f:
       f.write(export.convert(self.model, options, data.calibration_images(
@@ -317,7 +317,7 @@ class FidelityTest(WorkdirTestCase):
     self.assert_close_to_float(evaluate.tflite_predictor(path)(self.images))
 
   def test_float32_tflite_matches_keras(self):
-    options = ExportOptions(quantization="none")
+    options = ExportConfig(quantization="none")
     path = os.path.join(self.create_tempdir().full_path, "model_float32.tflite")
     with open(path, "wb") as f:
       f.write(export.convert(self.model, options))

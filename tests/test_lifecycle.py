@@ -20,7 +20,9 @@ from workdir_files import snapshot
 import run_configs
 from flowers import artifacts
 from flowers import config as config_lib
+from flowers import lineage
 from flowers import modes
+from flowers import runs
 from flowers.errors import UserError
 
 
@@ -70,6 +72,31 @@ class LifecycleTest(absltest.TestCase):
     report = modes.train(self.config, workdir)
     self.assertEqual(snapshot(workdir), before)  # Same bytes, not even rewritten.
     self.assertEqual(report["test_accuracy"], read_json(workdir, "report.json")["test_accuracy"])
+
+  def test_a_run_json_with_older_names_is_the_same_run(self):
+    # A run recorded by an older flowers: one seed for split and training, the
+    # feature-cache settings without their prefix. It still reads as this run.
+    workdir = self.copy_of(self.run_a)
+    run = read_json(workdir, "run.json")
+    old = json.loads(json.dumps(run))
+    old["data"]["seed"] = old["data"].pop("split_seed")
+    del old["train"]["seed"]
+    old["train"]["cache_views"] = old["train"].pop("feature_cache_views")
+    old["train"]["cache_cut_ratio"] = old["train"].pop("feature_cache_cut_ratio")
+    with open(os.path.join(workdir, "lineage.json"), encoding="utf-8") as f:
+      records = f.read().replace(lineage.fingerprint_id(run), lineage.fingerprint_id(old))
+    for name, text in (("run.json", json.dumps(old)), ("lineage.json", records)):
+      with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+        f.write(text)
+    self.assertEqual(runs.differences(runs.read_run(workdir), run), [])
+    before = snapshot(workdir)
+    report = modes.train(self.config, workdir)  # Finished: reported, nothing retrained.
+    self.assertEqual(snapshot(workdir), before)
+    self.assertEqual(report["test_accuracy"], read_json(workdir, "report.json")["test_accuracy"])
+    seven = dataclasses.replace(self.config,
+                                train=dataclasses.replace(self.config.train, seed=7))
+    with self.assertRaisesRegex(UserError, r"train\.seed: 42 -> 7"):
+      modes.train(seven, workdir)
 
   def test_overwrite_removes_what_the_old_model_derived(self):
     workdir = self.copy_of(self.run_a)
@@ -231,11 +258,11 @@ class TemporariesTest(absltest.TestCase):
 class WorkdirFlagTest(absltest.TestCase):
 
   def test_a_workdir_that_is_a_file_is_a_one_line_error(self):
-    from flowers import main as main_lib  # pylint: disable=g-import-not-at-top
+    from flowers import cli  # pylint: disable=g-import-not-at-top
 
     path = self.create_tempfile().full_path
     with self.assertRaisesRegex(UserError, "is a file"):
-      main_lib._check_inputs("train", config_lib.RunConfig(), path)  # pylint: disable=protected-access
+      cli.check_inputs("train", config_lib.RunConfig(), path)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from absl.testing import flagsaver
 import pytest
 
 import fake_data
+from flowers import cli
 from flowers import config as config_lib
 from flowers import main as main_lib
-from flowers import runs
 from flowers.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +122,7 @@ class KillAndResumeTest(parameterized.TestCase):
             "--mode=train", f"--fine_tune_epochs={fine_tune_epochs}",
             f"--feature_cache={feature_cache}",
             "--noplots"]
-    history = os.path.join(workdir, "history_stage2.csv")
+    history = os.path.join(workdir, "history_fine_tune.csv")
 
     def epochs():
       if not os.path.exists(history):
@@ -144,16 +144,16 @@ class KillAndResumeTest(parameterized.TestCase):
     self.assertGreaterEqual(len(before), 2)
     self.assertLess(before[-1], fine_tune_epochs - 1,
                     "finished before the kill; the test needs more epochs")
-    with open(os.path.join(workdir, "history_stage1.csv")) as f:
-      stage1 = f.read()
+    with open(os.path.join(workdir, "history_frozen.csv")) as f:
+      frozen = f.read()
 
     flowers_main(*args)
     after = epochs()[len(before):]
     # The rerun starts at the epoch after the last logged one (or redoes that one).
     self.assertIn(after[0], (before[-1], before[-1] + 1), (before, after))
     self.assertEqual(sorted(set(before + after)), list(range(fine_tune_epochs)))
-    with open(os.path.join(workdir, "history_stage1.csv")) as f:
-      self.assertEqual(f.read(), stage1)  # Stage 1 was not run again.
+    with open(os.path.join(workdir, "history_frozen.csv")) as f:
+      self.assertEqual(f.read(), frozen)  # Stage 1 was not run again.
     self.assertTrue(os.path.exists(os.path.join(workdir, "model.keras")))
 
 
@@ -187,11 +187,12 @@ class BadInputTest(parameterized.TestCase):
       ("auto_choice", "--feature_cache=sometimes",
        lambda: config_lib.TrainConfig(feature_cache="sometimes")),
       ("export_choice", "--quantization=int4",
-       lambda: config_lib.ExportOptions(quantization="int4")),
+       lambda: config_lib.ExportConfig(quantization="int4")),
       ("search_range", "--dropout_range=0.5,0.1",
        lambda: config_lib.SearchConfig(dropout_range=("0.5", "0.1"))),
-      ("size", "--image_size=8", lambda: config_lib.DataConfig(image_size=8)),
-      ("views", "--cache_views=0", lambda: config_lib.TrainConfig(cache_views=0)),
+      ("size", "--image_size=8",
+       lambda: config_lib.RunConfig(data=config_lib.DataConfig(image_size=8))),
+      ("views", "--feature_cache_views=0", lambda: config_lib.TrainConfig(feature_cache_views=0)),
   )
   def test_command_line_and_library_give_the_same_one_line_error(self, flag, build):
     with self.assertRaises(UserError) as library:
@@ -213,9 +214,11 @@ class BadInputTest(parameterized.TestCase):
 NON_DEFAULTS = {
     "image_dir": ("/images", "/images"), "tfds_name": ("other", "other"),
     "tfds_data_dir": ("/tfds", "/tfds"), "download": ("false", False),
-    "strict": ("true", True), "split": ("70,10,20", "70,10,20"), "seed": ("7", 7),
-    "image_size": ("96", 96), "batch_size": ("16", 16), "cache": ("disk", "disk"),
-    "weights": ("/w.h5", "/w.h5"), "alpha": ("0.5", 0.5), "dropout": ("0.3", 0.3),
+    "strict": ("true", True), "split": ("70,10,20", "70,10,20"), "split_seed": ("8", 8),
+    "seed": ("7", 7),
+    "image_size": ("96", 96), "batch_size": ("16", 16), "pixel_cache": ("disk", "disk"),
+    "backbone": ("mobilenet_v2", "mobilenet_v2"), "weights": ("/w.h5", "/w.h5"),
+    "alpha": ("0.5", 0.5), "dropout": ("0.3", 0.3),
     "augment": ("false", False), "flip": ("false", False), "rotation": ("10", 10.0),
     "zoom": ("0.1", 0.1), "translation": ("0.05", 0.05), "contrast": ("0.05", 0.05),
     "crop_area": ("0.3", 0.3),
@@ -224,13 +227,13 @@ NON_DEFAULTS = {
     "epochs": ("3", 3), "fine_tune_epochs": ("4", 4), "label_smoothing": ("0.1", 0.1),
     "lr_schedule": ("cosine", "cosine"), "weight_decay": ("0.001", 0.001),
     "early_stopping_patience": ("5", 5), "feature_cache": ("on", "on"),
-    "cache_views": ("6", 6), "int8_grid_weights": ("false", False),
+    "feature_cache_views": ("6", 6), "int8_grid_weights": ("false", False),
     "distribution_strategy": ("mirrored", "mirrored"), "verbose": ("2", 2),
     "tuner": ("random", "random"), "max_trials": ("3", 3),
-    "cache_cut_ratio": ("0.5", 0.5), "median_stop_epoch": ("6", 6),
+    "feature_cache_cut_ratio": ("0.5", 0.5), "median_stop_epoch": ("6", 6),
     "overwrite": ("true", True),
     "dropout_range": ("0.1,0.4", (0.1, 0.4)), "unfreeze_ratio_range": ("0.1,0.3", (0.1, 0.3)),
-    "fine_tune_learning_rate_range": ("3e-5,3e-4", (3e-5, 3e-4)), "export": ("false", False),
+    "fine_tune_learning_rate_range": ("3e-5,3e-4", (3e-5, 3e-4)), "export_best": ("false", False),
     "quantization": ("float16", "float16"), "io_dtype": ("int8", "int8"),
     "calibration_examples": ("50", 50), "max_accuracy_drop": ("2", 2.0),
     "model": ("m.keras", "m.keras"), "images": ("a.jpg,b.jpg", ("a.jpg", "b.jpg")),
@@ -247,29 +250,59 @@ def field(config, path):
 class FlagsReachTheLibraryTest(absltest.TestCase):
 
   def test_every_settings_flag_is_in_this_test(self):
-    self.assertCountEqual(main_lib.FLAG_FIELDS, NON_DEFAULTS)
+    self.assertCountEqual(cli.FLAG_FIELDS, NON_DEFAULTS)
 
   def test_every_flag_reaches_the_run_config(self):
     default = config_lib.RunConfig()
     with flagsaver.flagsaver():
       for name, (text, _) in NON_DEFAULTS.items():
         flags.FLAGS[name].parse(text)
-      config = main_lib.run_config()
-    for name, path in main_lib.FLAG_FIELDS.items():
+      config = cli.run_config()
+    for name, path in cli.FLAG_FIELDS.items():
       expected = NON_DEFAULTS[name][1]
       self.assertEqual(field(config, path), expected, name)
-      self.assertNotEqual(field(default, path), expected, f"{name}: pick a non-default")
+      if name != "backbone":  # One backbone so far: no other value to pick.
+        self.assertNotEqual(field(default, path), expected, f"{name}: pick a non-default")
 
   def test_a_runs_flags_cfg_reproduces_its_config(self):
     config = config_lib.RunConfig(
-        data=config_lib.DataConfig(split="70,10,20", seed=3, tfds_data_dir="/tfds"),
-        train=config_lib.TrainConfig(weights=None, optimizer="adam", augment=False,
+        data=config_lib.DataConfig(split="70,10,20", split_seed=3, tfds_data_dir="/tfds"),
+        train=config_lib.TrainConfig(seed=5, weights=None, optimizer="adam", augment=False,
                                      fine_tune_learning_rate=3e-4),
         search=config_lib.SearchConfig(dropout_range=(0.1, 0.25)), overwrite=True)
     with flagsaver.flagsaver():
-      flags.FLAGS(["flowers_main"] + runs.as_flags(config), known_only=False)
+      flags.FLAGS(["flowers_main"] + cli.as_flags(config), known_only=False)
       # Every setting comes back; --overwrite is an action, never recorded.
-      self.assertEqual(main_lib.run_config(), dataclasses.replace(config, overwrite=False))
+      self.assertEqual(cli.run_config(), dataclasses.replace(config, overwrite=False))
+
+  def test_seed_alone_seeds_the_split_too_and_split_seed_keeps_a_split(self):
+    with flagsaver.flagsaver():
+      flags.FLAGS(["flowers_main", "--seed=7"])
+      alone = cli.run_config()
+    with flagsaver.flagsaver():
+      flags.FLAGS(["flowers_main", "--seed=7", "--split_seed=42"])
+      kept = cli.run_config()
+    self.assertEqual((alone.data.split_seed, alone.train.seed), (7, 7))
+    self.assertEqual((kept.data.split_seed, kept.train.seed), (42, 7))
+
+  def test_old_flag_names_still_load_with_a_note(self):
+    with flagsaver.flagsaver():
+      flags.FLAGS(["flowers_main", "--cache=disk", "--cache_views=3", "--cache_cut_ratio=0.5",
+                   "--noexport"])
+      config = cli.run_config()
+      notes = cli.renamed_in_use()
+    self.assertEqual((config.data.pixel_cache.value, config.train.feature_cache_views,
+                      config.train.feature_cache_cut_ratio, config.export.export_best),
+                     ("disk", 3, 0.5, False))
+    self.assertCountEqual(notes, ["--cache is now --pixel_cache",
+                                  "--cache_views is now --feature_cache_views",
+                                  "--cache_cut_ratio is now --feature_cache_cut_ratio",
+                                  "--export is now --export_best"])
+
+  def test_importing_the_library_declares_no_flag(self):
+    code = ("import absl.flags, flowers.cli, flowers.runs, flowers.config; "
+            "assert 'seed' not in absl.flags.FLAGS and 'mode' not in absl.flags.FLAGS")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
   def test_the_mode_gets_that_config_and_the_workdir(self):
     seen = []
@@ -279,7 +312,7 @@ class FlagsReachTheLibraryTest(absltest.TestCase):
                              split="80,10,10"):
       with mock.patch.dict(modes.MODES, prepare=lambda c, w: seen.append((c, w))):
         main_lib.main(["flowers_main"])
-      expected = main_lib.run_config()
+      expected = cli.run_config()
     self.assertEqual(seen, [(expected, "/some/workdir")])
     self.assertEqual(expected.train.dropout, 0.35)
 
@@ -289,9 +322,9 @@ class HelpTest(absltest.TestCase):
   def test_help_lists_modes_every_flag_and_examples(self):
     proc = flowers_main("--help")
     text = proc.stdout
-    for mode in main_lib.MODES:
+    for mode in cli.MODES:
       self.assertRegex(text, rf"\n  {mode} ")
-    for name in list(main_lib.FLAG_FIELDS) + ["mode", "workdir", "flagfile"]:
+    for name in list(cli.FLAG_FIELDS) + ["mode", "workdir", "flagfile"]:
       self.assertIn(f"--{name}", text)
     self.assertIn("Examples:", text)
     self.assertIn("flowers_main --mode=tune --flagfile=flags/cpu.cfg", text)

@@ -67,17 +67,17 @@ class PlotsTest(absltest.TestCase):
     self.assertEqual(plots.worst_classes({"a": 0.9, "b": 0.5, "c": 0.5, "d": 1.0}, k=3), [
         ("b", 0.5), ("c", 0.5), ("a", 0.9)])
     metrics, n1 = plots.concat_history(
-        {"stage1": {"loss": [3.0, 2.0], "val_loss": [3.5, 2.5]}, "stage2": {"loss": [1.0]}})
+        {"frozen": {"loss": [3.0, 2.0], "val_loss": [3.5, 2.5]}, "fine_tune": {"loss": [1.0]}})
     self.assertEqual(n1, 2)
     np.testing.assert_allclose(metrics["loss"], [3.0, 2.0, 1.0])
     self.assertTrue(np.isnan(metrics["val_loss"][2]))
 
-  def test_plot_history_with_empty_stage2(self):
+  def test_plot_history_with_empty_fine_tune(self):
     tmp = self.create_tempdir().full_path
-    path = plots.plot_history({"stage1": {"accuracy": [0.2, 0.4], "loss": [2.0, 1.5]},
-                                "stage2": {}}, os.path.join(tmp, "h.png"))
+    path = plots.plot_history({"frozen": {"accuracy": [0.2, 0.4], "loss": [2.0, 1.5]},
+                                "fine_tune": {}}, os.path.join(tmp, "h.png"))
     check_png(path)
-    self.assertIsNone(plots.plot_history({"stage1": {}, "stage2": {}},
+    self.assertIsNone(plots.plot_history({"frozen": {}, "fine_tune": {}},
                                          os.path.join(tmp, "none.png")))
 
   def test_write_augmented_samples_on_mock_data(self):
@@ -86,8 +86,8 @@ class PlotsTest(absltest.TestCase):
 
     workdir = os.path.join(self.create_tempdir(), "run")
     config = config_lib.RunConfig(
-        data=config_lib.DataConfig(image_size=32, seed=3),
-        train=config_lib.TrainConfig(augmentation=config_lib.Augmentation(rotation=30)))
+        data=config_lib.DataConfig(image_size=32, split_seed=3),
+        train=config_lib.TrainConfig(seed=3, augmentation=config_lib.Augmentation(rotation=30)))
     with fake_data.mock_flowers(fake_data.uniform_counts(4, 4, 2, 2), size=40):
       source = data_lib.load_tfds()
       # Writes splits.csv, as training does.

@@ -69,7 +69,7 @@ class RepeatableTest(parameterized.TestCase):
                      + reports[0]["num_train_examples"], NUM_CLASSES * PER_CLASS)
     # It trained (the loss fell), so equal figures are not trivially equal. (Two
     # epochs on 30 images at 32 px learn little: val stays near chance.)
-    loss = histories[0]["stage1"]["loss"]
+    loss = histories[0]["frozen"]["loss"]
     self.assertLess(loss[-1], loss[0])
     self.assertEqual(reports[0], reports[1])
     self.assertEqual(histories[0], histories[1])

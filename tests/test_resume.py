@@ -124,19 +124,19 @@ class KillAndResumeTest(parameterized.TestCase):
   @parameterized.named_parameters(("cached", "on"), ("plain", "off"))
   def test_a_run_killed_anywhere_ends_as_the_run_left_alone(self, feature_cache):
     want = self.run_left_alone(feature_cache)
-    stage2 = want["history"]["stage2"]["val_accuracy"]
+    fine_tune = want["history"]["fine_tune"]["val_accuracy"]
     # Early stopping ended stage 2 at its third epoch, the best being an earlier
     # one: a kill before epoch 3 lands between the best epoch and the stop.
-    self.assertLen(stage2, 3)
-    self.assertLess(int(np.argmax(stage2)), 2)
+    self.assertLen(fine_tune, 3)
+    self.assertLess(int(np.argmax(fine_tune)), 2)
 
     workdir = self.create_tempdir().full_path
     run_config = config(feature_cache)
     kills = [
-        ("stage1", Kill("batch", epoch=1, batch=1)),  # Inside an epoch.
-        ("stage2", Kill("epoch_end", epoch=0)),  # Its CSV row written, its state not saved.
-        ("stage2", Kill("epoch_begin", epoch=2)),  # Early stopping has waited 1 epoch of 2.
-        ("stage2", Kill("train_end")),  # Stopped; its final weights not yet kept.
+        ("frozen", Kill("batch", epoch=1, batch=1)),  # Inside an epoch.
+        ("fine_tune", Kill("epoch_end", epoch=0)),  # Its CSV row written, its state not saved.
+        ("fine_tune", Kill("epoch_begin", epoch=2)),  # Early stopping has waited 1 epoch of 2.
+        ("fine_tune", Kill("train_end")),  # Stopped; its final weights not yet kept.
     ]
     for stage, kill in kills:
       with killed_in(stage, kill), self.assertRaises(KeyboardInterrupt):
@@ -147,11 +147,11 @@ class KillAndResumeTest(parameterized.TestCase):
     with mock.patch.object(train, "save_run", side_effect=KeyboardInterrupt):
       with self.assertRaises(KeyboardInterrupt):
         train.train_and_evaluate(run_config, workdir, self.source)
-    rows = csv_rows(workdir, "stage2")
+    rows = csv_rows(workdir, "fine_tune")
     with mock.patch.object(train, "save_run", side_effect=save_run) as saving:
       train.train_and_evaluate(run_config, workdir, self.source)
     saving.assert_called_once()
-    self.assertEqual(csv_rows(workdir, "stage2"), rows)  # Stage 2 not trained again.
+    self.assertEqual(csv_rows(workdir, "fine_tune"), rows)  # Stage 2 not trained again.
     self.assertSameRun(results(workdir), want)
 
   def test_a_finished_run_is_not_trained_again(self):
@@ -165,10 +165,10 @@ class KillAndResumeTest(parameterized.TestCase):
                                       run_config.train.unfreeze_ratio)
 
     trained, inputs = model_and_inputs()
-    train.fit_stages(trained, inputs, run_config.train, workdir, seed=run_config.data.seed)
+    train.fit_stages(trained, inputs, run_config.train, workdir, seed=run_config.train.seed)
     again, inputs = model_and_inputs()
     with mock.patch.object(keras.Model, "fit") as fit:
-      train.fit_stages(again, inputs, run_config.train, workdir, seed=run_config.data.seed)
+      train.fit_stages(again, inputs, run_config.train, workdir, seed=run_config.train.seed)
     fit.assert_not_called()  # Both stages' final weights are loaded instead.
     for a, b in zip(again.get_weights(), trained.get_weights()):
       np.testing.assert_array_equal(a, b)
@@ -182,7 +182,7 @@ class KillAndResumeTest(parameterized.TestCase):
     with mock.patch.object(train, "_fit", wraps=train._fit) as fit:
       train.train_and_evaluate(dataclasses.replace(changed, overwrite=True), workdir,
                                self.source)
-    self.assertEqual([c.args[4] for c in fit.call_args_list], ["stage1", "stage2"])
+    self.assertEqual([c.args[4] for c in fit.call_args_list], ["frozen", "fine_tune"])
 
   def test_no_val_split_trains_on_the_feature_cache(self):
     workdir = self.create_tempdir().full_path
@@ -192,8 +192,8 @@ class KillAndResumeTest(parameterized.TestCase):
     self.assertIn("test_accuracy", report)
     history = artifacts.read_json(os.path.join(workdir, artifacts.HISTORY))
     # No val: no early stopping, every epoch runs.
-    self.assertLen(history["stage2"]["accuracy"], FINE_TUNE_EPOCHS)
-    self.assertNotIn("val_accuracy", history["stage2"])
+    self.assertLen(history["fine_tune"]["accuracy"], FINE_TUNE_EPOCHS)
+    self.assertNotIn("val_accuracy", history["fine_tune"])
 
 
 @pytest.mark.slow

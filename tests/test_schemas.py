@@ -125,10 +125,10 @@ class ProblemsTest(absltest.TestCase):
                      ["the top level: expected one of 'train', 'tune', got 'search'"])
 
   def test_a_report_is_checked_against_the_closer_of_its_two_kinds(self):
-    history = {"stage1": {}, "stage2": {}}
+    history = {"frozen": {}, "fine_tune": {}}
     self.assertEqual(schemas.problems(history, schemas.History | schemas.BestHparams), [])
-    self.assertEqual(schemas.problems({"stage1": {}}, schemas.History | schemas.BestHparams),
-                     ["the top level: missing key 'stage2' (History)"])
+    self.assertEqual(schemas.problems({"frozen": {}}, schemas.History | schemas.BestHparams),
+                     ["the top level: missing key 'fine_tune' (History)"])
 
   def test_an_annotation_json_cannot_hold_is_refused(self):
     with self.assertRaisesRegex(TypeError, "no JSON type"):

@@ -52,6 +52,7 @@ def write_workdir(workdir, num_classes: int = 5, history: bool = True,
       "num_val_examples": 2 * num_classes,
       "source": "tfds:oxford_flowers102",
       "split": "64,16,20",
+      "split_seed": 42,
       "seed": 42,
       "num_train_examples": 123,
       "train_seconds": 61.5,
@@ -65,7 +66,7 @@ def write_workdir(workdir, num_classes: int = 5, history: bool = True,
       return {"accuracy": list(start + 0.1 * e), "val_accuracy": list(start + 0.08 * e),
               "loss": list(2.0 - 0.3 * e), "val_loss": list(2.1 - 0.25 * e)}
     with open(os.path.join(workdir, "history.json"), "w") as f:
-      json.dump({"stage1": stage(3, 0.3), "stage2": stage(2, 0.6)}, f)
+      json.dump({"frozen": stage(3, 0.3), "fine_tune": stage(2, 0.6)}, f)
   if trials:
     with open(os.path.join(workdir, "trials.csv"), "w") as f:
       # As flowers.tune writes it (TRIAL_COLUMNS); the last trial failed.
@@ -153,7 +154,8 @@ class WriteReportTest(absltest.TestCase):
         "## Tuning", "## Training history", "## Confusion", "## Worst classes",
         "## Configuration"])
     self.assertIn("## Command\n\n```sh\n" + COMMAND + "\n```\n\n## Data\n\n"
-                  "source: tfds:oxford_flowers102; split: 64,16,20; seed: 42.\n\n", text)
+                  "source: tfds:oxford_flowers102; split: 64,16,20; split_seed: 42; "
+                  "seed: 42.\n\n", text)
     self.assertIn(f"| Test accuracy | {self.result['test_accuracy']:.4f} |\n"
                   "| Test top-5 accuracy | 0.9876 |", text)
     self.assertIn("| 1 | 0: flower 0 | 0.700 | 10 | 2: flower 2 (3) |", text)

@@ -32,7 +32,7 @@ from flowers import modes
 from flowers import tflite_metadata
 from flowers._vendor.tflite_metadata_schema import metadata_schema_py_generated as meta_fb
 from flowers.config import DataConfig
-from flowers.config import ExportOptions
+from flowers.config import ExportConfig
 from flowers.config import PredictConfig
 from flowers.config import RunConfig
 from flowers.errors import UserError
@@ -77,7 +77,7 @@ class AddMetadataTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     model = model_lib.build_model(3, image_size=32, weights=None, seed=SEED)
-    cls.plain = export.convert(model, ExportOptions(quantization="dynamic"))
+    cls.plain = export.convert(model, ExportConfig(quantization="dynamic"))
     cls.names = ["pink primrose", "globe-flower", "bird of paradise"]
     cls.with_metadata = tflite_metadata.add_metadata(cls.plain, INFO, cls.names)
 
@@ -161,7 +161,7 @@ class ExportMetadataTest(WorkdirTestCase):
     super().setUpClass()
     cls.report = cls.run_export(max_accuracy_drop=ANY_DROP)
     cls.int8_path = os.path.join(cls.workdir, "model_int8.tflite")
-    cls.plain = export.convert(cls.model, ExportOptions(quantization="dynamic"))  # No metadata.
+    cls.plain = export.convert(cls.model, ExportConfig(quantization="dynamic"))  # No metadata.
     cls.images = write_images(os.path.join(cls.root, "images"), DATA_LABELS,
                               [(40, 40), (30, 50), (50, 30), (36, 44)])
     cls.expected = [cls.source.class_names[l] for l in DATA_LABELS]
@@ -210,7 +210,7 @@ class ExportMetadataTest(WorkdirTestCase):
 
   def test_evaluate_without_labels_txt_uses_the_metadata(self):
     folder, path = self.bare_model()
-    config = RunConfig(data=DataConfig(split=SPLIT, seed=SEED),
+    config = RunConfig(data=DataConfig(split=SPLIT, split_seed=SEED),
                        predict=PredictConfig(model=path))
     with contextlib.redirect_stdout(io.StringIO()):
       report = modes.evaluate(config, folder)
@@ -300,7 +300,7 @@ class MediaPipeTest(absltest.TestCase):
     model = colour_model(len(cls.names), cls.image_size)
     calibration = [fake_data.class_image(l, i, size=cls.image_size)
                    for l in range(4) for i in range(5)]
-    options = ExportOptions()
+    options = ExportConfig()
     cls.model_path = os.path.join(cls.root, "model", "model_int8.tflite")
     os.makedirs(os.path.dirname(cls.model_path))
     with open(cls.model_path, "wb") as f:

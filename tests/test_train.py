@@ -61,8 +61,8 @@ class TrainTest(parameterized.TestCase):
         [1 for line in open(os.path.join(workdir, "splits.csv")) if line.endswith(",test\n")]))
     with open(os.path.join(workdir, "history.json")) as f:
       history = json.load(f)
-    self.assertLen(history["stage1"]["accuracy"], 2)
-    self.assertLen(history["stage2"]["val_accuracy"], 2)
+    self.assertLen(history["frozen"]["accuracy"], 2)
+    self.assertLen(history["fine_tune"]["val_accuracy"], 2)
     model = keras.models.load_model(os.path.join(workdir, "model.keras"))
     self.assertEqual(tuple(model.output.shape), (None, 102))
     # Conv kernels already on the int8 export's grid.
@@ -81,7 +81,7 @@ class TrainTest(parameterized.TestCase):
                       weights=shared_data.WEIGHTS),
           workdir, data.load_tfds())
     # Colour-coded classes: ImageNet features + a trained head beat chance (1/3).
-    history = train.read_history(workdir, "stage1")
+    history = train.read_history(workdir, "frozen")
     self.assertGreater(max(history["val_accuracy"]), 0.6, history)
     self.assertGreater(report["val_accuracy"], 0.6)
 
@@ -91,7 +91,7 @@ class TrainTest(parameterized.TestCase):
 
     def interrupting(run_dir, stage, config, validate):
       callbacks = original(run_dir, stage, config, validate)
-      return callbacks + [Interrupt(1)] if stage == "stage2" else callbacks
+      return callbacks + [Interrupt(1)] if stage == "fine_tune" else callbacks
 
     config = tiny_config(fine_tune_epochs=4)
     with fake_data.mock_flowers(COUNTS):
@@ -100,17 +100,17 @@ class TrainTest(parameterized.TestCase):
       with mock.patch.object(train, "stage_callbacks", interrupting):
         with self.assertRaises(KeyboardInterrupt):
           train.train_and_evaluate(config, workdir, source)
-      self.assertTrue(os.path.exists(os.path.join(workdir, artifacts.STAGE1_WEIGHTS)))
+      self.assertTrue(os.path.exists(os.path.join(workdir, artifacts.FROZEN_WEIGHTS)))
       self.assertFalse(os.path.exists(os.path.join(workdir, "model.keras")))
-      self.assertLen(train.read_history(workdir, "stage2")["accuracy"], 2)
-      stage1_rows = len(train.read_history(workdir, "stage1")["accuracy"])
+      self.assertLen(train.read_history(workdir, "fine_tune")["accuracy"], 2)
+      frozen_rows = len(train.read_history(workdir, "frozen")["accuracy"])
       report = train.train_and_evaluate(config, workdir, source)
-    history = train.read_history(workdir, "stage2")
+    history = train.read_history(workdir, "fine_tune")
     # Epochs 0-1 from the first run, 2-3 from the resumed one; stage 1 not redone.
     self.assertLen(history["accuracy"], 4)
-    self.assertLen(train.read_history(workdir, "stage1")["accuracy"], stage1_rows)
+    self.assertLen(train.read_history(workdir, "frozen")["accuracy"], frozen_rows)
     self.assertIn("test_accuracy", report)
-    with open(os.path.join(workdir, "history_stage2.csv")) as f:
+    with open(os.path.join(workdir, "history_fine_tune.csv")) as f:
       epochs = [int(line.split(",")[0]) for line in f.readlines()[1:]]
     self.assertEqual(sorted(set(epochs)), [0, 1, 2, 3])
 
@@ -119,9 +119,9 @@ class SmallHolesTest(parameterized.TestCase):
 
   def test_a_torn_last_history_row_is_skipped(self):
     run_dir = self.create_tempdir().full_path
-    with open(os.path.join(run_dir, artifacts.stage_history("stage2")), "w") as f:
+    with open(os.path.join(run_dir, artifacts.stage_history("fine_tune")), "w") as f:
       f.write("epoch,accuracy,loss\n0,0.5,1.2\n1,0.6,1.0\n2,0.7")  # Killed mid-row.
-    self.assertEqual(train.read_history(run_dir, "stage2"),
+    self.assertEqual(train.read_history(run_dir, "fine_tune"),
                      {"accuracy": [0.5, 0.6], "loss": [1.2, 1.0]})
 
   @parameterized.parameters("on", "off")
@@ -256,9 +256,9 @@ class RunIdentityTest(parameterized.TestCase):
 
   def test_another_seed_is_another_split(self):
     workdir = self.trained_workdir()
-    with self.assertRaisesRegex(UserError, "another --split, --seed"):
+    with self.assertRaisesRegex(UserError, "another --split, --split_seed"):
       train.train_and_evaluate(dataclasses.replace(
-          self.config, data=dataclasses.replace(self.config.data, seed=7)),
+          self.config, data=dataclasses.replace(self.config.data, split_seed=7)),
           workdir, self.source)
 
 
@@ -304,7 +304,7 @@ class EvaluatePredictTest(absltest.TestCase):
       # Asked with another seed, whose split would put the model's own training
       # images in the test split: the model's split is used instead.
       other = dataclasses.replace(
-          config, data=dataclasses.replace(config.data, seed=7),
+          config, data=dataclasses.replace(config.data, split_seed=7),
           predict=config_lib.PredictConfig(model=os.path.join(trained_in, artifacts.MODEL)))
       evaluated = modes.evaluate(other, elsewhere)
       with open(os.path.join(trained_in, artifacts.SPLITS)) as a, open(

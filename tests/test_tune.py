@@ -66,7 +66,7 @@ def trial_file(workdir, trial_id, name):
 
 def write_stage2_history(run_dir, val_accuracies):
   os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, artifacts.stage_history("stage2")), "w") as f:
+  with open(os.path.join(run_dir, artifacts.stage_history("fine_tune")), "w") as f:
     f.write("epoch,val_accuracy\n")
     f.writelines(f"{e},{v}\n" for e, v in enumerate(val_accuracies))
 
@@ -114,11 +114,11 @@ class HyperparametersTest(TuneTestCase):
     fresh = place.given(hp, None, None)
     self.assertEqual(set(fresh.values), set(config_lib.HPARAMS))
     self.assertEqual(fresh.values["dropout"], 0.3)
-    self.assertEqual((fresh.parent, fresh.stage2_epochs, fresh.initial_epoch), (None, None, 0))
+    self.assertEqual((fresh.parent, fresh.fine_tune_until, fresh.initial_epoch), (None, None, 0))
     self.assertEqual((fresh.trial_id, fresh.checkpoint), ("4", place.checkpoint))
     hp.values["tuner/trial_id"] = "1"  # As Hyperband sets it for a trial it continues.
     continued = place.given(hp, 3, 1)
-    self.assertEqual((continued.parent, continued.stage2_epochs, continued.initial_epoch),
+    self.assertEqual((continued.parent, continued.fine_tune_until, continued.initial_epoch),
                      ("1", 3, 1))
 
 
@@ -165,12 +165,12 @@ class MedianStoppingTest(TuneTestCase):
     write_stage2_history(tmp_path / "trial_2", [0.2, 0.3])  # This trial.
     for name in ("trial_0", "trial_2"):
       artifacts.write_json(str(tmp_path / name / artifacts.TRIAL_RESULT), {})
-    self.assertEqual(tune.finished_stage2_curves(str(tmp_path), exclude="trial_2"),
+    self.assertEqual(tune.finished_fine_tune_curves(str(tmp_path), exclude="trial_2"),
                      [[0.5, 0.5, 0.6]])
 
   @parameterized.parameters((1, 1, 1), (0, 2, None))
   @pytest.mark.slow
-  def test_a_trial_below_the_median_stops_its_stage_2(self, median_stop_epoch, stage2_epochs,
+  def test_a_trial_below_the_median_stops_its_stage_2(self, median_stop_epoch, fine_tune_until,
                                                        stopped):
     tmp_path = self.tmp
     # Two finished trials that reached val accuracy 1.0 at once: any real trial trails them.
@@ -180,8 +180,8 @@ class MedianStoppingTest(TuneTestCase):
           str(tmp_path / artifacts.TUNER_DIR / name / artifacts.TRIAL_RESULT), {})
     config = tune_worker.small_config(fine_tune_epochs=2)
     search(tmp_path, config=config, max_trials=1, median_stop_epoch=median_stop_epoch)
-    history = train.read_history(os.path.dirname(trial_file(tmp_path, "0", "x")), "stage2")
-    self.assertLen(history["val_accuracy"], stage2_epochs)
+    history = train.read_history(os.path.dirname(trial_file(tmp_path, "0", "x")), "fine_tune")
+    self.assertLen(history["val_accuracy"], fine_tune_until)
     result = read_json(trial_file(tmp_path, "0", artifacts.TRIAL_RESULT))
     self.assertEqual((result["median_stop"] or {}).get("epoch"), stopped)
     [row] = read_trials(tmp_path)
@@ -209,14 +209,14 @@ class SearchTest(TuneTestCase):
 
     def spy(stage, epochs, initial_epoch, run_dir, name, config, *extra):
       fits.append((os.path.basename(run_dir), name))
-      if name == "stage2" and os.path.basename(run_dir) == kill["trial"]:
+      if name == "fine_tune" and os.path.basename(run_dir) == kill["trial"]:
         raise KeyboardInterrupt  # As if the process were stopped in stage 2.
       return fit(stage, epochs, initial_epoch, run_dir, name, config, *extra)
 
     self.enter_context(mock.patch.object(train, "_fit", spy))
 
     report = search(workdir, tuner="bayesian", max_trials=1)
-    self.assertEqual(fits, [("trial_0", "stage1"), ("trial_0", "stage2")])
+    self.assertEqual(fits, [("trial_0", "frozen"), ("trial_0", "fine_tune")])
     self.assertTrue(report["is_chief"])
     self.assertEqual(report["num_trials"], 1)
     first = read_json(trial_file(workdir, "0", artifacts.TRIAL_RESULT))
@@ -225,7 +225,7 @@ class SearchTest(TuneTestCase):
     kill["trial"] = "trial_1"
     with self.assertRaises(KeyboardInterrupt):
       search(workdir, tuner="bayesian", max_trials=2)
-    self.assertEqual(fits, [("trial_1", "stage1"), ("trial_1", "stage2")])
+    self.assertEqual(fits, [("trial_1", "frozen"), ("trial_1", "fine_tune")])
     killed = read_json(trial_file(workdir, "1", "trial.json"))
     self.assertEqual(killed["status"], "RUNNING")
     # The chief (here the one process) serves its run's fingerprint with the space.
@@ -239,7 +239,7 @@ class SearchTest(TuneTestCase):
     report = search(workdir, tuner="bayesian", max_trials=2)
     # Only the killed trial ran again, with the same hyperparameters, from its
     # finished stage 1 (the same loop as --mode=train: it resumes).
-    self.assertEqual(fits, [("trial_1", "stage2")])
+    self.assertEqual(fits, [("trial_1", "fine_tune")])
     self.assertEqual(read_json(trial_file(workdir, "0", artifacts.TRIAL_RESULT)), first)
     redone = read_json(trial_file(workdir, "1", "trial.json"))
     self.assertEqual(redone["status"], "COMPLETED")
@@ -257,14 +257,14 @@ class SearchTest(TuneTestCase):
       self.assertEqual(r["status"], "COMPLETED")
 
     best = read_json(workdir, artifacts.BEST_HPARAMS)
-    self.assertEqual(set(best), set(config_lib.HPARAMS) | {"cache_cut_ratio"})
-    self.assertEqual(best["cache_cut_ratio"],
+    self.assertEqual(set(best), set(config_lib.HPARAMS) | {"feature_cache_cut_ratio"})
+    self.assertEqual(best["feature_cache_cut_ratio"],
                      tune_worker.small_config().search.unfreeze_ratio_range[1])
     self.assertApprox(best["dropout"], float(rows[0]["dropout"]))
     saved = read_json(workdir, "report.json")
     for key in ("test_accuracy", "test_top5_accuracy", "num_test_examples", "val_accuracy",
                 "per_class_accuracy", "confusion_matrix", "class_names", "source", "split",
-                "seed", "search_seconds"):
+                "split_seed", "seed", "search_seconds"):
       self.assertIn(key, saved)
     self.assertEqual(saved["num_trials"], 2)
     self.assertEqual(saved["best_hparams"], best)
@@ -274,8 +274,8 @@ class SearchTest(TuneTestCase):
     self.assertEqual(saved["best_trial_id"], rows[0]["trial_id"])
     self.assertEqual(saved["config"]["train"]["unfreeze_ratio"], best["unfreeze_ratio"])
     history = read_json(workdir, "history.json")
-    self.assertLen(history["stage1"]["val_accuracy"], 1)
-    self.assertLen(history["stage2"]["val_accuracy"], 1)
+    self.assertLen(history["frozen"]["val_accuracy"], 1)
+    self.assertLen(history["fine_tune"]["val_accuracy"], 1)
     with open(os.path.join(workdir, artifacts.LABELS)) as f:
       self.assertLen(f.read().splitlines(), len(saved["class_names"]))
     model = keras.models.load_model(os.path.join(workdir, "model.keras"))
@@ -316,16 +316,17 @@ class SearchTest(TuneTestCase):
       self.assertEqual(again[key], first[key], key)
 
   def test_a_cache_cut_below_the_searched_ratios_is_refused(self):
-    config = tune_worker.small_config(unfreeze_ratio=0.1, cache_cut_ratio=0.3,
+    config = tune_worker.small_config(unfreeze_ratio=0.1, feature_cache_cut_ratio=0.3,
                                       search={"unfreeze_ratio_range": (0.2, 0.6)})
-    with self.assertRaisesRegex(UserError, r"--cache_cut_ratio=0.3 is below the largest "
+    with self.assertRaisesRegex(UserError, r"--feature_cache_cut_ratio=0.3 is below the largest "
                                            r"--unfreeze_ratio_range \(0.6\)"):
       search(self.tmp, config=config)
     self.assertEmpty(os.listdir(self.tmp))  # Refused before any work.
 
   def test_the_chief_serves_its_run_with_the_space_and_the_draws_stay_put(self):
     """The chief's fingerprint rides in the oracle's values, outside its space."""
-    config = tune_worker.small_config(data={"seed": 42}, search={**RANGES, "max_trials": 3})
+    config = tune_worker.small_config(data={"split_seed": 42}, search={**RANGES, "max_trials": 3},
+                                      seed=42)
     classes = types.SimpleNamespace(class_names=list("abcd"))
     drawn = {}
     for announce in (False, True):
@@ -370,8 +371,8 @@ class SearchTest(TuneTestCase):
         fine_tune_epochs=2, search={"fine_tune_learning_rate_range": (0.01, 0.01)})
     search(self.tmp, config=config)
     # After the last step, cosine has decayed to 0; a constant rate stays put.
-    self.assertApprox(rates["stage1"], 0.1 * factor)
-    self.assertApprox(rates["stage2"], 0.01 * factor)
+    self.assertApprox(rates["frozen"], 0.1 * factor)
+    self.assertApprox(rates["fine_tune"], 0.01 * factor)
 
 
 @pytest.mark.slow
@@ -395,7 +396,7 @@ class SlowSearchTest(TuneTestCase):
 
     def with_kill(run_dir, stage, train_config, validate):
       callbacks = original(run_dir, stage, train_config, validate)
-      if kill["on"] and stage == "stage2" and os.path.basename(run_dir) == "trial_1":
+      if kill["on"] and stage == "fine_tune" and os.path.basename(run_dir) == "trial_1":
         callbacks.append(Kill())
       return callbacks
 
@@ -403,8 +404,8 @@ class SlowSearchTest(TuneTestCase):
     killed = tmp_path / "killed"
     with self.assertRaises(KeyboardInterrupt):
       search(killed, config=config)
-    stage2 = train.read_history(os.path.dirname(trial_file(killed, "1", "x")), "stage2")
-    self.assertLen(stage2["val_accuracy"], 1)  # Killed midway through stage 2.
+    fine_tune = train.read_history(os.path.dirname(trial_file(killed, "1", "x")), "fine_tune")
+    self.assertLen(fine_tune["val_accuracy"], 1)  # Killed midway through stage 2.
     kill["on"] = False
     resumed = search(killed, config=config)
     self.assertEqual(read_rows(killed), read_rows(tmp_path / "alone"))
@@ -460,7 +461,7 @@ class SlowSearchTest(TuneTestCase):
     else:  # The plain path trains the full model: no cache, no stage-1 file at the top.
       self.assertIs(tuned["feature_cache"], False)
       self.assertFalse(os.path.exists(tmp_path / "tune" / "cache"))
-      self.assertFalse(os.path.exists(tmp_path / "tune" / artifacts.STAGE1_WEIGHTS))
+      self.assertFalse(os.path.exists(tmp_path / "tune" / artifacts.FROZEN_WEIGHTS))
 
   def test_hyperband_continues_the_best_trial_from_its_weights(self):
     tmp_path = self.tmp
@@ -469,14 +470,14 @@ class SlowSearchTest(TuneTestCase):
     report = search(tmp_path, config=config, tuner="hyperband", max_trials=4, overwrite=True)
     self.assertEqual(report["num_trials"], 4)
     results = [read_json(trial_file(tmp_path, i, artifacts.TRIAL_RESULT)) for i in "0123"]
-    self.assertEqual([r["stage2_epochs"] for r in results],
+    self.assertEqual([r["fine_tune_until"] for r in results],
                      [[0, 1], [0, 1], [0, 1], [1, 3]])
     parent = results[3]["continues_trial"]
     self.assertIn(parent, ("0", "1", "2"))
     self.assertEqual(results[3]["hyperparameters"], results[int(parent)]["hyperparameters"])
-    with open(trial_file(tmp_path, "3", "history_stage2.csv")) as f:
+    with open(trial_file(tmp_path, "3", "history_fine_tune.csv")) as f:
       self.assertEqual([row["epoch"] for row in csv.DictReader(f)], ["0", "1", "2"])
-    with open(trial_file(tmp_path, "3", "history_stage1.csv")) as f:
+    with open(trial_file(tmp_path, "3", "history_frozen.csv")) as f:
       self.assertLen(list(csv.DictReader(f)), 1)  # Copied from the parent, not rerun.
 
 

@@ -111,7 +111,7 @@ class TuneWorkersTest(absltest.TestCase):
     # Workers on disks of their own: only the chief can tell them apart.
     changed = {"tuner0": ("--dropout_range=0.1,0.4",
                           "search.dropout_range: [0.0, 0.5] -> [0.1, 0.4]"),
-               "tuner1": ("--seed=4", "data.seed: 3 -> 4")}
+               "tuner1": ("--seed=4", "data.split_seed: 3 -> 4")}
     chief = flowers_main(flags + [f"--workdir={os.path.join(tmp, 'chief')}"],
                          {**oracle, "KERASTUNER_TUNER_ID": "chief"})
     workers = {name: flowers_main(flags + [flag, f"--workdir={os.path.join(tmp, name)}"],

@@ -52,18 +52,18 @@ class FinishedSearchTest(absltest.TestCase):
 
 
 class FingerprintTest(absltest.TestCase):
-  """What --cache changes is in the fingerprint exactly when it changes the model."""
+  """What --pixel_cache changes is in the fingerprint exactly when it changes the model."""
 
   def fingerprint(self, cache: str, feature_cache: bool):
     source = mock.Mock(name="source", keys=["a", "b"], labels=[0, 1], spec=["name", "keys",
                                                                            "labels"])
     source.name = "tfds:oxford_flowers102"
-    config = config_lib.RunConfig(data=config_lib.DataConfig(cache=cache),
+    config = config_lib.RunConfig(data=config_lib.DataConfig(pixel_cache=cache),
                                   train=config_lib.TrainConfig(weights=None))
     return runs.fingerprint(config, "train", source=source, splits_sha256="x",
                             feature_cache=feature_cache)
 
-  def test_the_pipeline_cache_counts_only_where_it_sets_the_shuffle(self):
+  def test_the_pixel_cache_counts_only_where_it_sets_the_shuffle(self):
     # The plain path shuffles over the whole split from memory, 2,048 images from disk.
     self.assertNotEqual(runs.differences(self.fingerprint("memory", False),
                                          self.fingerprint("disk", False)), [])

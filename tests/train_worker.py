@@ -36,8 +36,8 @@ def small_config():
   from flowers.config import DataConfig, RunConfig, TrainConfig  # pylint: disable=g-import-not-at-top
 
   return RunConfig(
-      data=DataConfig(image_size=32, batch_size=8, seed=0, split="official"),
-      train=TrainConfig(weights=None, epochs=1, fine_tune_epochs=1, cache_views=2,
+      data=DataConfig(image_size=32, batch_size=8, split_seed=0, split="official"),
+      train=TrainConfig(seed=0, weights=None, epochs=1, fine_tune_epochs=1, feature_cache_views=2,
                         early_stopping_patience=0, feature_cache="off",
                         distribution_strategy="multi_worker", verbose=0,
                         unfreeze_ratio=0.1, alpha=0.35),
@@ -98,7 +98,7 @@ def main(options: dict) -> dict:
   history = os.path.join(workdir, "history.json")
   if os.path.exists(history):
     with open(history) as f:
-      summary["stage2_epochs"] = len(json.load(f)["stage2"].get("loss", []))
+      summary["fine_tune_until"] = len(json.load(f)["fine_tune"].get("loss", []))
   return summary
 
 

@@ -39,18 +39,19 @@ def small_config(search=None, data=None, **train):
   """
   from flowers import config as config_lib  # pylint: disable=g-import-not-at-top
 
-  train_settings = dict(epochs=1, fine_tune_epochs=1, cache_views=2, weights=None,
-                        early_stopping_patience=0, feature_cache="on", verbose=0)
+  train_settings = dict(epochs=1, fine_tune_epochs=1, feature_cache_views=2, weights=None,
+                        early_stopping_patience=0, feature_cache="on", verbose=0, seed=0)
   train_settings.update(train)
   search_settings = dict(dropout_range=(0.0, 0.5), unfreeze_ratio_range=(0.05, 0.15),
                          fine_tune_learning_rate_range=(1e-4, 1e-2), tuner="random",
-                         max_trials=1, export=False)
+                         max_trials=1)
   search_settings.update(search or {})
   return config_lib.RunConfig(
-      data=config_lib.DataConfig(**{"image_size": 32, "batch_size": 8, "seed": 0,
+      data=config_lib.DataConfig(**{"image_size": 32, "batch_size": 8, "split_seed": 0,
                                     **(data or {})}),
       train=config_lib.TrainConfig(**train_settings),
-      search=config_lib.SearchConfig(**search_settings), plots=False)
+      search=config_lib.SearchConfig(**search_settings),
+      export=config_lib.ExportConfig(export_best=False), plots=False)
 
 
 def _wait_for_barrier(folder: str, count: int, timeout_s: float = 300.0) -> None:
