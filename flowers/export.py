@@ -45,6 +45,7 @@ from flowers import evaluate as evaluate_lib
 from flowers import lineage
 from flowers import model as model_lib
 from flowers import runs
+from flowers import schemas
 from flowers import tflite_metadata
 from flowers.config import DataConfig
 from flowers.config import ExportConfig
@@ -225,7 +226,7 @@ def _details(interpreter) -> tuple[dict, dict]:
 
 
 def check_interface(path: str, image_size: int, num_classes: int,
-                    options: ExportConfig) -> dict:
+                    options: ExportConfig) -> schemas.TfliteInterface:
   """Loads `path` with LiteRT and checks its input and output; returns them.
 
   Raises `UserError` if the dtypes or shapes are not the ones `options` asks
@@ -265,7 +266,7 @@ def check_interface(path: str, image_size: int, num_classes: int,
 
 
 def compare(float_probs: np.ndarray, tflite_probs: np.ndarray,
-            labels: np.ndarray) -> dict:
+            labels: np.ndarray) -> schemas.ExportComparison:
   """Accuracies of both models, their top-1 agreement and probability gap."""
   float_acc = float((float_probs.argmax(1) == labels).mean())
   tflite_acc = float((tflite_probs.argmax(1) == labels).mean())
@@ -344,7 +345,7 @@ class _Converted:
 
 
 def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
-                        source: data_lib.Source | None = None) -> dict:
+                        source: data_lib.Source | None = None) -> schemas.ExportReport:
   """Converts `model_path`, verifies it on the test split, and writes it.
 
   The `.tflite` (name per `config.export.quantization`), `labels.txt` and
@@ -508,7 +509,7 @@ def _describe(final_path: str, subject: _Subject, test: _TestData, converted: _C
   }
 
 
-def _write_report(workdir: str, report: dict, subject: _Subject) -> None:
+def _write_report(workdir: str, report: schemas.ExportReport, subject: _Subject) -> None:
   """`export_report.json` and its record: written passed or not, so a refusal can be read."""
   artifacts.write_json(os.path.join(workdir, artifacts.EXPORT_REPORT), report)
   lineage.record(workdir, artifacts.EXPORT_REPORT, mode="export", model=subject.sha,

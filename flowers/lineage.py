@@ -24,6 +24,7 @@ import zipfile
 from typing import Any
 
 from flowers import artifacts
+from flowers import schemas
 
 
 def file_sha256(path: str) -> str:
@@ -74,7 +75,7 @@ def workdir_model(workdir: str) -> str | None:
   return model_sha256(os.path.join(workdir, artifacts.MODEL))
 
 
-def read(workdir: str) -> dict[str, Any]:
+def read(workdir: str) -> schemas.Lineage:
   """The workdir's manifest: {"owner": run id or None, "files": {name: record}}."""
   path = os.path.join(workdir, artifacts.LINEAGE)
   if not os.path.exists(path):

@@ -20,6 +20,7 @@ from typing import Sequence
 from flowers import artifacts
 from flowers import data as data_lib
 from flowers import runs
+from flowers import schemas
 from flowers import split as split_lib
 from flowers.config import OutputFormat
 from flowers.config import RunConfig
@@ -61,7 +62,7 @@ def _write_plots(workdir: str, enabled: bool) -> None:
   print(f"Report: {path}")
 
 
-def _print_finished(report: dict, workdir: str) -> None:
+def _print_finished(report: schemas.Report, workdir: str) -> None:
   print(f"{workdir} already holds this run, finished: test_accuracy="
         f"{report['test_accuracy']:.4f} val_accuracy={report.get('val_accuracy', float('nan')):.4f}"
         f" ({report['num_test_examples']} test images) -> "
@@ -92,7 +93,7 @@ def train(config: RunConfig, workdir: str) -> dict:
   return report
 
 
-def evaluate(config: RunConfig, workdir: str) -> dict:
+def evaluate(config: RunConfig, workdir: str) -> schemas.EvaluationReport:
   """Test metrics of a .keras or .tflite model into `WORKDIR/evaluation_<model>.json`.
 
   The model is scored on its own run's test split (`runs.model_data`); the
@@ -222,7 +223,7 @@ def tune(config: RunConfig, workdir: str) -> dict:
   return report
 
 
-def export(config: RunConfig, workdir: str) -> dict:
+def export(config: RunConfig, workdir: str) -> schemas.ExportReport:
   """int8 (or other) TFLite export, verified on the test split (see `export.py`)."""
   from flowers import export as export_lib  # pylint: disable=g-import-not-at-top
 

@@ -27,6 +27,7 @@ from flowers import artifacts
 from flowers import cli
 from flowers import config as config_lib
 from flowers import lineage
+from flowers import schemas
 from flowers.errors import UserError
 
 # Settings that do not change what a run computes, left out of its fingerprint.
@@ -95,7 +96,7 @@ def split_identity(split: str, seed: int) -> Any:
   return "official" if spec.is_official else [round(f, 9) for f in spec.fractions]
 
 
-def source_identity(source: Any) -> dict[str, Any]:
+def source_identity(source: Any) -> schemas.SourceIdentity:
   """What a source's images are, not where they live (a moved folder is the same data)."""
   name = source.name if source.name.startswith("tfds:") else "image_dir"
   content = getattr(source, "content_sha256", None)
@@ -105,7 +106,7 @@ def source_identity(source: Any) -> dict[str, Any]:
 
 def fingerprint(config: config_lib.RunConfig, mode: str, *, source: Any,
                 splits_sha256: str, feature_cache: bool,
-                methods: dict[str, str] | None = None) -> dict[str, Any]:
+                methods: dict[str, str] | None = None) -> schemas.Fingerprint:
   """Everything a run's results depend on, as JSON.
 
   `methods` names how the code makes what no setting names (`recipe()`): how
@@ -135,7 +136,7 @@ def fingerprint(config: config_lib.RunConfig, mode: str, *, source: Any,
           **(methods or {}), "splits_sha256": splits_sha256, "versions": versions()}
 
 
-def location(config: config_lib.RunConfig) -> dict[str, Any]:
+def location(config: config_lib.RunConfig) -> schemas.Location:
   """Where the run's data lives (absolute paths), for the modes that come after."""
   found: dict[str, Any] = {"split": config.data.split}
   for name in _LOCATION:
@@ -167,7 +168,7 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def run_fingerprint(config: config_lib.RunConfig, workdir: str, mode: str, source: Any,
-                    feature_cache: bool) -> dict[str, Any]:
+                    feature_cache: bool) -> schemas.Fingerprint:
   """`fingerprint` of a run in `workdir`, whose splits.csv is already written."""
   return fingerprint(config, mode, source=source,
                      splits_sha256=file_sha256(os.path.join(workdir, artifacts.SPLITS)),
@@ -189,7 +190,7 @@ def _refuse_other_settings(workdir: str, old: dict[str, Any], new: dict[str, Any
                     "or use a new --workdir.")
 
 
-def read_run(workdir: str) -> dict[str, Any] | None:
+def read_run(workdir: str) -> schemas.RunJson | None:
   """The workdir's run.json (settings under their current names), or None; a damaged
   one is a one-line error."""
   raw = _read_raw(workdir)
@@ -228,7 +229,7 @@ def upgrade(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def begin(config: config_lib.RunConfig, workdir: str, mode: str, source: Any, *,
-          feature_cache: bool, chief: bool = True) -> dict[str, Any]:
+          feature_cache: bool, chief: bool = True) -> schemas.Fingerprint:
   """Checks a run against the workdir's `run.json` and records it; returns it.
 
   `source` is the run's `data.Source` (what its images are is fingerprinted).
@@ -266,7 +267,7 @@ def _write_if_changed(path: str, text: str) -> None:
 
 
 def finished(config: config_lib.RunConfig, workdir: str, mode: str, source: Any, *,
-             feature_cache: bool) -> dict[str, Any] | None:
+             feature_cache: bool) -> schemas.Report | None:
   """The report of this very run when it already finished in `workdir`, else None.
 
   Finished means: run.json records these settings and data, and report.json
@@ -326,7 +327,7 @@ def model_data(model_path: str, workdir: str,
   return data
 
 
-def data_of_run(run: dict[str, Any], data: config_lib.DataConfig) -> config_lib.DataConfig:
+def data_of_run(run: schemas.RunJson, data: config_lib.DataConfig) -> config_lib.DataConfig:
   """`data` with the dataset, split and seed a run recorded, and where its data lived
   unless `data` names a place itself."""
   made = run.get("data", {})

@@ -43,6 +43,7 @@ from flowers import lineage
 from flowers import model as model_lib
 from flowers import prefix_cache
 from flowers import runs
+from flowers import schemas
 from flowers.config import LrSchedule
 from flowers.config import Optimizer
 from flowers.config import RunConfig
@@ -141,7 +142,7 @@ def seed_states(model: keras.Model) -> list[Any]:
   return [v for v in model.variables if id(v) not in weights]
 
 
-def read_history(run_dir: str, stage: str) -> dict[str, list[float]]:
+def read_history(run_dir: str, stage: str) -> schemas.StageHistory:
   """One stage's per-epoch metrics from its CSV log (the last row per epoch wins)."""
   path = os.path.join(run_dir, artifacts.stage_history(stage))
   if not os.path.exists(path):
@@ -541,7 +542,7 @@ def evaluate_split(model: keras.Model, splits: data_lib.Splits, split: str = "te
 
 def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, workdir: str,
              run_dir: str, num_train_images: int | None = None,
-             **extra: Any) -> dict[str, Any]:
+             **extra: Any) -> schemas.Report:
   """Rounds, saves and evaluates a trained model; writes every artifact of a run.
 
   `model.keras`, `labels.txt`, `history.json` (from `run_dir`'s CSV logs) and
@@ -629,7 +630,7 @@ def _run_facts(splits: data_lib.Splits, config: RunConfig,
   }
 
 
-def _write_report(workdir: str, report: dict[str, Any], model_sha: str) -> None:
+def _write_report(workdir: str, report: schemas.Report, model_sha: str) -> None:
   """`report.json`, then the lineage records of the run's files.
 
   report.json's record goes last: it is what marks the run finished

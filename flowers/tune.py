@@ -65,6 +65,7 @@ from flowers import distribute
 from flowers import inputs as inputs_lib
 from flowers import model as model_lib
 from flowers import runs
+from flowers import schemas
 from flowers import split as split_lib
 from flowers import train as train_lib
 from flowers.config import HPARAMS
@@ -531,7 +532,7 @@ def splits_sha256(config: RunConfig, source: data_lib.Source) -> str:
 
 
 def worker_fingerprint(config: RunConfig, source: data_lib.Source,
-                       feature_cache: bool) -> dict[str, Any]:
+                       feature_cache: bool) -> schemas.Fingerprint:
   """The run fingerprint `runs.begin` would record for this search, computed
   without touching a WORKDIR (a worker checks it before it writes there)."""
   return runs.fingerprint(config, "tune", source=source,
@@ -539,7 +540,7 @@ def worker_fingerprint(config: RunConfig, source: data_lib.Source,
                           feature_cache=feature_cache, methods=runs.recipe())
 
 
-def check_chief_run(mine: dict[str, Any]) -> None:
+def check_chief_run(mine: schemas.Fingerprint) -> None:
   """Refuses, in one line, a worker whose run fingerprint differs from the chief's.
 
   The chief's comes with the oracle's search space (`CHIEF_RUN_KEY`); asking
@@ -636,7 +637,7 @@ def _best_checkpoint(tuner: keras_tuner.Tuner, trial) -> str:
 
 
 def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: str,
-            start: float, **extra: Any) -> dict[str, Any]:
+            start: float, **extra: Any) -> schemas.TuneReport:
   """trials.csv, best_hparams.json, then the best model saved like a train run's."""
   rows = _write_trials_table(tuner, workdir)
   completed = _completed_trials(tuner)

@@ -164,11 +164,13 @@ class KillAndResumeTest(parameterized.TestCase):
       return model, inputs.make_inputs(model, splits, run_config, workdir,
                                       run_config.train.unfreeze_ratio)
 
-    trained, inputs = model_and_inputs()
-    train.fit_stages(trained, inputs, run_config.train, workdir, seed=run_config.train.seed)
-    again, inputs = model_and_inputs()
+    trained, stage_inputs = model_and_inputs()
+    train.fit_stages(trained, stage_inputs, run_config.train, workdir,
+                     seed=run_config.train.seed)
+    again, stage_inputs = model_and_inputs()
     with mock.patch.object(keras.Model, "fit") as fit:
-      train.fit_stages(again, inputs, run_config.train, workdir, seed=run_config.train.seed)
+      train.fit_stages(again, stage_inputs, run_config.train, workdir,
+                       seed=run_config.train.seed)
     fit.assert_not_called()  # Both stages' final weights are loaded instead.
     for a, b in zip(again.get_weights(), trained.get_weights()):
       np.testing.assert_array_equal(a, b)

@@ -182,10 +182,11 @@ class WrittenFilesTest(absltest.TestCase):
     tflite = os.path.join(cls.train_dir, artifacts.TFLITE_NAMES["int8"])
     modes.evaluate(dataclasses.replace(
         config, predict=dataclasses.replace(config.predict, model=tflite)), cls.train_dir)
-    search = {"tuner": "random", "max_trials": 2, "export": False,
+    search = {"tuner": "random", "max_trials": 2,
               "dropout_range": (0.1, 0.4), "unfreeze_ratio_range": (0.05, 0.15)}
     cls.tune_dir = os.path.join(cls.root, "tune")
-    modes.tune(dataclasses.replace(config, search=dataclasses.replace(config.search, **search)),
+    modes.tune(dataclasses.replace(config, search=dataclasses.replace(config.search, **search),
+                                   export=dataclasses.replace(config.export, export_best=False)),
                cls.tune_dir)
 
   @classmethod

@@ -15,6 +15,7 @@ import pytest
 
 import fake_data
 from workdir_files import snapshot
+from flowers import artifacts
 from flowers import config as config_lib
 from flowers import runs
 
@@ -70,6 +71,37 @@ class FingerprintTest(absltest.TestCase):
     # The feature cache reads its own sampler: where the pixels are kept changes nothing.
     self.assertEqual(runs.differences(self.fingerprint("memory", True),
                                       self.fingerprint("disk", True)), [])
+
+
+class OlderStageNamesTest(absltest.TestCase):
+  """Runs of an older flowers named the stages stage1 and stage2."""
+
+  def test_an_older_runs_training_state_is_renamed_so_it_resumes(self):
+    workdir = self.create_tempdir().full_path
+    old = ["stage1.weights.h5", "history_stage2.csv", "backup/stage2/state.npz",
+           "logs/stage1/events", "tuner/trial_0/stage2.weights.h5", "cache/stage1/x",
+           "notes/stage1"]
+    for name in old:
+      os.makedirs(os.path.dirname(os.path.join(workdir, name)), exist_ok=True)
+      with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+        f.write(name)
+    artifacts.rename_legacy_stage_files(workdir)
+    renamed = {"frozen.weights.h5": "stage1.weights.h5",
+               "history_fine_tune.csv": "history_stage2.csv",
+               "backup/fine_tune/state.npz": "backup/stage2/state.npz",
+               "logs/frozen/events": "logs/stage1/events",
+               "tuner/trial_0/fine_tune.weights.h5": "tuner/trial_0/stage2.weights.h5",
+               # Not training state: the caches, and files that only share a word.
+               "cache/stage1/x": "cache/stage1/x", "notes/stage1": "notes/stage1"}
+    for new, was in renamed.items():
+      with open(os.path.join(workdir, new), encoding="utf-8") as f:
+        self.assertEqual(f.read(), was)
+    for name in ("stage1.weights.h5", "backup/stage2", "logs/stage1"):
+      self.assertFalse(os.path.exists(os.path.join(workdir, name)), name)
+
+  def test_an_older_history_json_reads_under_the_stage_names(self):
+    history = artifacts.upgrade_history({"stage1": {"loss": [1.0]}, "stage2": {"loss": [0.5]}})
+    self.assertEqual(history, {"frozen": {"loss": [1.0]}, "fine_tune": {"loss": [0.5]}})
 
 
 class PredictTest(absltest.TestCase):
