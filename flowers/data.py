@@ -105,6 +105,40 @@ def load_tfds(name: str = DataConfig.tfds_name, data_dir: str | None = None,
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  builder = _prepared_builder(name, data_dir, download)
+  features = builder.info.features
+  for feature in ("image", "label", "file_name"):
+    if feature not in features:
+      raise UserError(f"TFDS {name} has no {feature!r} feature; flowers needs "
+                      "image, label and file_name.")
+  class_names = list(features["label"].names)
+  splits = _tfds_splits(builder)
+  keys, labels, source_splits = _list_tfds(builder, splits)
+
+  def encoded() -> tf.data.Dataset:
+    datasets = [builder.as_dataset(split=s, decoders={"image": tfds.decode.SkipDecoding()},
+                                   shuffle_files=False) for s in splits]
+    ds = datasets[0]
+    for other in datasets[1:]:
+      ds = ds.concatenate(other)
+    return ds.map(lambda ex: (ex["file_name"], ex["image"]))
+
+  version = str(builder.info.version)
+  data_dir_of_version = str(builder.data_dir)
+
+  def describe() -> dict[str, Any]:
+    return {"tfds": name, "version": version, "splits": splits,
+            "files": _prepared_files(data_dir_of_version)}
+
+  return Source(f"tfds:{name}", keys, labels, class_names, source_splits, encoded,
+                describe=describe)
+
+
+def _prepared_builder(name: str, data_dir: str | None, download: bool) -> Any:
+  """The TFDS builder of `name`, prepared (downloading only if allowed), or a one-line
+  error naming the flag to fix."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   if data_dir is not None and not os.path.isdir(data_dir):
     raise UserError(f"--tfds_data_dir={data_dir} does not exist; point it at the "
                     "folder holding oxford_flowers102/, or leave it unset to download.")
@@ -122,23 +156,23 @@ def load_tfds(name: str = DataConfig.tfds_name, data_dir: str | None = None,
       raise UserError(
           f"Could not download and prepare {name} ({type(e).__name__}); check the "
           "network, or pass --tfds_data_dir=<folder with a prepared copy>.") from e
-  features = builder.info.features
-  for feature in ("image", "label", "file_name"):
-    if feature not in features:
-      raise UserError(f"TFDS {name} has no {feature!r} feature; flowers needs "
-                      "image, label and file_name.")
-  class_names = list(features["label"].names)
+  return builder
 
-  # The dataset's own splits, the usual three first; TFDS's names if it lists none.
+
+def _tfds_splits(builder: Any) -> list[str]:
+  """The dataset's own splits, the usual three first; TFDS's names if it lists none."""
   available = list(builder.info.splits.keys()) or list(TFDS_SPLITS)
-  splits = ([s for s in TFDS_SPLITS if s in available] +
-            sorted(s for s in available if s not in TFDS_SPLITS))
+  return ([s for s in TFDS_SPLITS if s in available] +
+          sorted(s for s in available if s not in TFDS_SPLITS))
 
-  def read(split: str, decode_image: bool) -> tf.data.Dataset:
-    decoders = None if decode_image else {"image": tfds.decode.SkipDecoding()}
-    return builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
 
-  # Listing parses only the names and labels: no image bytes are materialized.
+def _list_tfds(builder: Any, splits: Sequence[str]) -> tuple[list[str], list[int], list[str]]:
+  """Every example's file name, label and split, in split order.
+
+  Only the names and labels are parsed: no image bytes are materialized.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   listing = tfds.decode.PartialDecoding({"file_name": True, "label": True})
   keys, labels, source_splits = [], [], []
   for split in splits:
@@ -148,23 +182,7 @@ def load_tfds(name: str = DataConfig.tfds_name, data_dir: str | None = None,
       keys.extend(n.decode() for n in names)
       labels.extend(int(l) for l in labs)
       source_splits.extend([split] * len(names))
-
-  def encoded() -> tf.data.Dataset:
-    datasets = [read(s, decode_image=False) for s in splits]
-    ds = datasets[0]
-    for other in datasets[1:]:
-      ds = ds.concatenate(other)
-    return ds.map(lambda ex: (ex["file_name"], ex["image"]))
-
-  version = str(builder.info.version)
-  data_dir_of_version = str(builder.data_dir)
-
-  def describe() -> dict[str, Any]:
-    return {"tfds": name, "version": version, "splits": splits,
-            "files": _prepared_files(data_dir_of_version)}
-
-  return Source(f"tfds:{name}", keys, labels, class_names, source_splits, encoded,
-                describe=describe)
+  return keys, labels, source_splits
 
 
 def _prepared_files(folder: str) -> list[tuple[str, int]]:
@@ -249,6 +267,30 @@ def load_image_dir(path: str, strict: bool = False) -> Source:
   def skip(full: str, reason: str) -> None:
     skipped[_printable(os.path.relpath(full, path).replace(os.sep, "/"))] = reason
 
+  class_names = _class_folders(path, skip)
+  keys, labels, sizes = _list_class_images(path, class_names, skip)
+  _report_skipped(path, skipped, strict)
+  if not keys:
+    raise UserError(f"--image_dir={path} holds no images in its class subfolders "
+                    f"({len(skipped)} other file(s) skipped); add JPEG, PNG or other "
+                    "images Pillow reads.")
+  empty = [n for i, n in enumerate(class_names) if i not in set(labels)]
+  if empty:
+    raise UserError(f"Class folder(s) {empty[:5]} under {path} hold no readable "
+                    "images; add images or remove the folder.")
+  root = os.path.abspath(path)
+
+  def encoded() -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices(np.array(keys, dtype=object))
+    return ds.map(lambda k: (k, tf.io.read_file(tf.strings.join([root, "/", k]))))
+
+  return Source(os.path.abspath(path), keys, labels, class_names, None, encoded,
+                decoder="pil", skipped=skipped,
+                describe=lambda: {"image_dir": True, "sizes": sizes})
+
+
+def _class_folders(path: str, skip: Callable[[str, str], None]) -> list[str]:
+  """The class subfolders of `path`, sorted; what is not one is skipped with why."""
   class_names = []
   for entry in sorted(os.listdir(path)):
     full = os.path.join(path, entry)
@@ -266,6 +308,13 @@ def load_image_dir(path: str, strict: bool = False) -> Source:
   if not class_names:
     raise UserError(f"--image_dir={path} has no class subfolders; put each class's "
                     "images in its own subfolder.")
+  return class_names
+
+
+def _list_class_images(path: str, class_names: Sequence[str], skip: Callable[[str, str], None]
+                       ) -> tuple[list[str], list[int], dict[str, int]]:
+  """Every image under the class folders (key, label, size in bytes), in sorted order;
+  other files are skipped with why."""
   keys, labels, sizes = [], [], {}
   for label, name in enumerate(class_names):
     folder = os.path.join(path, name)
@@ -287,24 +336,7 @@ def load_image_dir(path: str, strict: bool = False) -> Source:
         keys.append(key)
         labels.append(label)
         sizes[key] = os.path.getsize(full)
-  _report_skipped(path, skipped, strict)
-  if not keys:
-    raise UserError(f"--image_dir={path} holds no images in its class subfolders "
-                    f"({len(skipped)} other file(s) skipped); add JPEG, PNG or other "
-                    "images Pillow reads.")
-  empty = [n for i, n in enumerate(class_names) if i not in set(labels)]
-  if empty:
-    raise UserError(f"Class folder(s) {empty[:5]} under {path} hold no readable "
-                    "images; add images or remove the folder.")
-  root = os.path.abspath(path)
-
-  def encoded() -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices(np.array(keys, dtype=object))
-    return ds.map(lambda k: (k, tf.io.read_file(tf.strings.join([root, "/", k]))))
-
-  return Source(os.path.abspath(path), keys, labels, class_names, None, encoded,
-                decoder="pil", skipped=skipped,
-                describe=lambda: {"image_dir": True, "sizes": sizes})
+  return keys, labels, sizes
 
 
 def _report_skipped(path: str, skipped: dict[str, str], strict: bool) -> None:
