@@ -38,6 +38,7 @@ AUGMENTED_PNG = "augmented_samples.png"
 CONFUSION_PNG = "confusion_matrix.png"
 PER_CLASS_PNG = "per_class_accuracy.png"
 TUNING_PNG = "tuning.png"
+RELIABILITY_PNG = "reliability.png"
 
 # Training state, per run folder (WORKDIR, or a tuning trial's folder).
 FROZEN_WEIGHTS = "frozen.weights.h5"  # Marks a finished stage 1.

@@ -227,6 +227,9 @@ class TrainConfig:
       ones).
     int8_grid_weights: round the trained conv kernels to the int8 export's grid,
       so the int8 model answers like the float one.
+    calibrate: fit a temperature on val (NLL) after training and the int8-grid
+      rounding and fold it into the classifier when it lowers val NLL, so the
+      scores of the model and its exports are calibrated (top-1 unchanged).
     distribution_strategy: tf.distribute strategy the stages train under.
     verbose: Keras verbosity: 0 silent, 1 progress bars, 2 a line per epoch.
   """
@@ -252,6 +255,7 @@ class TrainConfig:
   feature_cache_cut_ratio: float | None = None
   feature_cache_views: int = 4
   int8_grid_weights: bool = True
+  calibrate: bool = True
   distribution_strategy: Strategy = Strategy.DEFAULT
   verbose: int = 1
 

@@ -40,6 +40,7 @@ import tensorflow as tf
 
 from flowers import artifacts
 from flowers import backbone as backbone_lib
+from flowers import calibrate as calibrate_lib
 from flowers import data as data_lib
 from flowers import evaluate as evaluate_lib
 from flowers import lineage
@@ -267,7 +268,8 @@ def check_interface(path: str, image_size: int, num_classes: int,
 
 def compare(float_probs: np.ndarray, tflite_probs: np.ndarray,
             labels: np.ndarray) -> schemas.ExportComparison:
-  """Accuracies of both models, their top-1 agreement and probability gap."""
+  """Accuracies of both models, their top-1 agreement and probability gap, and how
+  calibrated each is (NLL and ECE)."""
   float_acc = float((float_probs.argmax(1) == labels).mean())
   tflite_acc = float((tflite_probs.argmax(1) == labels).mean())
   gap = np.abs(float_probs - tflite_probs)
@@ -278,6 +280,10 @@ def compare(float_probs: np.ndarray, tflite_probs: np.ndarray,
       "top1_agreement": float((float_probs.argmax(1) == tflite_probs.argmax(1)).mean()),
       "max_abs_probability_diff": float(gap.max()),
       "mean_abs_probability_diff": float(gap.mean()),
+      "float_test_nll": calibrate_lib.nll(float_probs, labels),
+      "tflite_test_nll": calibrate_lib.nll(tflite_probs, labels),
+      "float_test_ece": calibrate_lib.expected_calibration_error(float_probs, labels),
+      "tflite_test_ece": calibrate_lib.expected_calibration_error(tflite_probs, labels),
       "num_test_examples": int(len(labels)),
   }
 

@@ -386,6 +386,47 @@ def plot_tuning(trials: Sequence[Mapping[str, Any]], path: str) -> str | None:
     return save_figure(fig, path)
 
 
+def _reliability_points(table: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+  """(mean confidence, accuracy) of a reliability table's non-empty bins."""
+  pairs = [(c, a) for n, c, a in zip(table["count"], table["confidence"], table["accuracy"])
+           if n]
+  return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+def plot_reliability(calibration: Mapping[str, Any], path: str) -> str | None:
+  """Test accuracy against top-1 confidence per bin, before and after calibration.
+
+  Drawn from report.json's "calibration" (its reliability tables); on the
+  diagonal a model is calibrated. None (nothing written) without the tables.
+  """
+  tables = [(calibration.get(f"test_reliability_{when}"), when, color, marker)
+            for when, color, marker in (("before", "#d62728", "o"), ("after", "#1f77b4", "s"))]
+  tables = [t for t in tables if t[0] and any(t[0]["count"])]
+  if not tables:
+    return None
+  with _style():
+    fig = _figure(5.5, 5)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ":", color="0.4", linewidth=1, label="calibrated")
+    for table, when, color, marker in tables:
+      confidence, accuracy = _reliability_points(table)
+      ece = calibration.get(f"test_ece_{when}")
+      label = when if ece is None else f"{when} (ECE {ece:.3f})"
+      ax.plot(confidence, accuracy, "-", marker=marker, markersize=4, color=color, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"top-1 confidence (mean of each of {tables[0][0]['bins']} bins)")
+    ax.set_ylabel("test accuracy in the bin")
+    temperature = calibration.get("temperature")
+    applied = "folded" if calibration.get("applied") else "not folded"
+    ax.set_title("Reliability on test" + (f" (temperature {temperature:.3f}, {applied})"
+                                          if temperature is not None else ""))
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left")
+    return save_figure(fig, path)
+
+
 def write_augmented_samples(workdir: str, source: Source, config: RunConfig,
                             count: int = 24, columns: int = 6) -> str | None:
   """Draws `count` augmented training images into plots/augmented_samples.png.

@@ -225,6 +225,7 @@ def upgrade(run: dict[str, Any]) -> dict[str, Any]:
       train.setdefault("seed", seed)
   if isinstance(train, dict):
     train.setdefault("backbone", "mobilenet_v2")  # The only one there was.
+    train.setdefault("calibrate", False)  # Older runs shipped their scores uncalibrated.
   return run
 
 

@@ -75,12 +75,45 @@ class BestHparams(Hyperparameters):
 # report.json
 
 
+class Reliability(TypedDict):
+  """`calibrate.reliability`: the test split in equal-width bins of top-1 confidence."""
+
+  bins: int  # How many bins split [0, 1] (15).
+  count: list[int]  # Images per bin, lowest confidence first.
+  confidence: list[float | None]  # Mean top-1 probability per bin; None when empty.
+  accuracy: list[float | None]  # Top-1 accuracy per bin, a fraction; None when empty.
+
+
+class Calibration(TypedDict):
+  """The temperature fitted on val and folded into the classifier (`train._calibrate`).
+
+  NLL is in nats per image (probabilities clipped at 1e-7); ECE, a fraction, is
+  over 15 equal-width bins of top-1 confidence. "after" is the shipped
+  model's; "before", the model's before the fold (the same when none was).
+  """
+
+  applied: bool  # Whether the temperature was folded in (only when it lowers val NLL).
+  reason: str  # Why it was or was not: "it lowers val NLL", "no val split ...", ...
+  temperature: NotRequired[float]  # The fitted T (logits / T); absent without val.
+  val_nll_before: NotRequired[float]  # With a val split, as the val figures below.
+  val_nll_after: NotRequired[float]
+  val_ece_before: NotRequired[float]
+  val_ece_after: NotRequired[float]
+  test_nll_before: float  # Measured on test; never used to choose.
+  test_nll_after: float
+  test_ece_before: float
+  test_ece_after: float
+  test_reliability_before: Reliability
+  test_reliability_after: Reliability
+
+
 class _RunReport(TestMetrics, ValMetrics):
   """What every report.json holds: `train.save_run`'s part (see TrainReport)."""
 
   # Val accuracy of the model as trained, before its kernels were rounded to the
   # int8 grid; only when the rounding moved kernels and the split has val images.
   val_accuracy_before_int8_grid: NotRequired[float]
+  calibration: NotRequired[Calibration]  # Under --calibrate (the default).
   source: str  # The source's name: "tfds:<dataset>", or the image folder's path.
   split: str  # --split as given ("64,16,20", "official").
   split_seed: int  # The seed of the run's split.
@@ -155,6 +188,10 @@ class ExportComparison(TypedDict):
   top1_agreement: float  # Fraction of images both models give the same top-1 class.
   max_abs_probability_diff: float  # Largest gap between their probabilities.
   mean_abs_probability_diff: float
+  float_test_nll: float  # The Keras model's test NLL (nats per image; `calibrate.nll`).
+  tflite_test_nll: float  # The TFLite model's.
+  float_test_ece: float  # The Keras model's test ECE, a fraction (15 bins).
+  tflite_test_ece: float  # The TFLite model's.
   num_test_examples: int
 
 

@@ -178,6 +178,7 @@ def summary_markdown(workdir: str, report: Mapping[str, Any], *,
       _data_section(report, split_summary, plots),
       _results_section(report),
       _export_section(export_report),
+      _calibration_section(report, export_report, plots),
       _tuning_section(trials, best_hparams, plots),
       _history_section(plots, history_found),
       _confusion_section(report, plots),
@@ -242,6 +243,41 @@ def _export_cell(key: str, value: Any) -> str:
   if key.endswith("size_bytes") and plots_lib.is_number(value):
     return _size(value)
   return _fmt(value)
+
+
+def _calibration_section(report: Mapping[str, Any], export_report: Mapping[str, Any] | None,
+                         plots: Mapping[str, str]) -> list[str]:
+  """The temperature, NLL and ECE before and after it, the export's, the diagram."""
+  calibration = report.get("calibration")
+  if not isinstance(calibration, Mapping):
+    return []
+  paragraphs = [_calibration_line(calibration)]
+  rows = [(f"{split.capitalize()} {name}", _fmt(calibration[f"{split}_{key}_before"]),
+           _fmt(calibration[f"{split}_{key}_after"]))
+          for split in ("val", "test") for key, name in (("nll", "NLL"), ("ece", "ECE"))
+          if f"{split}_{key}_before" in calibration]
+  if rows:
+    paragraphs.append(_table(("", "before", "after"), rows, ("l", "r", "r")))
+  if export_report and "tflite_test_ece" in export_report:
+    paragraphs.append(_table(("shipped model", "test NLL", "test ECE"), [
+        ("Keras", _fmt(export_report["float_test_nll"]), _fmt(export_report["float_test_ece"])),
+        (f"TFLite ({export_report.get('quantization', '?')})",
+         _fmt(export_report["tflite_test_nll"]), _fmt(export_report["tflite_test_ece"]))],
+        ("l", "r", "r")))
+  if "reliability" in plots:
+    paragraphs.append(_image("reliability", plots["reliability"]))
+  return _section("Calibration", *paragraphs)
+
+
+def _calibration_line(calibration: Mapping[str, Any]) -> str:
+  """What was chosen and why, in one sentence."""
+  temperature = calibration.get("temperature")
+  if temperature is None:
+    return f"No temperature: {calibration.get('reason', 'none fitted')}."
+  verb = "folded into" if calibration.get("applied") else "not folded into"
+  return (f"Temperature {temperature:.4f}, fitted on val (NLL), {verb} the classifier: "
+          f"{calibration.get('reason', '')}. NLL in nats per image, ECE over 15 "
+          "confidence bins; top-1 is unchanged.")
 
 
 def _tuning_section(trials: Sequence[Mapping[str, Any]] | None, best_hparams: Any,
@@ -545,6 +581,9 @@ def _figures(inputs: _Inputs) -> list[tuple[str, str, _Figure]]:
     figures.append(("per_class_accuracy", artifacts.PER_CLASS_PNG, functools.partial(
         plots_lib.plot_per_class_accuracy, report["per_class_accuracy"], support=support,
         overall=report.get("test_accuracy"), class_names=report["class_names"])))
+  if isinstance(report.get("calibration"), Mapping):
+    figures.append(("reliability", artifacts.RELIABILITY_PNG,
+                    functools.partial(plots_lib.plot_reliability, report["calibration"])))
   if inputs.trials is not None:
     figures.append(("tuning", artifacts.TUNING_PNG,
                     functools.partial(plots_lib.plot_tuning, inputs.trials)))

@@ -16,7 +16,8 @@ the run folder (`frozen.weights.h5`, `fine_tune.weights.h5`).
 The stages read their data from `flowers.inputs` (`Inputs.stage`): the plain
 tf.data pipeline or the frozen-prefix cache, the model's weights being the
 same either way. After the stages, `save_run` rounds the kernels to the int8
-grid, evaluates and writes the run's files.
+grid, calibrates the scores (a temperature fitted on val, folded into the
+classifier), evaluates and writes the run's files.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import keras
 import numpy as np
 
 from flowers import artifacts
+from flowers import calibrate as calibrate_lib
 from flowers import data as data_lib
 from flowers import distribute
 from flowers import evaluate as evaluate_lib
@@ -533,10 +535,18 @@ def save_model(model: keras.Model, path: str) -> None:
     model.save(tmp)
 
 
+_Scored = tuple[np.ndarray, np.ndarray]  # (probabilities [N, C], labels [N]) of a split.
+
+
+def _split_probs(model: keras.Model, splits: data_lib.Splits, split: str) -> _Scored:
+  """`model`'s probabilities on one split, through the real input pipeline, and its labels."""
+  dataset = splits.test if split == "test" else splits.val
+  return evaluate_lib.predict_dataset(evaluate_lib.keras_predictor(model), dataset)
+
+
 def evaluate_split(model: keras.Model, splits: data_lib.Splits, split: str = "test") -> dict:
   """Metrics of `model` on one split, through the real input pipeline."""
-  dataset = splits.test if split == "test" else splits.val
-  probs, labels = evaluate_lib.predict_dataset(evaluate_lib.keras_predictor(model), dataset)
+  probs, labels = _split_probs(model, splits, split)
   return evaluate_lib.metrics(probs, labels, splits.class_names, prefix=split)
 
 
@@ -546,17 +556,20 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
   """Rounds, saves and evaluates a trained model; writes every artifact of a run.
 
   `model.keras`, `labels.txt`, `history.json` (from `run_dir`'s CSV logs) and
-  `report.json` (test and val metrics, the images skipped in each split, what
-  the run was, `extra`) go to `workdir`. `num_train_images`: how many training
-  images the stages saw, when known. Returns the report.
+  `report.json` (test and val metrics, the images skipped in each split, the
+  calibration, what the run was, `extra`) go to `workdir`. `num_train_images`:
+  how many training images the stages saw, when known. Returns the report.
   """
   as_trained = _round_to_int8_grid(model, splits, config)
+  chosen = _calibrate(model, splits, config)
   model_sha = _write_model_files(model, splits, workdir, run_dir)
-  report, skipped = _evaluate_splits(model, splits, config.data.strict)
+  report, skipped, scored = _evaluate_splits(model, splits, config.data.strict)
   skipped.update(_skipped_before_evaluation(splits, num_train_images, config.data.strict))
   report.update(_run_facts(splits, config, skipped))
   if as_trained is not None:
     report["val_accuracy_before_int8_grid"] = as_trained
+  if chosen is not None:
+    report["calibration"] = _calibration_report(chosen, scored)
   report.update(extra)
   _write_report(workdir, report, model_sha)
   return report
@@ -575,6 +588,66 @@ def _round_to_int8_grid(model: keras.Model, splits: data_lib.Splits,
   return as_trained
 
 
+@dataclasses.dataclass(frozen=True)
+class _Temperature:
+  """What `_calibrate` chose, with the probabilities it saw before folding."""
+  applied: bool
+  reason: str
+  temperature: float | None  # None: no val split to fit one on.
+  val_before: _Scored | None
+  test_before: _Scored | None  # None: the model was left as it was.
+
+
+def _calibrate(model: keras.Model, splits: data_lib.Splits,
+               config: RunConfig) -> _Temperature | None:
+  """Fits a temperature on val (NLL) and folds it into the classifier when it lowers it.
+
+  Val decides alone; test is predicted before the fold only to report what
+  the fold changed. None under --nocalibrate.
+  """
+  if not config.train.calibrate:
+    return None
+  if not splits.keys("val"):
+    logging.info("No val split to fit a temperature on: the scores are left uncalibrated.")
+    return _Temperature(False, "no val split to fit a temperature on", None, None, None)
+  val = _split_probs(model, splits, "val")
+  temperature = calibrate_lib.fit_temperature(*val)
+  scaled = calibrate_lib.scale(val[0], temperature)
+  if not calibrate_lib.nll(scaled, val[1]) < calibrate_lib.nll(*val):
+    return _Temperature(False, "it does not lower val NLL", temperature, val, None)
+  test = _split_probs(model, splits, "test")
+  calibrate_lib.fold_temperature(model, temperature)
+  logging.info("Folded temperature %.4f (fitted on val NLL) into the classifier.", temperature)
+  return _Temperature(True, "it lowers val NLL", temperature, val, test)
+
+
+def _calibration_report(chosen: _Temperature,
+                        scored: dict[str, _Scored]) -> schemas.Calibration:
+  """report.json's "calibration": the choice, and NLL and ECE before and after it.
+
+  "after" is measured on the shipped model; "before" on the model before the
+  fold (the same model when nothing was folded).
+  """
+  report: dict[str, Any] = {"applied": chosen.applied, "reason": chosen.reason}
+  if chosen.temperature is not None:
+    report["temperature"] = chosen.temperature
+  if chosen.val_before is not None and "val" in scored:
+    report.update(_before_after("val", chosen.val_before, scored["val"]))
+  test_before = chosen.test_before or scored["test"]
+  report.update(_before_after("test", test_before, scored["test"]))
+  report["test_reliability_before"] = calibrate_lib.reliability(*test_before)
+  report["test_reliability_after"] = calibrate_lib.reliability(*scored["test"])
+  return report
+
+
+def _before_after(split: str, before: _Scored, after: _Scored) -> dict[str, float]:
+  """`split`'s NLL and ECE before and after calibration."""
+  return {f"{split}_nll_before": calibrate_lib.nll(*before),
+          f"{split}_nll_after": calibrate_lib.nll(*after),
+          f"{split}_ece_before": calibrate_lib.expected_calibration_error(*before),
+          f"{split}_ece_after": calibrate_lib.expected_calibration_error(*after)}
+
+
 def _write_model_files(model: keras.Model, splits: data_lib.Splits, workdir: str,
                        run_dir: str) -> str:
   """`model.keras`, `labels.txt` and `history.json`; returns the model's sha256."""
@@ -587,18 +660,21 @@ def _write_model_files(model: keras.Model, splits: data_lib.Splits, workdir: str
   return model_sha
 
 
-def _evaluate_splits(model: keras.Model, splits: data_lib.Splits,
-                     strict: bool) -> tuple[dict[str, Any], dict[str, int]]:
-  """Test metrics, and val's when there is a val split; the images each skipped."""
-  report = evaluate_split(model, splits, "test")
+def _evaluate_splits(model: keras.Model, splits: data_lib.Splits, strict: bool
+                     ) -> tuple[dict[str, Any], dict[str, int], dict[str, _Scored]]:
+  """Test metrics, and val's when there is a val split; the images each skipped;
+  each split's probabilities and labels."""
+  scored = {"test": _split_probs(model, splits, "test")}
+  report = evaluate_lib.metrics(*scored["test"], splits.class_names, prefix="test")
   skipped = {"test": evaluate_lib.count_skipped(
       "test", len(splits.keys("test")), report["num_test_examples"], strict)}
   if splits.keys("val"):
-    val = evaluate_split(model, splits, "val")
+    scored["val"] = _split_probs(model, splits, "val")
+    val = evaluate_lib.metrics(*scored["val"], splits.class_names, prefix="val")
     report.update({k: v for k, v in val.items() if k.startswith(("val_", "num_val"))})
     skipped["val"] = evaluate_lib.count_skipped(
         "val", len(splits.keys("val")), val["num_val_examples"], strict)
-  return report, skipped
+  return report, skipped, scored
 
 
 def _skipped_before_evaluation(splits: data_lib.Splits, num_train_images: int | None,

@@ -21,6 +21,7 @@ import pytest
 import fake_data
 import shared_data
 from flowers import artifacts
+from flowers import calibrate
 from flowers import data
 from flowers import evaluate
 from flowers import export
@@ -42,7 +43,8 @@ REPORT_KEYS = (
     "float_test_accuracy", "tflite_test_accuracy", "int8_test_accuracy", "top1_agreement",
     "tflite_val_accuracy", "int8_val_accuracy",
     "size_bytes", "quantization", "io_dtype", "input_dtype", "input_shape", "output_dtype",
-    "output_shape", "num_test_examples", "accuracy_drop_points", "path", "passed")
+    "output_shape", "num_test_examples", "accuracy_drop_points", "path", "passed",
+    "float_test_nll", "tflite_test_nll", "float_test_ece", "tflite_test_ece")
 
 
 def interface(path):
@@ -158,6 +160,18 @@ class ExportTest(WorkdirTestCase):
     self.assertEqual(report["num_test_examples"], len(self.splits.keys("test")))
     self.assertEqual(report["calibration_examples"], len(self.splits.keys("train")))
     self.assertEqual(report, json.loads(json.dumps(self.report)))
+
+  def test_report_has_nll_and_ece_of_both_models_on_test(self):
+    images, labels = split_arrays(self.splits)
+    keras_probs = self.model.predict(images, verbose=0)
+    tflite = evaluate.tflite_predictor(self.int8_path)
+    tflite_probs = np.concatenate([tflite(images[i:i + 1]) for i in range(len(images))])
+    for model, probs in (("float", keras_probs), ("tflite", tflite_probs)):
+      self.assertAlmostEqual(self.report[f"{model}_test_nll"],
+                             calibrate.nll(probs, labels), places=4, msg=model)
+      self.assertAlmostEqual(self.report[f"{model}_test_ece"],
+                             calibrate.expected_calibration_error(probs, labels), places=4,
+                             msg=model)
 
   def test_labels_beside_the_tflite_are_in_class_index_order(self):
     labels = artifacts.read_labels(os.path.join(self.workdir, artifacts.LABELS))

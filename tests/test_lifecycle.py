@@ -98,6 +98,26 @@ class LifecycleTest(absltest.TestCase):
     with self.assertRaisesRegex(UserError, r"train\.seed: 42 -> 7"):
       modes.train(seven, workdir)
 
+  def test_rerunning_a_run_json_from_before_calibration_reads_it_uncalibrated(self):
+    # An older flowers shipped uncalibrated scores: its run.json, without the
+    # setting, is a run with --nocalibrate, and reads as finished under it.
+    workdir = self.copy_of(self.run_a)
+    run = read_json(workdir, "run.json")
+    old = json.loads(json.dumps(run))
+    del old["train"]["calibrate"]
+    with open(os.path.join(workdir, "lineage.json"), encoding="utf-8") as f:
+      records = f.read().replace(lineage.fingerprint_id(run), lineage.fingerprint_id(old))
+    for name, text in (("run.json", json.dumps(old)), ("lineage.json", records)):
+      with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+        f.write(text)
+    self.assertEqual(runs.differences(runs.read_run(workdir), run),
+                     ["train.calibrate: False -> True"])
+    before = snapshot(workdir)
+    with self.assertRaisesRegex(UserError, r"train\.calibrate: False -> True"):
+      modes.train(self.config, workdir)
+    modes.train(run_configs.with_train(self.config, calibrate=False), workdir)
+    self.assertEqual(snapshot(workdir), before)
+
   def test_overwrite_removes_what_the_old_model_derived(self):
     workdir = self.copy_of(self.run_a)
     self.assertTrue(os.path.exists(os.path.join(workdir, "model_int8.tflite")))

@@ -8,6 +8,7 @@ from absl.testing import absltest
 import numpy as np
 from PIL import Image
 
+from flowers import calibrate
 from flowers import config as config_lib
 from flowers import plots
 
@@ -40,7 +41,47 @@ def confusion(num_classes: int, per_class: int, seed: int = 0) -> np.ndarray:
   return cm
 
 
+def calibration(seed: int = 0) -> dict:
+  """report.json's "calibration" for over-confident scores mended by T = 2."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 5, 200)
+  logits = rng.normal(0.0, 1.0, (200, 5))
+  logits[np.arange(200), labels] += 1.5
+  before = calibrate.scale(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 0.4)
+  after = calibrate.scale(before, 2.0)
+  return {"applied": True, "reason": "it lowers val NLL", "temperature": 2.0,
+          "val_nll_before": 1.5, "val_nll_after": 1.2, "val_ece_before": 0.21,
+          "val_ece_after": 0.04,
+          "test_nll_before": calibrate.nll(before, labels),
+          "test_nll_after": calibrate.nll(after, labels),
+          "test_ece_before": calibrate.expected_calibration_error(before, labels),
+          "test_ece_after": calibrate.expected_calibration_error(after, labels),
+          "test_reliability_before": calibrate.reliability(before, labels),
+          "test_reliability_after": calibrate.reliability(after, labels)}
+
+
 class PlotsTest(absltest.TestCase):
+
+  def test_reliability_diagram_from_the_report_numbers(self):
+    path = os.path.join(self.create_tempdir(), "reliability.png")
+    self.assertEqual(plots.plot_reliability(calibration(), path), path)
+    check_png(path)
+    with open(path, "rb") as f:
+      first = f.read()
+    plots.plot_reliability(calibration(), path)
+    with open(path, "rb") as f:
+      self.assertEqual(f.read(), first)  # The same numbers, the same bytes.
+    # Without reliability tables (no test images) nothing is drawn.
+    empty = os.path.join(self.create_tempdir(), "none.png")
+    self.assertIsNone(plots.plot_reliability({"applied": False}, empty))
+    self.assertFalse(os.path.exists(empty))
+
+  def test_reliability_points_skip_empty_bins(self):
+    table = {"bins": 3, "count": [2, 0, 1], "confidence": [0.2, None, 0.9],
+             "accuracy": [0.5, None, 1.0]}
+    confidence, accuracy = plots._reliability_points(table)
+    np.testing.assert_array_equal(confidence, [0.2, 0.9])
+    np.testing.assert_array_equal(accuracy, [0.5, 1.0])
 
   def test_confusion_plot_with_102_classes(self):
     names = class_names(102)

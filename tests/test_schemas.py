@@ -227,6 +227,14 @@ class WrittenFilesTest(absltest.TestCase):
     self.assertIn("the top level: missing key 'train_seconds' (TrainReport)",
                   schemas.problems(tune, schemas.TrainReport))
 
+  def test_the_reports_carry_the_calibration_of_the_model_and_its_export(self):
+    for workdir in (self.train_dir, self.tune_dir):
+      calibration = read_json(workdir, artifacts.REPORT)["calibration"]
+      self.assertEqual(schemas.problems(calibration, schemas.Calibration), [], workdir)
+    exported = read_json(self.train_dir, artifacts.EXPORT_REPORT)
+    for key in ("float_test_nll", "tflite_test_nll", "float_test_ece", "tflite_test_ece"):
+      self.assertIn(key, exported)
+
   def test_a_search_records_its_run_with_the_search_settings(self):
     self.assertIn("search", read_json(self.tune_dir, artifacts.RUN))
     self.assertNotIn("search", read_json(self.train_dir, artifacts.RUN))

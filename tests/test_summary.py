@@ -17,14 +17,14 @@ from PIL import Image
 from flowers import lineage
 from flowers import summary
 from flowers.errors import UserError
-from test_plots import check_png, class_names, confusion
+from test_plots import calibration, check_png, class_names, confusion
 
 TRAIN_PLOTS = ("history.png", "class_distribution.png", "confusion_matrix.png",
-               "per_class_accuracy.png", "tuning.png")
+               "per_class_accuracy.png", "tuning.png", "reliability.png")
 
 
 def write_workdir(workdir, num_classes: int = 5, history: bool = True,
-                  trials: bool = True, export: bool = True) -> dict:
+                  trials: bool = True, export: bool = True, calibrated: bool = True) -> dict:
   """Writes the artifacts of a finished run; returns its report."""
   os.makedirs(workdir, exist_ok=True)
   names = class_names(num_classes)
@@ -58,6 +58,8 @@ def write_workdir(workdir, num_classes: int = 5, history: bool = True,
       "train_seconds": 61.5,
       "config": {"dropout": 0.2, "epochs": 3, "augmentation": {"flip": True}},
   }
+  if calibrated:
+    result["calibration"] = calibration()
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(result, f)
   if history:
@@ -82,7 +84,9 @@ def write_workdir(workdir, num_classes: int = 5, history: bool = True,
                  "tflite_test_accuracy": 0.79, "top1_agreement": 0.97,
                  "size_bytes": 2_500_000, "quantization": "int8", "io_dtype": "uint8",
                  "accuracy_drop_points": 1.0, "path": "model_int8.tflite",
-                 "passed": True, "class_names": names, "input_shape": [1, 32, 32, 3]}, f)
+                 "passed": True, "class_names": names, "input_shape": [1, 32, 32, 3],
+                 "float_test_nll": 0.6123, "tflite_test_nll": 0.6345,
+                 "float_test_ece": 0.0312, "tflite_test_ece": 0.0356}, f)
   return result
 
 
@@ -151,7 +155,7 @@ class WriteReportTest(absltest.TestCase):
     text = open(self.path, encoding="utf-8").read()
     self.assertEqual(headings(text), [
         "# flowers run: run", "## Command", "## Data", "## Results", "## Export",
-        "## Tuning", "## Training history", "## Confusion", "## Worst classes",
+        "## Calibration", "## Tuning", "## Training history", "## Confusion", "## Worst classes",
         "## Configuration"])
     self.assertIn("## Command\n\n```sh\n" + COMMAND + "\n```\n\n## Data\n\n"
                   "source: tfds:oxford_flowers102; split: 64,16,20; split_seed: 42; "
@@ -164,6 +168,19 @@ class WriteReportTest(absltest.TestCase):
                   '| augmentation | {"flip": true} |\n| dropout | 0.2000 |\n'
                   "| epochs | 3 |\n", text)
     self.assertTrue(text.endswith(" |\n") and not text.endswith("\n\n"))
+
+  def test_calibration_shows_the_temperature_before_after_and_the_export(self):
+    text = open(self.path, encoding="utf-8").read()
+    section = text[text.index("## Calibration"):text.index("## Tuning")]
+    c = self.result["calibration"]
+    self.assertIn("Temperature 2.0000, fitted on val (NLL), folded into the classifier: "
+                  "it lowers val NLL.", section)
+    self.assertIn("| Val NLL | 1.5000 | 1.2000 |\n| Val ECE | 0.2100 | 0.0400 |\n"
+                  f"| Test NLL | {c['test_nll_before']:.4f} | {c['test_nll_after']:.4f} |\n"
+                  f"| Test ECE | {c['test_ece_before']:.4f} | {c['test_ece_after']:.4f} |",
+                  section)
+    self.assertIn("| Keras | 0.6123 | 0.0312 |\n| TFLite (int8) | 0.6345 | 0.0356 |", section)
+    self.assertIn("![reliability](plots/reliability.png)", section)
 
   def test_write_report_is_idempotent(self):
     workdir, first = self.workdir, self.first
@@ -184,7 +201,7 @@ class PartialWorkdirTest(absltest.TestCase):
   def test_evaluate_only_workdir(self):
     """No history, trials or export: those are skipped; the command is from flags.cfg."""
     workdir = os.path.join(self.create_tempdir(), "evaluated")
-    write_workdir(workdir, history=False, trials=False, export=False)
+    write_workdir(workdir, history=False, trials=False, export=False, calibrated=False)
     with open(os.path.join(workdir, "flags.cfg"), "w") as f:
       f.write("--mode=train\n--epochs=3\n")
     text = open(summary.write_report(workdir), encoding="utf-8").read()
@@ -192,13 +209,14 @@ class PartialWorkdirTest(absltest.TestCase):
     self.assertFalse(os.path.exists(os.path.join(workdir, "plots", "history.png")))
     self.assertFalse(os.path.exists(os.path.join(workdir, "plots", "tuning.png")))
     self.assertIn("history.json not found", text)
-    for absent in ("plots/history.png", "## Tuning", "## Export", "augmented_samples"):
+    for absent in ("plots/history.png", "## Tuning", "## Export", "augmented_samples",
+                   "## Calibration", "reliability.png"):
       self.assertNotIn(absent, text)
     check_png(os.path.join(workdir, "plots", "confusion_matrix.png"))
 
   def test_evaluate_only_sections(self):
     workdir = os.path.join(self.create_tempdir(), "evaluated")
-    write_workdir(workdir, history=False, trials=False, export=False)
+    write_workdir(workdir, history=False, trials=False, export=False, calibrated=False)
     text = open(summary.write_report(workdir), encoding="utf-8").read()
     self.assertEqual(headings(text), [
         "# flowers run: evaluated", "## Command", "## Data", "## Results",
@@ -223,7 +241,8 @@ class PartialWorkdirTest(absltest.TestCase):
       text = open(summary.write_report(workdir), encoding="utf-8").read()
     self.assertEqual(headings(text), [
         "# flowers run: run", "## Command", "## Data", "## Results", "## Export",
-        "## Training history", "## Confusion", "## Worst classes", "## Left out",
+        "## Calibration", "## Training history", "## Confusion", "## Worst classes",
+        "## Left out",
         "## Configuration"])
     self.assertIn(
         "## Left out\n\nThese files are in the folder but were not made from this run "

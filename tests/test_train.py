@@ -203,6 +203,7 @@ class RunIdentityTest(parameterized.TestCase):
       ("alpha", {"alpha": 0.5}, "train.alpha: 1.0 -> 0.5"),
       ("feature_cache", {"feature_cache": "on"}, "train.feature_cache: off -> on"),
       ("schedule", {"lr_schedule": "cosine"}, "train.lr_schedule: constant -> cosine"),
+      ("calibrate", {"calibrate": False}, "train.calibrate: True -> False"),
       ("image_size", {"data": {"image_size": 48}}, "data.image_size: 32 -> 48"),
   )
   def test_a_rerun_with_other_settings_is_refused(self, change, names):
