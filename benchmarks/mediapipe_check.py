@@ -105,12 +105,17 @@ def write_test_images(data_dir: str, keys: list[str], folder: str) -> list[str]:
 
 
 def classifier(model: str):
-  """MediaPipe's ImageClassifier for `model`, every category returned."""
+  """MediaPipe's ImageClassifier for `model`, every category returned.
+
+  A score threshold of 0 overrides the one in the model's metadata (the
+  "unknown" threshold), which would drop the categories scoring below it.
+  """
   from mediapipe.tasks.python import vision  # pylint: disable=g-import-not-at-top
   from mediapipe.tasks.python.core import base_options  # pylint: disable=g-import-not-at-top
 
   options = vision.ImageClassifierOptions(
-      base_options=base_options.BaseOptions(model_asset_path=model), max_results=-1)
+      base_options=base_options.BaseOptions(model_asset_path=model), max_results=-1,
+      score_threshold=0.0)
   return vision.ImageClassifier.create_from_options(options)
 
 

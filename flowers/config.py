@@ -230,6 +230,9 @@ class TrainConfig:
     calibrate: fit a temperature on val (NLL) after training and the int8-grid
       rounding and fold it into the classifier when it lowers val NLL, so the
       scores of the model and its exports are calibrated (top-1 unchanged).
+    true_accept_rate: the share of known-class val images the "unknown" threshold
+      keeps: predict says "unknown" for an image whose top score is below it,
+      and the export's metadata holds it for MediaPipe Tasks; 0 chooses none.
     distribution_strategy: tf.distribute strategy the stages train under.
     verbose: Keras verbosity: 0 silent, 1 progress bars, 2 a line per epoch.
   """
@@ -256,6 +259,7 @@ class TrainConfig:
   feature_cache_views: int = 4
   int8_grid_weights: bool = True
   calibrate: bool = True
+  true_accept_rate: float = 0.95
   distribution_strategy: Strategy = Strategy.DEFAULT
   verbose: int = 1
 
@@ -286,6 +290,9 @@ class TrainConfig:
              "at or below the layers that train; leave it unset to cut at --unfreeze_ratio.")
     _require(self.feature_cache_views >= 1,
              f"--feature_cache_views={self.feature_cache_views} must be >= 1.")
+    _require(0.0 <= self.true_accept_rate <= 1.0,
+             f"--true_accept_rate={self.true_accept_rate} must be in [0, 1] (0 chooses no "
+             "threshold).")
     _require(self.verbose in (0, 1, 2), f"--verbose={self.verbose} must be 0, 1 or 2.")
 
   @property

@@ -45,6 +45,7 @@ from flowers import data as data_lib
 from flowers import evaluate as evaluate_lib
 from flowers import lineage
 from flowers import model as model_lib
+from flowers import open_set
 from flowers import runs
 from flowers import schemas
 from flowers import tflite_metadata
@@ -345,9 +346,11 @@ class _TestData:
 
 @dataclasses.dataclass(frozen=True)
 class _Converted:
-  """The `.tflite` bytes, metadata included, and how many images calibrated them."""
+  """The `.tflite` bytes, metadata included, how many images calibrated them, and
+  the score threshold its metadata holds (None: none)."""
   tflite: bytes
   calibration_examples: int
+  score_threshold: float | None = None
 
 
 def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
@@ -417,7 +420,8 @@ def _load_test_data(subject: _Subject, workdir: str,
 
 def _convert_with_metadata(subject: _Subject, test: _TestData,
                            options: ExportConfig) -> _Converted:
-  """The converted model with its metadata (class names, description) inside.
+  """The converted model with its metadata (class names, description, and the
+  "unknown" threshold of the model's run as the output's score threshold) inside.
 
   int8 calibrates on a seeded choice of un-augmented train images
   (`data.calibration_images`), so a rerun calibrates on the same images.
@@ -425,12 +429,13 @@ def _convert_with_metadata(subject: _Subject, test: _TestData,
   calibration = (data_lib.calibration_images(test.splits, options.calibration_examples,
                                              subject.data.split_seed, subject.image_size)
                  if options.is_int8 else None)
+  threshold = open_set.model_threshold(subject.path)
   tflite_model = tflite_metadata.add_metadata(
       convert(subject.model, options, calibration),
       metadata_info(options, test.source.name, len(test.class_names), subject.image_size,
                     model_lib.backbone_of(subject.model).name),
-      test.class_names)
-  return _Converted(tflite_model, int(sum(len(b) for b in calibration or [])))
+      test.class_names, score_threshold=threshold)
+  return _Converted(tflite_model, int(sum(len(b) for b in calibration or [])), threshold)
 
 
 def _verify(path: str, subject: _Subject, test: _TestData,
@@ -509,10 +514,24 @@ def _describe(final_path: str, subject: _Subject, test: _TestData, converted: _C
       # TFLite metadata (name, input, output, labels) inside the .tflite.
       "metadata_written": True,
       "metadata_labels": len(metadata_labels),
+      **_threshold_written(final_path, converted),
       "source": test.source.name,
       "split": subject.data.split,
       "split_seed": subject.data.split_seed,
   }
+
+
+def _threshold_written(final_path: str, converted: _Converted) -> dict[str, float]:
+  """export_report.json's "unknown_threshold": the score threshold in the metadata, read
+  back from the bytes written (none when the model's run chose none)."""
+  threshold = tflite_metadata.score_threshold(converted.tflite)
+  if threshold is None and converted.score_threshold is None:
+    return {}
+  if threshold is None or abs(threshold - converted.score_threshold) > 1e-6:
+    raise RuntimeError(f"The metadata of {os.path.basename(final_path)} reads back the score "
+                       f"threshold {threshold}, not {converted.score_threshold}: a bug in "
+                       "flowers.tflite_metadata.")
+  return {"unknown_threshold": threshold}
 
 
 def _write_report(workdir: str, report: schemas.ExportReport, subject: _Subject) -> None:

@@ -157,14 +157,20 @@ def _image_files(paths: Sequence[str]) -> list[str]:
 
 
 def predict(config: RunConfig, workdir: str) -> list[dict]:
-  """Top-k labels per image, for a .keras or .tflite model; prints them."""
+  """Top-k labels per image, for a .keras or .tflite model; prints them.
+
+  With the model's "unknown" threshold (`open_set.model_threshold`), an image
+  whose top score is below it is marked unknown (its guesses still listed).
+  """
   from flowers import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from flowers import open_set  # pylint: disable=g-import-not-at-top
 
   options = config.predict
   path = config.predict.model_path(workdir)
   predictor, image_size = evaluate_lib.load_predictor(path)
   class_names = evaluate_lib.model_class_names(path)
   evaluate_lib.check_labels(path, class_names, predictor.num_outputs)
+  threshold = open_set.model_threshold(path)
   results = []
   files = _image_files(options.images)
   for file in files:
@@ -183,8 +189,8 @@ def predict(config: RunConfig, workdir: str) -> list[dict]:
     pixels = data_lib.resize(image, image_size).numpy()
     probs = predictor(pixels[None])
     top = evaluate_lib.top_k(probs, class_names, options.top_k)[0]
-    results.append({"image": file, "top_k": [{"label": l, "probability": round(p, 6)}
-                                             for l, p in top]})
+    results.append({"image": file, **_unknown(float(probs[0].max()), threshold),
+                    "top_k": [{"label": l, "probability": round(p, 6)} for l, p in top]})
   if not results:
     raise UserError(f"None of the {len(files)} file(s) given by --images is a readable "
                     "image; give image files Pillow reads (JPEG, PNG, TIFF, WebP, ...).")
@@ -196,9 +202,20 @@ def predict(config: RunConfig, workdir: str) -> list[dict]:
   else:
     for r in results:
       print(r["image"])
+      if r.get("unknown"):
+        print(f"  unknown: top score below the threshold {r['score_threshold']:.4f}; "
+              "the guesses:")
       for rank, entry in enumerate(r["top_k"], 1):
         print(f"  {rank}. {entry['label']:<30} {entry['probability']:.4f}")
   return results
+
+
+def _unknown(top_score: float, threshold: float | None) -> dict:
+  """predict's verdict: unknown when the top score is below the model's threshold
+  (as MediaPipe Tasks drop every class below it); {} for a model without one."""
+  if threshold is None:
+    return {}
+  return {"unknown": top_score < threshold, "score_threshold": round(threshold, 6)}
 
 
 def tune(config: RunConfig, workdir: str) -> dict:

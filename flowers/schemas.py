@@ -107,6 +107,20 @@ class Calibration(TypedDict):
   test_reliability_after: Reliability
 
 
+class UnknownThreshold(TypedDict):
+  """The top-probability threshold below which an image is "unknown" (`train._unknown_threshold`).
+
+  Chosen on val (known classes only) as the largest threshold that accepts at
+  least `true_accept_rate` of its images; the export writes it into the
+  .tflite's metadata (ScoreThresholdingOptions), and predict applies it.
+  """
+
+  score: float  # Accept an image when its top probability is >= this.
+  true_accept_rate: float  # --true_accept_rate, a fraction.
+  val_accepted: float  # Share of val images accepted (>= true_accept_rate).
+  test_accepted: float  # Share of test images accepted; measured, never used to choose.
+
+
 class _RunReport(TestMetrics, ValMetrics):
   """What every report.json holds: `train.save_run`'s part (see TrainReport)."""
 
@@ -114,6 +128,7 @@ class _RunReport(TestMetrics, ValMetrics):
   # int8 grid; only when the rounding moved kernels and the split has val images.
   val_accuracy_before_int8_grid: NotRequired[float]
   calibration: NotRequired[Calibration]  # Under --calibrate (the default).
+  unknown_threshold: NotRequired[UnknownThreshold]  # With val images and a rate above 0.
   source: str  # The source's name: "tfds:<dataset>", or the image folder's path.
   split: str  # --split as given ("64,16,20", "official").
   split_seed: int  # The seed of the run's split.
@@ -229,6 +244,9 @@ class ExportReport(ExportComparison, TfliteInterface):
   class_names: list[str]  # The labels, in output order.
   metadata_written: bool  # Always true: TFLite metadata is inside the .tflite.
   metadata_labels: int  # Labels read back from that metadata.
+  # The score threshold in that metadata (the run's "unknown_threshold" score, read back
+  # as float32); absent when the model's run chose none.
+  unknown_threshold: NotRequired[float]
   source: str  # The source's name: "tfds:<dataset>", or the image folder's path.
   split: str  # --split of the model's run.
   split_seed: int  # The split seed of the model's run.

@@ -92,13 +92,27 @@ def _tensor_metadata(name: str, description: str, content_type: int, properties,
   return tensor
 
 
+def _score_thresholding(threshold: float) -> meta_fb.ProcessUnitT:
+  """The output's ScoreThresholdingOptions: clients drop every class scoring below it."""
+  unit = meta_fb.ProcessUnitT()
+  unit.optionsType = meta_fb.ProcessUnitOptions.ScoreThresholdingOptions
+  unit.options = meta_fb.ScoreThresholdingOptionsT()
+  unit.options.globalScoreThreshold = float(threshold)
+  return unit
+
+
 def model_metadata(info: ModelInfo, num_classes: int, image_size: int,
-                   labels_file: str = artifacts.LABELS) -> bytes:
+                   labels_file: str = artifacts.LABELS,
+                   score_threshold: float | None = None) -> bytes:
   """The ModelMetadata flatbuffer of a flowers image classifier.
 
   Input: an RGB image tensor of pixels 0..255 (identity normalization).
   Output: `num_classes` probabilities whose axis is labelled by `labels_file`
-  (a TENSOR_AXIS_LABELS associated file, one class name a line).
+  (a TENSOR_AXIS_LABELS associated file, one class name a line), and, given a
+  `score_threshold`, a ScoreThresholdingOptions process unit holding it:
+  MediaPipe Tasks and the TFLite Task Library return no class scoring below
+  it (unless the app sets its own threshold), so an image none reaches gets
+  no answer, "unknown".
   """
   image = meta_fb.ImagePropertiesT()
   image.colorSpace = meta_fb.ColorSpaceType.RGB
@@ -119,7 +133,8 @@ def model_metadata(info: ModelInfo, num_classes: int, image_size: int,
   probabilities = _tensor_metadata(
       OUTPUT_NAME, f"Probabilities of the {num_classes} classes.",
       meta_fb.ContentProperties.FeatureProperties, meta_fb.FeaturePropertiesT(),
-      (0.0, 1.0), associated_files=[labels])
+      (0.0, 1.0), associated_files=[labels],
+      process_units=None if score_threshold is None else [_score_thresholding(score_threshold)])
 
   subgraph = meta_fb.SubGraphMetadataT()
   subgraph.inputTensorMetadata = [image_input]
@@ -158,10 +173,12 @@ def _aligned(buffer, aligned_type):
 
 
 def add_metadata(tflite: bytes, info: ModelInfo, class_names: Sequence[str],
-                 labels_file: str = artifacts.LABELS) -> bytes:
+                 labels_file: str = artifacts.LABELS,
+                 score_threshold: float | None = None) -> bytes:
   """`tflite` with metadata, and its class names as an associated label file.
 
-  `class_names` are in output order. Metadata written before is replaced (and
+  `class_names` are in output order; `score_threshold`, when given, is the
+  output's score threshold (see `model_metadata`). Metadata written before is replaced (and
   the archive appended with it dropped); the converter's own metadata entries
   are kept. The flatbuffer is rebuilt with every weight buffer 16-byte aligned.
   """
@@ -172,7 +189,7 @@ def add_metadata(tflite: bytes, info: ModelInfo, class_names: Sequence[str],
   model = schema.ModelT.InitFromPackedBuf(bytearray(tflite), 0)
   graph = model.subgraphs[0]
   image_size = int(graph.tensors[graph.inputs[0]].shape[1])
-  metadata = model_metadata(info, len(class_names), image_size, labels_file)
+  metadata = model_metadata(info, len(class_names), image_size, labels_file, score_threshold)
 
   model.metadata = list(model.metadata or [])
   entry = next((m for m in model.metadata if _text(m.name) == METADATA_NAME), None)
@@ -255,3 +272,22 @@ def read_class_names(path: str) -> list[str] | None:
   """`class_names` of the `.tflite` file at `path`."""
   with open(path, "rb") as f:
     return class_names(f.read())
+
+
+def score_threshold(tflite: bytes) -> float | None:
+  """The output's score threshold (ScoreThresholdingOptions), as clients read it; None
+  without one."""
+  metadata = read_metadata(tflite)
+  if metadata is None or not metadata.subgraphMetadata:
+    return None
+  outputs = metadata.subgraphMetadata[0].outputTensorMetadata or []
+  for unit in (outputs[0].processUnits or []) if outputs else []:
+    if unit.optionsType == meta_fb.ProcessUnitOptions.ScoreThresholdingOptions:
+      return float(unit.options.globalScoreThreshold)
+  return None
+
+
+def read_score_threshold(path: str) -> float | None:
+  """`score_threshold` of the `.tflite` file at `path`."""
+  with open(path, "rb") as f:
+    return score_threshold(f.read())

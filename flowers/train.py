@@ -43,6 +43,7 @@ from flowers import evaluate as evaluate_lib
 from flowers import inputs as inputs_lib
 from flowers import lineage
 from flowers import model as model_lib
+from flowers import open_set
 from flowers import prefix_cache
 from flowers import runs
 from flowers import schemas
@@ -570,9 +571,20 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
     report["val_accuracy_before_int8_grid"] = as_trained
   if chosen is not None:
     report["calibration"] = _calibration_report(chosen, scored)
+  report.update(_unknown_threshold(scored, config))
   report.update(extra)
   _write_report(workdir, report, model_sha)
   return report
+
+
+def _unknown_threshold(scored: dict[str, _Scored], config: RunConfig) -> dict[str, Any]:
+  """report.json's "unknown_threshold": the top-probability threshold chosen on val
+  for `--true_accept_rate` (none without a val split or with a rate of 0)."""
+  if "val" not in scored:
+    return {}
+  chosen = open_set.threshold_report(scored["val"][0], scored["test"][0],
+                                     config.train.true_accept_rate)
+  return {} if chosen is None else {"unknown_threshold": chosen}
 
 
 def _round_to_int8_grid(model: keras.Model, splits: data_lib.Splits,

@@ -228,7 +228,7 @@ NON_DEFAULTS = {
     "lr_schedule": ("cosine", "cosine"), "weight_decay": ("0.001", 0.001),
     "early_stopping_patience": ("5", 5), "feature_cache": ("on", "on"),
     "feature_cache_views": ("6", 6), "int8_grid_weights": ("false", False),
-    "calibrate": ("false", False),
+    "calibrate": ("false", False), "true_accept_rate": ("0.9", 0.9),
     "distribution_strategy": ("mirrored", "mirrored"), "verbose": ("2", 2),
     "tuner": ("random", "random"), "max_trials": ("3", 3),
     "feature_cache_cut_ratio": ("0.5", 0.5), "median_stop_epoch": ("6", 6),

@@ -81,6 +81,18 @@ class AddMetadataTest(absltest.TestCase):
     cls.names = ["pink primrose", "globe-flower", "bird of paradise"]
     cls.with_metadata = tflite_metadata.add_metadata(cls.plain, INFO, cls.names)
 
+  def test_score_threshold_reads_back_from_the_output_metadata(self):
+    self.assertIsNone(tflite_metadata.score_threshold(self.with_metadata))
+    with_threshold = tflite_metadata.add_metadata(self.plain, INFO, self.names,
+                                                  score_threshold=0.4375)
+    self.assertEqual(tflite_metadata.score_threshold(with_threshold), 0.4375)
+    # Where clients look: a ScoreThresholdingOptions unit of the output tensor.
+    output = tflite_metadata.read_metadata(with_threshold).subgraphMetadata[0]
+    (unit,) = output.outputTensorMetadata[0].processUnits
+    self.assertEqual(unit.optionsType, meta_fb.ProcessUnitOptions.ScoreThresholdingOptions)
+    self.assertEqual(unit.options.globalScoreThreshold, 0.4375)
+    self.assertEqual(tflite_metadata.class_names(with_threshold), self.names)
+
   def test_class_names_read_back_in_order(self):
     self.assertEqual(tflite_metadata.class_names(self.with_metadata), self.names)
     self.assertIsNone(tflite_metadata.class_names(self.plain))
@@ -250,8 +262,8 @@ class ExportMetadataTest(WorkdirTestCase):
     self.assertNotIn("Traceback", proc.stderr)
 
 
-def colour_model(num_classes: int, image_size: int,
-                 num_outputs: int | None = None) -> keras.Model:
+def colour_model(num_classes: int, image_size: int, num_outputs: int | None = None,
+                 temperature: float = 0.01) -> keras.Model:
   """A nearest-mean-colour classifier of the mock classes: uint8 in, softmax out.
 
   Its answer depends on the image (unlike the random-weight MobileNetV2, whose
@@ -272,7 +284,6 @@ def colour_model(num_classes: int, image_size: int,
   outputs = dense(x)
   # Softmax of -|x - c|^2 / t, up to a constant: logits 2 c.x - |c|^2, over t.
   # The spare outputs sit farther than any colour in the unit cube (|x - c|^2 <= 3).
-  temperature = 0.01
   spare = num_outputs - num_classes
   kernel = np.concatenate([2.0 * centroids.T, np.zeros((3, spare))], 1)
   bias = np.concatenate([-(centroids ** 2).sum(1), np.full(spare, -4.0)])
@@ -338,6 +349,28 @@ class MediaPipeTest(absltest.TestCase):
     ours = [r["top_k"][0]["label"] for r in results]
     self.assertEqual(top1, ours)
     self.assertEqual(ours, [self.names[l] for l in self.labels])
+
+  def test_no_category_below_the_metadata_threshold_as_predict_says_unknown(self):
+    import mediapipe as mp  # pylint: disable=g-import-not-at-top
+
+    path = os.path.join(self.create_tempdir().full_path, "model_int8.tflite")
+    with open(self.model_path, "rb") as f:
+      with_threshold = tflite_metadata.add_metadata(
+          f.read(), INFO, self.names, score_threshold=0.9)
+    with open(path, "wb") as f:
+      f.write(with_threshold)
+    # Grey lies between the classes' colours: every score is far below 0.9.
+    folder = self.create_tempdir().full_path
+    grey = os.path.join(folder, "grey.png")
+    with open(grey, "wb") as f:
+      f.write(fake_data.encode(np.full((40, 40, 3), 60, np.uint8), "PNG"))
+    images = self.images[:4] + [grey]
+    classifier = self.classifier(path)
+    answered = [bool(classifier.classify(mp.Image.create_from_file(p)).classifications[0]
+                     .categories) for p in images]
+    results, _ = predict_json(path, images, os.path.dirname(path))
+    self.assertEqual(answered, [True] * 4 + [False])
+    self.assertEqual([r["unknown"] for r in results], [not a for a in answered])
 
   def test_mediapipe_squashes_with_corner_aligned_bilinear_sampling(self):
     """What MediaPipe does to a photo before the model, read off a probe model.

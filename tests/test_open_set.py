@@ -1,0 +1,157 @@
+"""Tests for flowers.open_set: the "unknown" threshold from val to report, metadata and predict.
+
+`ThresholdRunTest` saves a run (`train.save_run`) of a nearest-colour model on
+mock data, exports it, and predicts on photos of the classes' own colours and
+on grey images no class is near: the threshold chosen on val reaches
+report.json, the .tflite's metadata and `--mode=predict`, for .keras and
+.tflite alike.
+"""
+
+import contextlib
+import io
+import json
+import os
+
+from absl.testing import absltest
+import numpy as np
+from PIL import Image
+
+import fake_data
+import run_configs
+from flowers import artifacts
+from flowers import evaluate
+from flowers import export
+from flowers import modes
+from flowers import open_set
+from flowers import runs
+from flowers import schemas
+from flowers import tflite_metadata
+from flowers import train
+from flowers.config import ExportConfig
+from flowers.config import PredictConfig
+from flowers.config import RunConfig
+from test_tflite_metadata import colour_model
+
+COUNTS = fake_data.uniform_counts(4, train=6, val=10, test=6)
+
+
+class ScoresTest(absltest.TestCase):
+
+  def test_the_threshold_is_the_largest_that_keeps_the_rate(self):
+    scores = np.random.default_rng(0).random(40)
+    for rate in (0.5, 0.9, 0.95, 0.975, 1.0):
+      threshold = open_set.choose_threshold(scores, rate)
+      self.assertGreaterEqual(open_set.accepted(scores, threshold), rate)
+      above = scores[scores > threshold].min()  # The next score up keeps too few.
+      self.assertLess(open_set.accepted(scores, above), rate)
+    self.assertIsNone(open_set.choose_threshold(scores, 0.0))
+
+  def test_an_older_run_json_chose_no_threshold(self):
+    self.assertEqual(runs.upgrade({"train": {}})["train"]["true_accept_rate"], 0.0)
+
+
+def write_png(folder, name, pixels):
+  path = os.path.join(folder, name)
+  Image.fromarray(pixels).save(path)
+  return path
+
+
+class ThresholdRunTest(absltest.TestCase):
+  """A saved run's threshold, through report.json, the export's metadata and predict."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir = cls.enterClassContext(_tempdir())
+    cls.config = run_configs.tiny(calibrate=False, int8_grid_weights=False)
+    with fake_data.mock_flowers(COUNTS):
+      from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
+      cls.source = data_lib.load_tfds()
+      splits = train.load_splits_seeded(cls.config, cls.source, cls.workdir)
+      runs.begin(cls.config, cls.workdir, "train", cls.source, feature_cache=False)
+      model = colour_model(4, 32, num_outputs=len(splits.class_names), temperature=0.1)
+      cls.report = train.save_run(model, splits, cls.config, cls.workdir, cls.workdir,
+                                  train_seconds=0.0)
+      cls.val_probs = train._split_probs(model, splits, "val")[0]  # pylint: disable=protected-access
+      config = RunConfig(data=cls.config.data,
+                         export=ExportConfig(max_accuracy_drop=100.0))
+      with contextlib.redirect_stdout(io.StringIO()):
+        cls.export_report = export.export_from_workdir(
+            config, cls.workdir, os.path.join(cls.workdir, artifacts.MODEL), cls.source)
+    images = cls.enterClassContext(_tempdir())
+    centroids = [fake_data.class_image(l, 0, size=32).reshape(-1, 3).mean(0) for l in range(4)]
+    # Class 1 is the one the model is least sure of: its val images set the threshold.
+    cls.known = [write_png(images, f"class{l}.png",
+                           np.full((32, 32, 3), np.round(centroids[l]), np.uint8))
+                 for l in (0, 2, 3)]
+    cls.unknown = [write_png(images, f"grey{v}.png", np.full((32, 32, 3), v, np.uint8))
+                   for v in (60, 128)]
+
+  def test_report_holds_the_threshold_chosen_on_val(self):
+    chosen = self.report["unknown_threshold"]
+    self.assertEqual(schemas.problems(self.report, schemas.TrainReport), [])
+    self.assertEqual(chosen["true_accept_rate"], 0.95)
+    self.assertEqual(chosen["score"], open_set.choose_threshold(self.val_probs.max(1), 0.95))
+    self.assertGreaterEqual(chosen["val_accepted"], 0.95)
+
+  def test_the_export_metadata_holds_the_runs_threshold(self):
+    path = os.path.join(self.workdir, "model_int8.tflite")
+    threshold = tflite_metadata.read_score_threshold(path)
+    self.assertAlmostEqual(threshold, self.report["unknown_threshold"]["score"], places=6)
+    self.assertEqual(self.export_report["unknown_threshold"], threshold)
+    self.assertEqual(schemas.problems(self.export_report, schemas.ExportReport), [])
+
+  def predict(self, model_name, output="json"):
+    config = RunConfig(predict=PredictConfig(
+        model=os.path.join(self.workdir, model_name), images=tuple(self.known + self.unknown),
+        top_k=2, output=output))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      results = modes.predict(config, self.workdir)
+    return results, out.getvalue()
+
+  def test_predict_says_unknown_below_the_threshold_for_keras_and_tflite(self):
+    for name in ("model.keras", "model_int8.tflite"):
+      results, _ = self.predict(name)
+      path = os.path.join(self.workdir, name)
+      threshold = open_set.model_threshold(path)
+      predictor, _ = evaluate.load_predictor(path)
+      for r in results:
+        top = float(predictor(np.asarray(Image.open(r["image"]))[None]).max())
+        self.assertEqual(r["unknown"], top < threshold, (name, r))
+        self.assertLen(r["top_k"], 2)  # The guesses are still listed.
+      self.assertEqual([r["unknown"] for r in results],
+                       [False] * len(self.known) + [True] * len(self.unknown), name)
+      _, table = self.predict(name, output="table")
+      self.assertEqual(table.count("unknown: top score below the threshold"),
+                       len(self.unknown), table)
+
+  def test_a_model_without_its_runs_report_has_no_threshold(self):
+    folder = self.enterContext(_tempdir())
+    for name in (artifacts.MODEL, artifacts.LABELS):
+      with open(os.path.join(self.workdir, name), "rb") as f, \
+          open(os.path.join(folder, name), "wb") as g:
+        g.write(f.read())
+    self.assertIsNone(open_set.model_threshold(os.path.join(folder, artifacts.MODEL)))
+    config = RunConfig(predict=PredictConfig(model=os.path.join(folder, artifacts.MODEL),
+                                             images=tuple(self.unknown), output="json"))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+      results = modes.predict(config, folder)
+    self.assertNotIn("unknown", results[0])
+    self.assertNotIn("unknown", json.loads(out.getvalue())[0])
+
+
+@contextlib.contextmanager
+def _tempdir():
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  folder = tempfile.mkdtemp()
+  try:
+    yield folder
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  absltest.main()
