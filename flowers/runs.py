@@ -226,6 +226,7 @@ def upgrade(run: dict[str, Any]) -> dict[str, Any]:
   if isinstance(train, dict):
     train.setdefault("backbone", "mobilenet_v2")  # The only one there was.
     train.setdefault("calibrate", False)  # Older runs shipped their scores uncalibrated.
+    train.setdefault("class_weight", "none")  # Older runs weighed every image the same.
   return run
 
 
