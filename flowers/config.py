@@ -97,6 +97,11 @@ class IoDtype(Choice):
   INT8 = "int8"
 
 
+class ClassWeight(Choice):
+  NONE = "none"
+  BALANCED = "balanced"
+
+
 class OutputFormat(Choice):
   TABLE = "table"
   JSON = "json"
@@ -214,6 +219,9 @@ class TrainConfig:
     epochs: epochs of the first stage (frozen base).
     fine_tune_epochs: epochs of the fine-tune stage (top of the base unfrozen).
     label_smoothing: label smoothing of the cross-entropy loss.
+    class_weight: weight of each class's training images in the loss of both
+      stages: none (all 1), or balanced (train images / (classes x the class's
+      train images), so every class weighs the same in total).
     lr_schedule: learning rate over each stage: constant, or cosine decay to 0.
     weight_decay: decoupled weight decay of adamw (the other optimizers ignore it).
     early_stopping_patience: epochs without a val gain before a stage stops and
@@ -251,6 +259,7 @@ class TrainConfig:
   epochs: int = 10
   fine_tune_epochs: int = 10
   label_smoothing: float = 0.0
+  class_weight: ClassWeight = ClassWeight.NONE
   lr_schedule: LrSchedule = LrSchedule.CONSTANT
   weight_decay: float = 1e-4
   early_stopping_patience: int = 3

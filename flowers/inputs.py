@@ -11,6 +11,10 @@ give the same interface, the model's weights being the same either way:
     features, stage 2 the unfrozen top on the cut-point activations. Right on a
     CPU, where the frozen layers would otherwise dominate every step.
 
+Under `--class_weight=balanced` both weigh each training image by its class
+(`class_weights`, from the train split's labels): the plain pipeline in its
+batches, the cache through `Stage.class_weight` (Keras `fit(class_weight=)`).
+
 `make_inputs` picks one for a run (`uses_feature_cache`) and builds the cache,
 keyed by what decides its bytes (`cache_key`). This module knows nothing of
 the training loop; `train` and `tune` import it.
@@ -22,7 +26,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import keras
 import numpy as np
@@ -34,6 +38,7 @@ from flowers import data as data_lib
 from flowers import model as model_lib
 from flowers import prefix_cache
 from flowers import runs
+from flowers.config import ClassWeight
 from flowers.config import FeatureCache
 from flowers.config import RunConfig
 from flowers.config import TrainConfig
@@ -50,6 +55,8 @@ class Stage:
     steps: training steps per epoch.
     full_model: the full model `model` shares its layers with (its random seed
       states are saved with the stage's state).
+    class_weight: class index -> weight, for Keras `fit(class_weight=)` (the
+      cached path); None when the batches carry their weights or none are set.
   """
 
   model: keras.Model
@@ -57,6 +64,7 @@ class Stage:
   val: Any
   steps: int
   full_model: keras.Model | None = None
+  class_weight: dict[int, float] | None = None
 
 
 class Inputs(Protocol):
@@ -98,16 +106,51 @@ def one_hot(num_classes: int):
   return lambda images, labels: (images, tf.one_hot(labels, num_classes))
 
 
+def weighted(class_weight: dict[int, float], num_classes: int):
+  """A `Dataset.map` function: (images, one-hot labels) -> (images, labels, weights).
+
+  Each image weighs its class's weight, as Keras's `fit(class_weight=)` would
+  weigh it; done here because Keras would map the dataset into a new one,
+  whose iterators `CountedDataset` cannot count (exact resume needs them).
+  """
+  table = tf.constant([class_weight.get(c, 1.0) for c in range(num_classes)], tf.float32)
+  return lambda images, labels: (images, labels,
+                                 tf.gather(table, tf.argmax(labels, axis=-1)))
+
+
+def balanced_class_weights(labels: Sequence[int]) -> dict[int, float]:
+  """n / (classes x count_c) for each class in `labels`: every class weighs the same
+  in total and the mean image weight is 1. Classes absent from `labels` get none."""
+  counts = np.bincount(np.asarray(labels, np.int64))
+  present = np.flatnonzero(counts)
+  return {int(c): len(labels) / (len(present) * int(counts[c])) for c in present}
+
+
+def class_weights(splits: data_lib.Splits, kind: ClassWeight) -> dict[int, float] | None:
+  """The class weights of `kind` from the train split's labels; None under none."""
+  if kind is ClassWeight.NONE:
+    return None
+  label_of = dict(zip(splits.source.keys, splits.source.labels))
+  return balanced_class_weights([label_of[k] for k in splits.keys("train")])
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return max(1, math.ceil(num_examples / batch_size))
 
 
 class PlainInputs:
-  """The full model on the tf.data pipeline: augmentation runs every step."""
+  """The full model on the tf.data pipeline: augmentation runs every step.
 
-  def __init__(self, splits: data_lib.Splits, batch_size: int):
+  With `class_weight`, each training batch carries its images' weights.
+  """
+
+  def __init__(self, splits: data_lib.Splits, batch_size: int,
+               class_weight: dict[int, float] | None = None):
     num_classes = len(splits.class_names)
-    self.train = CountedDataset(splits.train.map(one_hot(num_classes)))
+    train = splits.train.map(one_hot(num_classes))
+    if class_weight:
+      train = train.map(weighted(class_weight, num_classes))
+    self.train = CountedDataset(train)
     self.val = splits.val.map(one_hot(num_classes)) if splits.keys("val") else None
     self.steps = steps_per_epoch(len(splits.keys("train")), batch_size)
 
@@ -117,7 +160,7 @@ class PlainInputs:
 
   def num_train_images(self) -> int:
     # After training this reads the pipeline's cache, not the image files.
-    return sum(int(labels.shape[0]) for _, labels in self.train)
+    return sum(int(batch[1].shape[0]) for batch in self.train)
 
 
 class CachedInputs:
@@ -128,8 +171,10 @@ class CachedInputs:
   between the cache's cut and the model's own cut run frozen in stage 2.
   """
 
-  def __init__(self, cache: prefix_cache.PrefixCache, num_classes: int, batch_size: int):
+  def __init__(self, cache: prefix_cache.PrefixCache, num_classes: int, batch_size: int,
+               class_weight: dict[int, float] | None = None):
     self.cache = cache
+    self.class_weight = class_weight
     self.num_classes = num_classes
     self.batch_size = batch_size
     has_val = len(cache.val_labels) > 0
@@ -161,7 +206,7 @@ class CachedInputs:
     sampler = self._sampler(train_features, seed)
     val = (val_features, self.val_y) if self.val_y is not None else None
     return Stage(head_model(model, train_features.shape[-1]), sampler, val, len(sampler),
-                 full_model=model)
+                 full_model=model, class_weight=self.class_weight)
 
   def _top_stage(self, model: keras.Model, seed: int) -> Stage:
     """Stage 2: the base from the cache's cut on, and the head, on the activations."""
@@ -173,7 +218,7 @@ class CachedInputs:
     sampler = self._sampler(self.cache.train_views, seed + 1)
     val = (self._val_activations, self.val_y) if self.val_y is not None else None
     return Stage(top_model(model, self.cache.cut), sampler, val, len(sampler),
-                 full_model=model)
+                 full_model=model, class_weight=self.class_weight)
 
 
 def head_model(model: keras.Model, feature_dim: int) -> keras.Model:
@@ -223,8 +268,9 @@ def make_inputs(model: keras.Model, splits: data_lib.Splits, config: RunConfig,
   The cache (kept in WORKDIR/cache, reused by a resumed run) is computed with
   `model`, which must still hold its initial weights.
   """
+  weights = class_weights(splits, config.train.class_weight)
   if not uses_feature_cache(config.train):
-    return PlainInputs(splits, config.data.batch_size)
+    return PlainInputs(splits, config.data.batch_size, weights)
   ratio = largest_unfreeze_ratio if config.train.fine_tune_epochs > 0 else 0.0
   cut = model_lib.cut_index(model_lib.base_of(model), ratio)
   ordered = {name: data_lib.make_dataset(
@@ -235,4 +281,4 @@ def make_inputs(model: keras.Model, splits: data_lib.Splits, config: RunConfig,
       seed=config.train.seed, cache_dir=os.path.join(workdir, artifacts.CACHE_DIR),
       split_keys={n: splits.keys(n) for n in ("train", "val")},
       key=cache_key(splits, config), verbose=config.train.verbose)
-  return CachedInputs(cache, len(splits.class_names), config.data.batch_size)
+  return CachedInputs(cache, len(splits.class_names), config.data.batch_size, weights)

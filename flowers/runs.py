@@ -227,6 +227,7 @@ def upgrade(run: dict[str, Any]) -> dict[str, Any]:
     train.setdefault("backbone", "mobilenet_v2")  # The only one there was.
     train.setdefault("calibrate", False)  # Older runs shipped their scores uncalibrated.
     train.setdefault("true_accept_rate", 0.0)  # ... and chose no "unknown" threshold.
+    train.setdefault("class_weight", "none")  # Older runs weighed every image the same.
   return run
 
 

@@ -136,6 +136,9 @@ class _RunReport(TestMetrics, ValMetrics):
   num_train_examples: int  # Training images the stages saw (less the skipped ones).
   num_skipped_images: SkippedImages
   feature_cache: bool  # Whether the stages trained on the frozen-prefix cache.
+  # Under --class_weight=balanced: class name -> the weight of its training images in
+  # both stages' loss (train images / (classes x the class's)); a class with none is left out.
+  class_weights: NotRequired[dict[str, float]]
   config: dict[str, Any]  # `RunConfig.to_json()`: one object per settings part.
 
 

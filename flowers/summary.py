@@ -53,6 +53,8 @@ EXPORT_ROWS = (
 )
 
 
+SMALLEST_CLASSES = 5  # Rows of the "Smallest classes" table.
+
 RESULT_ROWS = (
     ("test_accuracy", "Test accuracy"),
     ("test_top5_accuracy", "Test top-5 accuracy"),
@@ -164,8 +166,12 @@ def summary_markdown(workdir: str, report: Mapping[str, Any], *,
                      export_report: Mapping[str, Any] | None = None,
                      trials: Sequence[Mapping[str, Any]] | None = None,
                      best_hparams: Any = None,
-                     dropped: Sequence[tuple[str, str]] = ()) -> str:
+                     dropped: Sequence[tuple[str, str]] = (),
+                     train_counts: Mapping[str, int] | None = None) -> str:
   """The text of summary.md; `plots` maps picture names to their file names.
+
+  `train_counts` (class name -> training images, from splits.csv) shows the
+  smallest classes' test recall when the classes are unequal.
 
   `dropped` lists the workdir's files left out, with why (`flowers.lineage`).
   A section without its inputs is left out; Data and Training history say
@@ -183,6 +189,7 @@ def summary_markdown(workdir: str, report: Mapping[str, Any], *,
       _history_section(plots, history_found),
       _confusion_section(report, plots),
       _worst_classes_section(report, plots),
+      _smallest_classes_section(report, train_counts),
       _left_out_section(dropped),
       _configuration_section(report),
   )
@@ -387,6 +394,34 @@ def _worst_class_row(rank: int, name: str, accuracy: float, i: int | None,
       mistaken = f"{j}: {class_names[j]} ({int(row[j])})"
   return (rank, f"{i}: {name}" if i is not None else name, f"{accuracy:.3f}", images,
           mistaken)
+
+
+def _smallest_classes_section(report: Mapping[str, Any],
+                              train_counts: Mapping[str, int] | None) -> list[str]:
+  """The classes with the fewest training images and their test recall, when the
+  classes are unequal: whether the model serves its small classes too."""
+  recall = report.get("per_class_accuracy") or {}
+  counts = {n: int(train_counts[n]) for n in recall if n in (train_counts or {})}
+  if not counts or min(counts.values()) == max(counts.values()):
+    return []
+  weights = report.get("class_weights") or {}
+  index = {n: i for i, n in enumerate(report.get("class_names") or [])}
+  m = _confusion_matrix(report)
+  smallest = sorted(counts, key=lambda n: (counts[n], n))[:SMALLEST_CLASSES]
+  rows = []
+  for name in smallest:
+    i = index.get(name)
+    test_images = int(m[i].sum()) if m is not None and i is not None else ""
+    weight = [f"{weights[name]:.3f}" if name in weights else ""] if weights else []
+    rows.append((f"{i}: {name}" if i is not None else name, counts[name], *weight,
+                 test_images, f"{recall[name]:.3f}"))
+  header = ("class", "train images", *(["class weight"] if weights else []), "test images",
+            "test recall")
+  return _section(
+      "Smallest classes",
+      f"The {len(rows)} classes with the fewest training images, and the share of their "
+      "test images the model names right (recall); --class_weight=balanced weighs them up.",
+      _table(header, rows, ("l",) + ("r",) * (len(header) - 1)))
 
 
 def _left_out_section(dropped: Sequence[tuple[str, str]]) -> list[str]:
@@ -600,7 +635,16 @@ def _build(workdir: str, inputs: _Inputs, plots: Mapping[str, str],
                      if split else None),
       plots=plots, history_found=inputs.history_found,
       export_report=inputs.export_report, trials=inputs.trials,
-      best_hparams=inputs.best_hparams, dropped=inputs.files.dropped)
+      best_hparams=inputs.best_hparams, dropped=inputs.files.dropped,
+      train_counts=_train_counts(split, inputs.report["class_names"]))
+
+
+def _train_counts(split: _Split | None, class_names: Sequence[str]) -> dict[str, int] | None:
+  """Training images per class name, from splits.csv."""
+  if split is None:
+    return None
+  counts = plots_lib.class_counts(split.assignment, split.labels, split.num_classes)["train"]
+  return {name: int(counts[i]) for i, name in enumerate(class_names) if i < len(counts)}
 
 
 def _record(files: _CurrentFiles, plots: Mapping[str, str]) -> None:

@@ -491,6 +491,7 @@ def _fit(stage: inputs_lib.Stage, epochs: int, initial_epoch: int, run_dir: str,
     logging.info("Resuming %s at epoch %d.", name, initial_epoch + 1)
   stage.model.fit(stage.train, validation_data=stage.val, epochs=epochs,
                   initial_epoch=initial_epoch, verbose=config.verbose,
+                  class_weight=stage.class_weight,
                   callbacks=callbacks + list(extra_callbacks) + [state])
 
 
@@ -715,7 +716,16 @@ def _run_facts(splits: data_lib.Splits, config: RunConfig,
       "num_skipped_images": skipped,
       "feature_cache": inputs_lib.uses_feature_cache(config.train),
       "config": config.to_json(),
+      **_class_weights(splits, config),
   }
+
+
+def _class_weights(splits: data_lib.Splits, config: RunConfig) -> dict[str, Any]:
+  """report.json's "class_weights" (class name -> weight) when the loss weighs classes."""
+  weights = inputs_lib.class_weights(splits, config.train.class_weight)
+  if weights is None:
+    return {}
+  return {"class_weights": {splits.class_names[c]: w for c, w in sorted(weights.items())}}
 
 
 def _write_report(workdir: str, report: schemas.Report, model_sha: str) -> None:

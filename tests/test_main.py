@@ -225,6 +225,7 @@ NON_DEFAULTS = {
     "unfreeze_ratio": ("0.3", 0.3), "optimizer": ("adam", "adam"),
     "learning_rate": ("0.01", 0.01), "fine_tune_learning_rate": ("1e-4", 1e-4),
     "epochs": ("3", 3), "fine_tune_epochs": ("4", 4), "label_smoothing": ("0.1", 0.1),
+    "class_weight": ("balanced", "balanced"),
     "lr_schedule": ("cosine", "cosine"), "weight_decay": ("0.001", 0.001),
     "early_stopping_patience": ("5", 5), "feature_cache": ("on", "on"),
     "feature_cache_views": ("6", 6), "int8_grid_weights": ("false", False),

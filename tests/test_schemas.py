@@ -174,7 +174,7 @@ class WrittenFilesTest(absltest.TestCase):
     fake_data.write_image_dir(image_dir, [8, 8, 8], size=40)
     config = run_configs.tiny(data={"image_dir": image_dir},
                               export={"calibration_examples": 16, "max_accuracy_drop": 100.0},
-                              epochs=1, fine_tune_epochs=1)
+                              epochs=1, fine_tune_epochs=1, class_weight="balanced")
     cls.train_dir = os.path.join(cls.root, "train")
     modes.train(config, cls.train_dir)
     modes.evaluate(config, cls.train_dir)
@@ -234,6 +234,11 @@ class WrittenFilesTest(absltest.TestCase):
     exported = read_json(self.train_dir, artifacts.EXPORT_REPORT)
     for key in ("float_test_nll", "tflite_test_nll", "float_test_ece", "tflite_test_ece"):
       self.assertIn(key, exported)
+
+  def test_the_reports_carry_the_class_weights_they_trained_with(self):
+    for workdir in (self.train_dir, self.tune_dir):
+      report = read_json(workdir, artifacts.REPORT)
+      self.assertEqual(list(report["class_weights"]), report["class_names"], workdir)
 
   def test_a_search_records_its_run_with_the_search_settings(self):
     self.assertIn("search", read_json(self.tune_dir, artifacts.RUN))

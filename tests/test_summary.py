@@ -156,6 +156,7 @@ class WriteReportTest(absltest.TestCase):
     self.assertEqual(headings(text), [
         "# flowers run: run", "## Command", "## Data", "## Results", "## Export",
         "## Calibration", "## Tuning", "## Training history", "## Confusion", "## Worst classes",
+        "## Smallest classes",
         "## Configuration"])
     self.assertIn("## Command\n\n```sh\n" + COMMAND + "\n```\n\n## Data\n\n"
                   "source: tfds:oxford_flowers102; split: 64,16,20; split_seed: 42; "
@@ -163,6 +164,8 @@ class WriteReportTest(absltest.TestCase):
     self.assertIn(f"| Test accuracy | {self.result['test_accuracy']:.4f} |\n"
                   "| Test top-5 accuracy | 0.9876 |", text)
     self.assertIn("| 1 | 0: flower 0 | 0.700 | 10 | 2: flower 2 (3) |", text)
+    # splits.csv's train counts (8 + class index) beside the test recall.
+    self.assertIn("| 0: flower 0 | 8 | 10 | 0.700 |\n| 1: flower 1 | 9 |", text)
     self.assertIn("| TFLite size | 2.38 MiB (2,500,000 bytes) |", text)
     self.assertIn("| setting | value |\n| --- | --- |\n"
                   '| augmentation | {"flip": true} |\n| dropout | 0.2000 |\n'
@@ -220,7 +223,8 @@ class PartialWorkdirTest(absltest.TestCase):
     text = open(summary.write_report(workdir), encoding="utf-8").read()
     self.assertEqual(headings(text), [
         "# flowers run: evaluated", "## Command", "## Data", "## Results",
-        "## Training history", "## Confusion", "## Worst classes", "## Configuration"])
+        "## Training history", "## Confusion", "## Worst classes", "## Smallest classes",
+        "## Configuration"])
     self.assertIn("```sh\n(not recorded)\n```", text)
 
   def test_files_lineage_rejects_are_left_out_and_listed_in_order(self):
@@ -242,6 +246,7 @@ class PartialWorkdirTest(absltest.TestCase):
     self.assertEqual(headings(text), [
         "# flowers run: run", "## Command", "## Data", "## Results", "## Export",
         "## Calibration", "## Training history", "## Confusion", "## Worst classes",
+        "## Smallest classes",
         "## Left out",
         "## Configuration"])
     self.assertIn(
@@ -294,6 +299,33 @@ class SummaryMarkdownTest(absltest.TestCase):
     self.assertIn("## Confusion\n\nThe 0 most confused pairs (test images of the true "
                   "class predicted as the other):\n\nNo errors.\n\n## Worst classes", text)
     self.assertIn("| 1 | 0: a | 1.000 | 2 |  |", text)
+
+
+  def test_smallest_classes_show_their_train_images_weight_and_test_recall(self):
+    names = [f"c{i}" for i in range(7)]
+    train_counts = dict(zip(names, (60, 6, 40, 9, 25, 12, 18)))
+    report = {"class_names": names, "confusion_matrix": np.diag([4] * 7).tolist(),
+              "per_class_accuracy": {n: 0.1 * i for i, n in enumerate(names)},
+              "class_weights": {"c1": 3.5, "c3": 2.25}}
+    text = summary.summary_markdown("run", report, train_counts=train_counts)
+    section = text[text.index("## Smallest classes"):]
+    self.assertIn("| class | train images | class weight | test images | test recall |\n"
+                  "| --- | ---: | ---: | ---: | ---: |\n"
+                  "| 1: c1 | 6 | 3.500 | 4 | 0.100 |\n"
+                  "| 3: c3 | 9 | 2.250 | 4 | 0.300 |\n"
+                  "| 5: c5 | 12 |  | 4 | 0.500 |\n"
+                  "| 6: c6 | 18 |  | 4 | 0.600 |\n"
+                  "| 4: c4 | 25 |  | 4 | 0.400 |\n", section)
+    self.assertNotIn("c0", section)  # The two largest are left out.
+    self.assertNotIn("c2", section)
+
+  def test_equal_classes_have_no_smallest_classes(self):
+    report = {"class_names": ["a", "b"], "per_class_accuracy": {"a": 1.0, "b": 0.5}}
+    text = summary.summary_markdown("run", report, train_counts={"a": 5, "b": 5})
+    self.assertNotIn("## Smallest classes", text)
+    without_weights = summary.summary_markdown("run", report, train_counts={"a": 5, "b": 9})
+    self.assertIn("| class | train images | test images | test recall |", without_weights)
+    self.assertIn("| 1: b | 9 |  | 0.500 |", without_weights)
 
 
 if __name__ == "__main__":
