@@ -245,7 +245,9 @@ def export(config: RunConfig, workdir: str) -> schemas.ExportReport:
   from flowers import export as export_lib  # pylint: disable=g-import-not-at-top
 
   result = export_lib.export_from_workdir(config, workdir, config.predict.model_path(workdir))
-  _write_plots(workdir, config.plots)
+  # summary.md is a run's page: a fresh folder holding only this export has none to update.
+  if os.path.exists(os.path.join(workdir, artifacts.REPORT)):
+    _write_plots(workdir, config.plots)
   return result
 
 

@@ -5,7 +5,9 @@ chain them (train, export, rerun, --overwrite, evaluate into the run's own and
 into another run's folder), and checks what each leaves in the workdir.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -206,6 +208,17 @@ class LifecycleTest(absltest.TestCase):
         self.config.export, calibration_examples=8))
     with self.assertRaisesRegex(UserError, "calibration_examples: 16 -> 8"):
       modes.train(config, workdir)
+
+  def test_an_export_into_a_fresh_folder_writes_no_summary_and_no_warning(self):
+    fresh = os.path.join(self.create_tempdir().full_path, "export")
+    config = dataclasses.replace(self.config, predict=dataclasses.replace(
+        self.config.predict, model=os.path.join(self.run_a, "model.keras")))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+      modes.export(config, fresh)
+    self.assertNotIn("warning", err.getvalue())
+    self.assertTrue(os.path.exists(os.path.join(fresh, "model_int8.tflite")))
+    self.assertFalse(os.path.exists(os.path.join(fresh, "summary.md")))
 
   def test_a_failed_export_leaves_no_export_of_another_model(self):
     workdir = self.copy_of(self.run_a)
