@@ -412,7 +412,8 @@ class SlowSearchTest(TuneTestCase):
     for key in ("best_trial_id", "val_accuracy", "test_accuracy", "best_hparams"):
       self.assertEqual(resumed[key], alone[key], key)
 
-  @parameterized.parameters(("off", None), ("on", None))
+  # The feature cache's case runs on real weights below, where its float16 cut shows.
+  @parameterized.parameters(("off", None))
   def test_train_with_best_hparams_repeats_the_best_trial(self, feature_cache, weights):
     self.check_train_with_best_hparams_repeats_the_best_trial(feature_cache, weights)
 
