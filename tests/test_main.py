@@ -113,8 +113,8 @@ class KillAndResumeTest(parameterized.TestCase):
 
   # The CPU default (the feature cache); the plain path's kill and resume, at every epoch
   # boundary, is tests/test_resume.py's.
-  @parameterized.parameters("on")
-  def test_kill_in_stage_2_then_resume(self, feature_cache):
+  def test_kill_in_stage_2_then_resume(self):
+    feature_cache = "on"
     fine_tune_epochs = 12  # Enough that the kill lands midway.
     root = self.create_tempdir().full_path
     image_dir = os.path.join(root, "images")

@@ -52,8 +52,8 @@ class RepeatableTest(parameterized.TestCase):
 
   # The CPU default; the plain path repeats itself in tests/test_resume.py (a killed and
   # resumed run against one left alone, in one process).
-  @parameterized.parameters("on")
-  def test_same_command_twice_gives_the_same_report(self, feature_cache):
+  def test_same_command_twice_gives_the_same_report(self):
+    feature_cache = "on"
     source = real_subset()
     config = run_configs.tiny(
         data={"image_size": 32, "tfds_data_dir": shared_data.TFDS_DIR},

@@ -413,9 +413,8 @@ class SlowSearchTest(TuneTestCase):
       self.assertEqual(resumed[key], alone[key], key)
 
   # The feature cache's case runs on real weights below, where its float16 cut shows.
-  @parameterized.parameters(("off", None))
-  def test_train_with_best_hparams_repeats_the_best_trial(self, feature_cache, weights):
-    self.check_train_with_best_hparams_repeats_the_best_trial(feature_cache, weights)
+  def test_train_with_best_hparams_repeats_the_best_trial(self):
+    self.check_train_with_best_hparams_repeats_the_best_trial("off", None)
 
   @pytest.mark.real_data
   def test_train_with_best_hparams_repeats_the_best_trial_on_real_weights(self):
