@@ -565,7 +565,9 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
   as_trained = _round_to_int8_grid(model, splits, config)
   chosen = _calibrate(model, splits, config)
   model_sha = _write_model_files(model, splits, workdir, run_dir)
-  report, skipped, scored = _evaluate_splits(model, splits, config.data.strict)
+  # Val's probabilities of the model as it ships, when the calibration already has them.
+  val = chosen.val_before if chosen is not None and not chosen.applied else None
+  report, skipped, scored = _evaluate_splits(model, splits, config.data.strict, val)
   skipped.update(_skipped_before_evaluation(splits, num_train_images, config.data.strict))
   report.update(_run_facts(splits, config, skipped))
   if as_trained is not None:
@@ -673,16 +675,18 @@ def _write_model_files(model: keras.Model, splits: data_lib.Splits, workdir: str
   return model_sha
 
 
-def _evaluate_splits(model: keras.Model, splits: data_lib.Splits, strict: bool
+def _evaluate_splits(model: keras.Model, splits: data_lib.Splits, strict: bool,
+                     val: _Scored | None = None
                      ) -> tuple[dict[str, Any], dict[str, int], dict[str, _Scored]]:
   """Test metrics, and val's when there is a val split; the images each skipped;
-  each split's probabilities and labels."""
+  each split's probabilities and labels. `val`: val's, already predicted with this
+  very model (not predicted again)."""
   scored = {"test": _split_probs(model, splits, "test")}
   report = evaluate_lib.metrics(*scored["test"], splits.class_names, prefix="test")
   skipped = {"test": evaluate_lib.count_skipped(
       "test", len(splits.keys("test")), report["num_test_examples"], strict)}
   if splits.keys("val"):
-    scored["val"] = _split_probs(model, splits, "val")
+    scored["val"] = val if val is not None else _split_probs(model, splits, "val")
     val = evaluate_lib.metrics(*scored["val"], splits.class_names, prefix="val")
     report.update({k: v for k, v in val.items() if k.startswith(("val_", "num_val"))})
     skipped["val"] = evaluate_lib.count_skipped(
