@@ -137,6 +137,9 @@ class DataConfig:
     split: train,val,test percentages (stratified, seeded), or 'official'.
     split_seed: seed of the stratified split (on the command line it follows --seed
       unless given).
+    holdout_classes: the open-set protocol: this many classes (a seeded choice, by
+      split_seed) are left out of training, and their val and test images are scored
+      as unknowns (report.json's "open_set"). 0: train on every class.
     image_size: the square model input side, pixels.
     batch_size: images per training step.
     pixel_cache: where decoded, resized images are kept between epochs: memory, disk
@@ -150,6 +153,7 @@ class DataConfig:
   strict: bool = False
   split: str = "64,16,20"
   split_seed: int = 42
+  holdout_classes: int = 0
   image_size: int = 224
   batch_size: int = 32
   pixel_cache: PixelCache = PixelCache.MEMORY
@@ -158,6 +162,8 @@ class DataConfig:
     _choices(self)
     split_lib.parse_split(self.split, self.split_seed)
     _require(self.batch_size >= 1, f"--batch_size={self.batch_size} must be >= 1.")
+    _require(self.holdout_classes >= 0,
+             f"--holdout_classes={self.holdout_classes} must be >= 0.")
 
 
 @dataclasses.dataclass(frozen=True)

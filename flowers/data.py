@@ -565,9 +565,16 @@ class Splits:
   class_names: list[str]
   assignment: dict[str, str]
   source: Source
+  # The open-set protocol (--holdout_classes): the classes left out of training, and
+  # where their images fall in the same split (their val and test images are unknowns).
+  held_out: Source | None = None
+  held_out_assignment: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def keys(self, split: str) -> list[str]:
     return split_lib.keys_of(self.assignment, split)
+
+  def held_out_keys(self, split: str) -> list[str]:
+    return split_lib.keys_of(self.held_out_assignment, split)
 
 
 def prepare_split(source: Source, workdir: str | None,
@@ -625,6 +632,34 @@ def pixel_cache_prefix(folder: str, split: str, keys: Sequence[str], image_size:
   return os.path.join(folder, stem)
 
 
+def hold_out(source: Source, count: int, seed: int) -> tuple[Source, Source]:
+  """`source` cut by class for the open-set protocol: (known, held_out).
+
+  `count` classes with images, a choice seeded by `seed`, make `held_out`;
+  `known` keeps the others, numbered 0.. in their order, with their names.
+  Both read the same encoded images (a dataset lists only its own keys).
+  """
+  present = sorted(set(source.labels))
+  if count > len(present) - 2:
+    raise UserError(f"--holdout_classes={count} leaves fewer than 2 of the "
+                    f"{len(present)} classes of {source.name} to train on; hold out fewer.")
+  chosen = set(np.random.default_rng(seed).choice(present, count, replace=False).tolist())
+  return (_classes_of(source, [c for c in range(source.num_classes) if c not in chosen]),
+          _classes_of(source, sorted(chosen)))
+
+
+def _classes_of(source: Source, classes: Sequence[int]) -> Source:
+  """The images of `classes` only, their labels renumbered in that order."""
+  new_label = {old: new for new, old in enumerate(classes)}
+  rows = [i for i, label in enumerate(source.labels) if label in new_label]
+  splits = source.source_splits
+  return dataclasses.replace(
+      source, keys=[source.keys[i] for i in rows],
+      labels=[new_label[source.labels[i]] for i in rows],
+      class_names=[source.class_names[c] for c in classes],
+      source_splits=None if splits is None else [splits[i] for i in rows])
+
+
 def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None,
                 workdir: str | None = None, shuffle_seed: int = 42) -> Splits:
   """Train/val/test datasets of (uint8 images, labels), stratified and seeded.
@@ -633,11 +668,18 @@ def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None
   gives the default oxford_flowers102 64/16/20 split (seeded by
   `data.split_seed`). Train is shuffled (by `shuffle_seed`, the training
   seed), val and test are in key order. With a `workdir`, its `splits.csv` is
-  reused (or written), and the disk cache lives there.
+  reused (or written), and the disk cache lives there. With
+  `data.holdout_classes`, the split and the datasets hold the other classes only
+  (`hold_out`); the held-out ones are split alike, into `Splits.held_out_assignment`.
   """
   if source is None:
     source = load_source(data)
   spec = split_lib.parse_split(data.split, data.split_seed)
+  held_out, held_out_assignment = None, {}
+  if data.holdout_classes:
+    source, held_out = hold_out(source, data.holdout_classes, data.split_seed)
+    held_out_assignment = split_lib.assign(held_out.keys, held_out.labels,
+                                           held_out.source_splits, spec)
   assignment = prepare_split(source, workdir, spec)
   if data.strict:
     check_decodable(source, [k for k in source.keys if k in assignment])
@@ -655,7 +697,7 @@ def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None
       for name in split_lib.SPLITS
   }
   return Splits(datasets["train"], datasets["val"], datasets["test"],
-                source.class_names, assignment, source)
+                source.class_names, assignment, source, held_out, held_out_assignment)
 
 
 def calibration_images(splits: Splits, count: int, seed: int,

@@ -11,6 +11,15 @@ and the TFLite Task Library apply themselves (they return no class scoring
 below it); `--mode=predict` reads it back (`model_threshold`) and says
 "unknown" where they would return nothing.
 
+How well a score separates unknowns is measured by the open-set protocol
+(`--holdout_classes=K`): K classes are left out of training, and their val
+and test images are the unknowns. `open_set_report` gives each score's AUROC
+(known against unknown) and false-accept rate (the share of unknowns accepted
+at the threshold that keeps the true-accept rate of known val images), and
+the score that val prefers. Scores, from the classifier's logits z:
+max_probability (max softmax(z), what clients threshold), max_logit (max z)
+and energy (logsumexp z, the negative free energy); higher means "known".
+
 numpy only (no TensorFlow at import).
 """
 
@@ -83,3 +92,68 @@ def model_threshold(path: str) -> float | None:
   report = artifacts.read_json(os.path.join(folder, artifacts.REPORT))
   chosen = report.get("unknown_threshold") if isinstance(report, dict) else None
   return float(chosen["score"]) if isinstance(chosen, dict) and "score" in chosen else None
+
+
+SCORES = ("max_probability", "max_logit", "energy")
+# The true-accept rate the protocol reports at when the run chose no threshold.
+PROTOCOL_TRUE_ACCEPT_RATE = 0.95
+
+
+def score(logits: np.ndarray, name: str) -> np.ndarray:
+  """Score `name` of SCORES per image, from logits [N, C]; higher means known."""
+  logits = np.asarray(logits, np.float64)
+  top = logits.max(axis=1)
+  log_sum_exp = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+  if name == "max_probability":
+    return np.exp(top - log_sum_exp)
+  if name == "max_logit":
+    return top
+  if name == "energy":
+    return log_sum_exp
+  raise ValueError(f"Unknown score {name!r}; one of {SCORES}.")
+
+
+def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
+  """The chance a known image scores above an unknown one (ties count half)."""
+  known = np.asarray(known, np.float64).reshape(-1)
+  unknown = np.asarray(unknown, np.float64).reshape(-1)
+  values, inverse, counts = np.unique(np.concatenate([known, unknown]), return_inverse=True,
+                                      return_counts=True)
+  del values
+  # 1-based rank of each distinct value, ties sharing their mean rank.
+  mean_rank = np.cumsum(counts) - (counts - 1) / 2.0
+  rank_sum = mean_rank[inverse[:len(known)]].sum()
+  return float((rank_sum - len(known) * (len(known) + 1) / 2.0) / (len(known) * len(unknown)))
+
+
+def _score_report(known_val: np.ndarray, unknown_val: np.ndarray, known_test: np.ndarray,
+                  unknown_test: np.ndarray, rate: float) -> dict[str, float]:
+  """One score's figures: AUROC and false-accept on val and test, its threshold
+  chosen on known val images, and the true-accept rate it gives on known test."""
+  threshold = choose_threshold(known_val, rate)
+  return {"threshold": threshold,
+          "val_auroc": auroc(known_val, unknown_val),
+          "val_false_accept": accepted(unknown_val, threshold),
+          "test_auroc": auroc(known_test, unknown_test),
+          "test_false_accept": accepted(unknown_test, threshold),
+          "test_true_accept": accepted(known_test, threshold)}
+
+
+def open_set_report(logits: dict[str, np.ndarray], held_out_classes: list[str],
+                    true_accept_rate: float) -> dict[str, Any]:
+  """report.json's "open_set": every score measured, and the one val chooses.
+
+  `logits` holds "val_known", "val_unknown", "test_known" and "test_unknown"
+  (each [N, C]). A score is chosen by its val false-accept rate, then its val
+  AUROC; test is reported, never used to choose.
+  """
+  rate = true_accept_rate or PROTOCOL_TRUE_ACCEPT_RATE
+  figures = {name: _score_report(*(score(logits[part], name) for part in
+                                   ("val_known", "val_unknown", "test_known", "test_unknown")),
+                                 rate)
+             for name in SCORES}
+  chosen = min(SCORES, key=lambda n: (figures[n]["val_false_accept"], -figures[n]["val_auroc"]))
+  return {"held_out_classes": list(held_out_classes), "true_accept_rate": rate,
+          "num_val_unknown": len(logits["val_unknown"]),
+          "num_test_unknown": len(logits["test_unknown"]),
+          "scores": figures, "chosen_score": chosen}

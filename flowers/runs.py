@@ -223,6 +223,8 @@ def upgrade(run: dict[str, Any]) -> dict[str, Any]:
     data.setdefault("split_seed", seed)
     if isinstance(train, dict):
       train.setdefault("seed", seed)
+  if isinstance(data, dict):
+    data.setdefault("holdout_classes", 0)  # Older runs trained on every class.
   if isinstance(train, dict):
     train.setdefault("backbone", "mobilenet_v2")  # The only one there was.
     train.setdefault("calibrate", False)  # Older runs shipped their scores uncalibrated.
@@ -331,8 +333,8 @@ def model_data(model_path: str, workdir: str,
 
 
 def data_of_run(run: schemas.RunJson, data: config_lib.DataConfig) -> config_lib.DataConfig:
-  """`data` with the dataset, split and seed a run recorded, and where its data lived
-  unless `data` names a place itself."""
+  """`data` with the dataset, split, seed and held-out classes a run recorded, and
+  where its data lived unless `data` names a place itself."""
   made = run.get("data", {})
   where = run.get("location", {})
   kept = {name: value for name, value in where.items()
@@ -342,7 +344,8 @@ def data_of_run(run: schemas.RunJson, data: config_lib.DataConfig) -> config_lib
   if "tfds_name" in made:
     kept["tfds_name"] = made["tfds_name"]
   return dataclasses.replace(data, split=where.get("split", data.split),
-                             split_seed=made.get("split_seed", data.split_seed), **kept)
+                             split_seed=made.get("split_seed", data.split_seed),
+                             holdout_classes=made.get("holdout_classes", 0), **kept)
 
 
 def same_folder(a: str, b: str) -> bool:

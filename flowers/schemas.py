@@ -121,6 +121,31 @@ class UnknownThreshold(TypedDict):
   test_accepted: float  # Share of test images accepted; measured, never used to choose.
 
 
+class OpenSetScore(TypedDict):
+  """One score's open-set figures (`open_set._score_report`); shares are fractions."""
+
+  threshold: float  # Chosen on known val images for the true-accept rate.
+  val_auroc: float  # Known against held-out val images.
+  val_false_accept: float  # Held-out val images at or above the threshold.
+  test_auroc: float
+  test_false_accept: float
+  test_true_accept: float  # Known test images at or above the threshold.
+
+
+class OpenSet(TypedDict):
+  """Under --holdout_classes: how well each score tells held-out classes from known ones.
+
+  `open_set.open_set_report`; the protocol is in docs/design.md.
+  """
+
+  held_out_classes: list[str]  # Left out of training; their images are the unknowns.
+  true_accept_rate: float  # The run's --true_accept_rate (0.95 when it is 0).
+  num_val_unknown: int
+  num_test_unknown: int
+  scores: dict[str, OpenSetScore]  # Score name (open_set.SCORES) -> its figures.
+  chosen_score: str  # The lowest val false-accept rate (then the highest val AUROC).
+
+
 class _RunReport(TestMetrics, ValMetrics):
   """What every report.json holds: `train.save_run`'s part (see TrainReport)."""
 
@@ -129,6 +154,7 @@ class _RunReport(TestMetrics, ValMetrics):
   val_accuracy_before_int8_grid: NotRequired[float]
   calibration: NotRequired[Calibration]  # Under --calibrate (the default).
   unknown_threshold: NotRequired[UnknownThreshold]  # With val images and a rate above 0.
+  open_set: NotRequired[OpenSet]  # Under --holdout_classes, with val and test unknowns.
   source: str  # The source's name: "tfds:<dataset>", or the image folder's path.
   split: str  # --split as given ("64,16,20", "official").
   split_seed: int  # The seed of the run's split.

@@ -575,6 +575,7 @@ def save_run(model: keras.Model, splits: data_lib.Splits, config: RunConfig, wor
   if chosen is not None:
     report["calibration"] = _calibration_report(chosen, scored)
   report.update(_unknown_threshold(scored, config))
+  report.update(_open_set(model, splits, config))
   report.update(extra)
   _write_report(workdir, report, model_sha)
   return report
@@ -588,6 +589,37 @@ def _unknown_threshold(scored: dict[str, _Scored], config: RunConfig) -> dict[st
   chosen = open_set.threshold_report(scored["val"][0], scored["test"][0],
                                      config.train.true_accept_rate)
   return {} if chosen is None else {"unknown_threshold": chosen}
+
+
+def _open_set(model: keras.Model, splits: data_lib.Splits,
+              config: RunConfig) -> dict[str, Any]:
+  """report.json's "open_set" under --holdout_classes: the known val and test images
+  against the held-out classes' (`open_set.open_set_report`)."""
+  if splits.held_out is None:
+    return {}
+  parts = {"val_known": (splits.source, splits.keys("val")),
+           "val_unknown": (splits.held_out, splits.held_out_keys("val")),
+           "test_known": (splits.source, splits.keys("test")),
+           "test_unknown": (splits.held_out, splits.held_out_keys("test"))}
+  empty = [name for name, (_, keys) in parts.items() if not keys]
+  if empty:
+    logging.warning("No open-set figures: no %s images in --split=%s.", ", ".join(empty),
+                    config.data.split)
+    return {}
+  logits = {name: _logits(model, data_lib.make_dataset(
+      source, keys, image_size=config.data.image_size, batch_size=config.data.batch_size,
+      cache="none")) for name, (source, keys) in parts.items()}
+  return {"open_set": open_set.open_set_report(logits, splits.held_out.class_names,
+                                                config.train.true_accept_rate)}
+
+
+def _logits(model: keras.Model, dataset: Any) -> np.ndarray:
+  """The classifier's logits (before its softmax) for every image of `dataset`."""
+  classifier = model.get_layer(model_lib.CLASSIFIER_NAME)
+  features = keras.Model(model.inputs, classifier.input)
+  kernel, bias = (np.asarray(w, np.float64) for w in classifier.get_weights())
+  pooled, _ = evaluate_lib.predict_dataset(evaluate_lib.keras_predictor(features), dataset)
+  return pooled @ kernel + bias
 
 
 def _round_to_int8_grid(model: keras.Model, splits: data_lib.Splits,

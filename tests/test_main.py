@@ -217,7 +217,7 @@ NON_DEFAULTS = {
     "image_dir": ("/images", "/images"), "tfds_name": ("other", "other"),
     "tfds_data_dir": ("/tfds", "/tfds"), "download": ("false", False),
     "strict": ("true", True), "split": ("70,10,20", "70,10,20"), "split_seed": ("8", 8),
-    "seed": ("7", 7),
+    "holdout_classes": ("10", 10), "seed": ("7", 7),
     "image_size": ("96", 96), "batch_size": ("16", 16), "pixel_cache": ("disk", "disk"),
     "backbone": ("mobilenet_v2", "mobilenet_v2"), "weights": ("/w.h5", "/w.h5"),
     "alpha": ("0.5", 0.5), "dropout": ("0.3", 0.3),

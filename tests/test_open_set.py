@@ -25,11 +25,13 @@ from flowers import modes
 from flowers import open_set
 from flowers import runs
 from flowers import schemas
+from flowers import split as split_lib
 from flowers import tflite_metadata
 from flowers import train
 from flowers.config import ExportConfig
 from flowers.config import PredictConfig
 from flowers.config import RunConfig
+from flowers.errors import UserError
 from test_tflite_metadata import colour_model
 
 COUNTS = fake_data.uniform_counts(4, train=6, val=10, test=6)
@@ -155,3 +157,118 @@ def _tempdir():
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class OpenSetScoresTest(absltest.TestCase):
+  """The open-set protocol's scores, AUROC and choice, on made-up logits."""
+
+  def test_auroc_is_the_chance_a_known_image_scores_higher_ties_half(self):
+    rng = np.random.default_rng(1)
+    known, unknown = np.round(rng.normal(1, 1, 60)), np.round(rng.normal(0, 1, 40))
+    pairs = [(k > u) + 0.5 * (k == u) for k in known for u in unknown]
+    self.assertAlmostEqual(open_set.auroc(known, unknown), np.mean(pairs))
+    self.assertEqual(open_set.auroc([2.0, 3.0], [0.0, 1.0]), 1.0)
+
+  def test_scores_from_logits(self):
+    logits = np.array([[2.0, 0.0, -1.0], [500.0, 499.0, 0.0]])
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(open_set.score(logits, "max_probability"), probs.max(1))
+    np.testing.assert_allclose(open_set.score(logits, "max_logit"), [2.0, 500.0])
+    np.testing.assert_allclose(open_set.score(logits, "energy"),
+                               [np.log(np.exp(logits[0]).sum()), 500.0 + np.log1p(np.exp(-1.0))])
+
+  def test_the_score_is_chosen_on_val_and_test_only_reported(self):
+    rng = np.random.default_rng(2)
+    # Known images: two large logits, so a split probability. Unknowns: one smaller
+    # logit, so a sure probability: max_probability gets them backwards, the logit not.
+    known = np.concatenate([rng.normal(8, 0.2, (50, 2)), rng.normal(0, 0.5, (50, 2))], 1)
+    unknown = np.concatenate([rng.normal(4, 0.2, (50, 1)), rng.normal(0, 0.5, (50, 3))], 1)
+    logits = {"val_known": known, "val_unknown": unknown,
+              "test_known": known[::-1], "test_unknown": known[:10]}
+    report = open_set.open_set_report(logits, ["held"], 0.95)
+    self.assertEqual(report["chosen_score"], "max_logit")
+    self.assertEqual(report["scores"]["max_logit"]["val_auroc"], 1.0)
+    self.assertLess(report["scores"]["max_probability"]["val_auroc"], 0.5)
+    # Test (here: unknowns that look known) changes the figures, never the choice.
+    self.assertEqual(report["scores"]["max_logit"]["test_false_accept"], 1.0)
+    self.assertEqual(schemas.problems(report, schemas.OpenSet), [])
+    self.assertEqual(open_set.open_set_report(logits, ["held"], 0.0)["true_accept_rate"], 0.95)
+
+
+HOLDOUT_COUNTS = fake_data.uniform_counts(6, train=6, val=6, test=6)
+
+
+class HoldOutRunTest(absltest.TestCase):
+  """--holdout_classes=2 on 6 mock classes: the split, a saved run's report, its lineage."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir = cls.enterClassContext(_tempdir())
+    cls.config = run_configs.tiny(data={"holdout_classes": 2}, calibrate=False,
+                                  int8_grid_weights=False)
+    with fake_data.mock_flowers(HOLDOUT_COUNTS):
+      from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
+      cls.data_lib = data_lib
+      cls.source = data_lib.load_tfds()
+      cls.splits = train.load_splits_seeded(cls.config, cls.source, cls.workdir)
+      runs.begin(cls.config, cls.workdir, "train", cls.source, feature_cache=False)
+      # Mock TFDS names 102 classes; 6 have images, 4 of them known.
+      names = cls.source.class_names
+      known = [names.index(n) for n in cls.splits.class_names if names.index(n) < 6]
+      cls.model = colour_model(4, 32, num_outputs=len(cls.splits.class_names),
+                               temperature=0.1, classes=known)
+      cls.report = train.save_run(cls.model, cls.splits, cls.config, cls.workdir, cls.workdir,
+                                  train_seconds=0.0)
+      cls.test_logits = [train._logits(cls.model, data_lib.make_dataset(  # pylint: disable=protected-access
+          source, keys, image_size=32, cache="none"))
+                         for source, keys in (
+                             (cls.splits.source, cls.splits.keys("test")),
+                             (cls.splits.held_out, cls.splits.held_out_keys("test")))]
+
+  def test_held_out_classes_are_left_out_of_the_split_and_scored_as_unknowns(self):
+    held_out = self.report["open_set"]["held_out_classes"]
+    self.assertLen(held_out, 2)
+    self.assertEqual(sorted(held_out + self.splits.class_names), sorted(self.source.class_names))
+    self.assertEqual([self.source.class_names.index(n) < 6 for n in held_out], [True, True])
+    label_of = self.source.label_of()
+    names = self.source.class_names
+    for split in ("train", "val", "test"):
+      self.assertTrue(self.splits.keys(split))
+      self.assertNotIn({names[label_of[k]] for k in self.splits.keys(split)}.intersection(
+          held_out), [set(held_out)] + [{n} for n in held_out])
+    for split in ("val", "test"):
+      self.assertEqual({names[label_of[k]] for k in self.splits.held_out_keys(split)},
+                       set(held_out))
+    assignment, _ = split_lib.read_manifest(os.path.join(self.workdir, "splits.csv"))
+    self.assertEqual(set(assignment), set(self.splits.assignment))
+    self.assertEqual(self.report["open_set"]["num_test_unknown"],
+                     len(self.splits.held_out_keys("test")))
+
+  def test_the_report_measures_every_score(self):
+    report = self.report["open_set"]
+    self.assertEqual(schemas.problems(self.report, schemas.TrainReport), [])
+    self.assertCountEqual(report["scores"], open_set.SCORES)
+    # The figures are those of the model's own logits on the known and held-out test images.
+    for name in open_set.SCORES:
+      known, unknown = (open_set.score(l, name) for l in self.test_logits)
+      self.assertAlmostEqual(report["scores"][name]["test_auroc"],
+                             open_set.auroc(known, unknown), places=6)
+    # The nearest-colour model is less sure of colours it was not given (two of the six
+    # mock colours are close, so far from perfectly).
+    self.assertGreater(report["scores"]["max_probability"]["test_auroc"], 0.6)
+    self.assertEqual(self.report["class_names"], self.splits.class_names)
+
+  def test_the_choice_is_seeded_and_later_modes_use_the_runs(self):
+    again, _ = self.data_lib.hold_out(self.source, 2, self.config.data.split_seed)
+    self.assertEqual(again.class_names, self.splits.class_names)
+    others = {tuple(self.data_lib.hold_out(self.source, 2, seed)[1].class_names)
+              for seed in range(5)}
+    self.assertGreater(len(others), 1)
+    data = runs.data_of_run(runs.read_run(self.workdir), RunConfig().data)
+    self.assertEqual(data.holdout_classes, 2)
+
+  def test_holding_out_all_but_one_class_is_refused(self):
+    with self.assertRaisesRegex(UserError, "--holdout_classes=5 leaves fewer than 2"):
+      self.data_lib.hold_out(self.source, 5, 42)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from typing import Sequence
 
 from absl.testing import absltest
 import keras
@@ -263,18 +264,20 @@ class ExportMetadataTest(WorkdirTestCase):
 
 
 def colour_model(num_classes: int, image_size: int, num_outputs: int | None = None,
-                 temperature: float = 0.01) -> keras.Model:
+                 temperature: float = 0.01, classes: Sequence[int] | None = None) -> keras.Model:
   """A nearest-mean-colour classifier of the mock classes: uint8 in, softmax out.
 
   Its answer depends on the image (unlike the random-weight MobileNetV2, whose
   features vanish), so agreement between two clients means something. Output
   i is mock class i; outputs past `num_classes` (up to `num_outputs`) never win.
   Its parts bear `build_model`'s names (a pooling "base", a "classifier"), so
-  export takes it for a flowers model.
+  export takes it for a flowers model. `classes`: the mock classes outputs
+  0.. stand for (default: 0 to num_classes - 1).
   """
   num_outputs = num_outputs or num_classes
+  classes = range(num_classes) if classes is None else classes
   centroids = np.stack([fake_data.class_image(label, 0, size=image_size).reshape(-1, 3).mean(0)
-                        for label in range(num_classes)]) / 255.0
+                        for label in classes]) / 255.0
   inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
   x = keras.layers.Rescaling(1.0 / 255.0, dtype="float32")(inputs)
   base = keras.Sequential([keras.Input((image_size, image_size, 3)),
