@@ -28,7 +28,8 @@ TFLITE_NAMES = {"int8": "model_int8.tflite", "float16": "model_float16.tflite",
                 "dynamic": "model_dynamic.tflite", "none": "model_float32.tflite"}
 TRIALS = "trials.csv"  # One row per tuning trial, best first.
 # trials.csv columns after trial_id and the hyperparameters (flowers.tune writes them).
-TRIAL_RESULTS = ("val_accuracy", "seconds", "status", "tuner_id", "median_stop")
+TRIAL_RESULTS = ("val_accuracy", "seconds", "status", "tuner_id", "median_stop",
+                 "fine_tune_epochs")
 BEST_HPARAMS = "best_hparams.json"
 SUMMARY = "summary.md"
 PLOTS_DIR = "plots"

@@ -347,6 +347,12 @@ class SearchConfig:
       accuracy so far is below the median of the finished trials' at the same
       epoch (the median stopping rule; needs 2 finished trials, not used by
       hyperband); 0 runs every trial in full.
+    halving_rungs: successive halving: the fine-tune epochs at which trials are compared
+      (e.g. 2,4). Every trial fine-tunes to the first; the best 1/halving_factor of them go
+      on, from where they stopped, to the next, and so on; the last one left to
+      --fine_tune_epochs. The stage 2 epochs spent are fixed by these settings, whatever
+      the trials score (no early stopping, no median rule). Empty: every trial in full.
+    halving_factor: successive halving keeps the best 1/this of the trials at each rung.
   """
 
   tuner: Tuner = Tuner.BAYESIAN
@@ -355,9 +361,17 @@ class SearchConfig:
   unfreeze_ratio_range: tuple[float, float] = (0.0, 0.5)
   fine_tune_learning_rate_range: tuple[float, float] = (1e-5, 1e-3)
   median_stop_epoch: int = 4
+  halving_rungs: tuple[int, ...] = ()
+  halving_factor: int = 3
 
   def __post_init__(self):
     _choices(self)
+    _set(self, "halving_rungs", _check_rungs(self.halving_rungs))
+    _require(self.halving_factor >= 2,
+             f"--halving_factor={self.halving_factor} must be >= 2.")
+    _require(not (self.halving_rungs and self.tuner is Tuner.HYPERBAND),
+             "--halving_rungs is successive halving over the bayesian or random tuner's "
+             "trials; hyperband brackets its own: drop one of them.")
     _require(self.max_trials >= 1, f"--max_trials={self.max_trials} must be >= 1.")
     _require(self.median_stop_epoch >= 0,
              f"--median_stop_epoch={self.median_stop_epoch} must be >= 0 (0 turns the "
@@ -367,6 +381,20 @@ class SearchConfig:
 
   def range_of(self, hparam: str) -> tuple[float, float]:
     return getattr(self, f"{hparam}_range")
+
+
+def _check_rungs(value: Sequence[Any] | str) -> tuple[int, ...]:
+  """`--halving_rungs` as increasing positive epochs; a `UserError` otherwise."""
+  items = [v for v in (value.split(",") if isinstance(value, str) else value)
+           if str(v).strip()]
+  shown = f"--halving_rungs={','.join(str(v).strip() for v in items)}"
+  try:
+    rungs = tuple(int(str(v).strip()) for v in items)
+  except ValueError:
+    raise UserError(f"{shown} must be whole fine-tune epochs, e.g. --halving_rungs=2,4.") from None
+  if any(r < 1 for r in rungs) or list(rungs) != sorted(set(rungs)):
+    raise UserError(f"{shown} must be increasing epochs >= 1, e.g. --halving_rungs=2,4.")
+  return rungs
 
 
 def _check_range(name: str, value: Sequence[Any] | str) -> tuple[float, float]:
@@ -485,6 +513,11 @@ class RunConfig:
     _require(self.data.image_size >= spec.min_image_size,
              f"--image_size={self.data.image_size} is too small; {spec.title} needs "
              f">= {spec.min_image_size}.")
+    rungs = self.search.halving_rungs
+    _require(not rungs or rungs[-1] < self.train.fine_tune_epochs,
+             f"--halving_rungs={','.join(map(str, rungs))} must stay below "
+             f"--fine_tune_epochs={self.train.fine_tune_epochs} (the last rung's trials "
+             "fine-tune to it).")
 
   def to_json(self) -> dict[str, Any]:
     """Plain JSON values (enums as their strings), for reports and fingerprints."""

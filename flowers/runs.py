@@ -225,6 +225,9 @@ def upgrade(run: dict[str, Any]) -> dict[str, Any]:
       train.setdefault("seed", seed)
   if isinstance(data, dict):
     data.setdefault("holdout_classes", 0)  # Older runs trained on every class.
+  if isinstance(run.get("search"), dict):  # Older searches trained every trial in full.
+    run["search"].setdefault("halving_rungs", [])
+    run["search"].setdefault("halving_factor", 3)
   if isinstance(train, dict):
     train.setdefault("backbone", "mobilenet_v2")  # The only one there was.
     train.setdefault("calibrate", False)  # Older runs shipped their scores uncalibrated.

@@ -179,6 +179,24 @@ class TrainReport(_RunReport):
   train_seconds: float  # Wall time of the whole train mode, to 0.1 s.
 
 
+class SearchWork(TypedDict):
+  """What a search did (`tune.search_work`), over every finished trial of the search.
+
+  Work counts are the same on every machine; seconds are this machine's.
+  """
+
+  trials: int  # Finished trials.
+  frozen_epochs: int  # Stage 1 epochs, all trials together.
+  fine_tune_epochs: int  # Stage 2 epochs trained, all trials and rungs together.
+  fine_tune_seconds: float  # Their seconds (Keras's epochs, validation included).
+  trial_seconds: float  # The trials' whole time: build, stage 1, stage 2, scoring.
+  inputs_seconds: float  # This process's time to make (or read) the stages' inputs.
+  cache_images: int | None  # Images the frozen-prefix cache holds; None without one.
+  # Successive halving: (trials, stage 2 epoch) per rung, and the epochs that spends.
+  halving_schedule: NotRequired[list[list[int]]]
+  fine_tune_epoch_budget: NotRequired[int]
+
+
 class TuneReport(_RunReport):
   """`report.json` of `--mode=tune`: the best trial's model, as a train run reports it,
   plus the search.
@@ -197,6 +215,8 @@ class TuneReport(_RunReport):
   max_trials: int  # --max_trials the search ran to.
   distribution_strategy: str  # --distribution_strategy.
   distributed: bool  # Whether trials ran on KerasTuner workers.
+  search_work: NotRequired[SearchWork]  # What the search trained, beside its seconds.
+
 
 
 Report = TrainReport | TuneReport
@@ -305,11 +325,17 @@ class TrialResult(TypedDict):
   tuner_id: str  # KERASTUNER_TUNER_ID of the process that ran it ("tuner0" alone).
   hyperparameters: Hyperparameters
   feature_cache_cut_ratio: float  # The unfreeze ratio the search's frozen-prefix cache was cut for.
-  val_accuracy: float  # The objective: val accuracy after the int8-grid rounding.
-  seconds: float  # Wall time of the trial's stages and scoring, to 0.01 s.
-  fine_tune_until: list[int]  # [first epoch, epochs]: Hyperband's budget, else [0, fine_tune].
+  # The objective: val accuracy after the int8-grid rounding (successive halving: the
+  # val accuracy of its last rung's epoch, before any rounding).
+  val_accuracy: float
+  seconds: float  # Wall time of the trial's stages and scoring, to 0.01 s (all rungs).
+  # [first epoch, epochs]: Hyperband's budget or the last rung reached, else [0, fine_tune].
+  fine_tune_until: list[int]
   continues_trial: str | None  # The Hyperband trial it continued, else None.
   median_stop: MedianStop | None  # None when it ran in full.
+  fine_tune_epochs_run: NotRequired[int]  # Stage 2 epochs it trained (all its rungs).
+  fine_tune_seconds: NotRequired[float]  # Their seconds.
+  rungs: NotRequired[dict[str, float]]  # Successive halving: epoch reached -> val accuracy.
 
 
 # history.json

@@ -185,6 +185,7 @@ def summary_markdown(workdir: str, report: Mapping[str, Any], *,
       _results_section(report),
       _export_section(export_report),
       _calibration_section(report, export_report, plots),
+      _unknowns_section(report, export_report),
       _tuning_section(trials, best_hparams, plots),
       _history_section(plots, history_found),
       _confusion_section(report, plots),
@@ -285,6 +286,31 @@ def _calibration_line(calibration: Mapping[str, Any]) -> str:
   return (f"Temperature {temperature:.4f}, fitted on val (NLL), {verb} the classifier: "
           f"{calibration.get('reason', '')}. NLL in nats per image, ECE over 15 "
           "confidence bins; top-1 is unchanged.")
+
+
+def _unknowns_section(report: Mapping[str, Any],
+                      export_report: Mapping[str, Any] | None) -> list[str]:
+  """The "unknown" threshold, and under --holdout_classes each score's open-set figures."""
+  chosen, open_set = report.get("unknown_threshold"), report.get("open_set")
+  paragraphs = []
+  if isinstance(chosen, Mapping):
+    shipped = " (in the .tflite's metadata)" if export_report and (
+        "unknown_threshold" in export_report) else ""
+    paragraphs.append(
+        f"An image whose top score is below {chosen['score']:.4f}{shipped} is unknown: the "
+        f"threshold that keeps {chosen['true_accept_rate']:.0%} of val images, chosen on val "
+        f"(it keeps {chosen['test_accepted']:.2%} of test images).")
+  if isinstance(open_set, Mapping):
+    paragraphs.append(
+        f"Held out of training: {', '.join(open_set['held_out_classes'])}; their "
+        f"{open_set['num_test_unknown']} test images are the unknowns. Each score's "
+        f"threshold keeps {open_set['true_accept_rate']:.0%} of known val images; val "
+        f"chose {open_set['chosen_score']}.")
+    rows = [(name, _fmt(f["val_auroc"]), _fmt(f["test_auroc"]), _fmt(f["test_false_accept"]),
+             _fmt(f["test_true_accept"])) for name, f in open_set["scores"].items()]
+    paragraphs.append(_table(("score", "val AUROC", "test AUROC", "test false-accept",
+                              "test true-accept"), rows, ("l", "r", "r", "r", "r")))
+  return _section("Unknown images", *paragraphs) if paragraphs else []
 
 
 def _tuning_section(trials: Sequence[Mapping[str, Any]] | None, best_hparams: Any,

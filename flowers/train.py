@@ -169,7 +169,8 @@ def read_history(run_dir: str, stage: str) -> schemas.StageHistory:
 def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfig,
                run_dir: str, *, seed: int, run_frozen_stage: bool = True,
                fine_tune_until: int | None = None, initial_epoch: int = 0,
-               fine_tune_callbacks: Sequence[keras.callbacks.Callback] = ()) -> inputs_lib.Stage:
+               fine_tune_callbacks: Sequence[keras.callbacks.Callback] = (),
+               fine_tune_early_stopping: bool = True) -> inputs_lib.Stage:
   """Trains `model` in place: stage 1 (frozen base), then stage 2 (top unfrozen).
 
   Resumable: a stage interrupted in `run_dir` goes on from its last finished
@@ -189,6 +190,8 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
     initial_epoch: the stage 2 epoch to start from (Hyperband).
     fine_tune_callbacks: more callbacks for stage 2 (a tune trial's median
       stopping rule), after the usual ones.
+    fine_tune_early_stopping: False trains stage 2 to its epochs whatever val
+      says (successive halving's fixed budget); stage 1 keeps its early stopping.
 
   Returns:
     The last stage fitted (or loaded).
@@ -203,6 +206,8 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
   if not config.fine_tunes:
     return stage
   epochs = config.fine_tune_epochs if fine_tune_until is None else fine_tune_until
+  if not fine_tune_early_stopping:
+    run = dataclasses.replace(run, config=dataclasses.replace(config, early_stopping_patience=0))
   return _fine_tune_stage(run, epochs, initial_epoch, fine_tune_callbacks, carry_on=frozen_loaded)
 
 

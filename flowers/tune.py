@@ -22,6 +22,18 @@ the median of the finished trials' best at the same epoch stops there. Half of
 the finished trials were already ahead of it, and none of them ended lower, so
 it is unlikely to win; its stage 2 time goes to the next trial.
 
+With `--halving_rungs` (successive halving, Jamieson & Talwalkar 2016; the
+rungs of Hyperband's brackets, Li et al. 2017) the search spends a fixed
+number of stage 2 epochs instead: the tuner's trials fine-tune to the first
+rung's epoch and are scored there by the val accuracy of that epoch (no int8
+rounding, no extra val pass: nothing is shipped yet). Then the best
+1/`--halving_factor` of them go on, each in its own folder from the state it
+stopped in (no epoch trained twice: the same training as one left alone), to
+the next rung, and so on; the last one fine-tunes to --fine_tune_epochs and is
+the search's model. `halving_schedule` gives the trials and epochs of each
+rung, `halving_budget` the stage 2 epochs they spend, whatever the trials
+score: stage 2's early stopping and the median rule are off.
+
 The search lives in `WORKDIR/tuner/` (KerasTuner's project: `oracle.json` and
 one `trial_<id>/` per trial, holding `trial.json`, the trained weights, the
 stage histories and `result.json`). Running the same command again continues
@@ -48,6 +60,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -186,6 +199,32 @@ def replay_median_stopping(val_curves: Sequence[Sequence[float]],
   return stops
 
 
+def halving_schedule(num_trials: int, rungs: Sequence[int], factor: int,
+                     last_epoch: int) -> list[tuple[int, int]]:
+  """Successive halving's rungs as (trials, stage 2 epochs): all `num_trials` to
+  `rungs[0]`, the best 1/`factor` of them (at least one) to the next, ...,
+  then to `last_epoch`."""
+  epochs = [*rungs, last_epoch]
+  return [(max(1, math.ceil(num_trials / factor ** k)), e) for k, e in enumerate(epochs)]
+
+
+def halving_budget(schedule: Sequence[tuple[int, int]]) -> int:
+  """The stage 2 epochs a halving schedule trains, whatever the trials score."""
+  spent, before = 0, 0
+  for trials, epochs in schedule:
+    spent += trials * (epochs - before)
+    before = epochs
+  return spent
+
+
+def fine_tune_val_accuracy(trial_dir: str, epoch: int | None = None) -> float | None:
+  """A trial's stage 2 val accuracy at 1-based `epoch` (default: its last), from its
+  history; None when it has not reached it."""
+  val = train_lib.read_history(trial_dir, "fine_tune").get("val_accuracy", [])
+  epoch = len(val) if epoch is None else epoch
+  return float(val[epoch - 1]) if 0 < epoch <= len(val) else None
+
+
 def finished_fine_tune_curves(project_dir: str, exclude: str | None = None) -> list[list[float]]:
   """Each finished trial's best-so-far stage 2 val accuracy, per epoch."""
   curves = []
@@ -253,11 +292,23 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     self._template: keras.Model | None = None
     self._inputs: inputs_lib.Inputs | None = None
     self._calibration: list[np.ndarray] | None = None
+    self.inputs_seconds = 0.0  # Making the inputs (the frozen-prefix cache), this process.
 
   @property
   def feature_cache_cut_ratio(self) -> float:
     """The unfreeze ratio every trial's frozen-prefix cache is cut for."""
     return search_feature_cache_cut_ratio(self.config)
+
+  @property
+  def halving(self) -> bool:
+    """Whether the search is successive halving (`--halving_rungs`)."""
+    return bool(self.config.search.halving_rungs)
+
+  def schedule(self) -> list[tuple[int, int]]:
+    """Successive halving's (trials, stage 2 epochs) per rung."""
+    search = self.config.search
+    return halving_schedule(search.max_trials, search.halving_rungs, search.halving_factor,
+                            self.config.train.fine_tune_epochs)
 
   def trial_config(self, values: dict[str, float]) -> RunConfig:
     """The run's config with a trial's hyperparameters and the search's cache cut."""
@@ -272,6 +323,14 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
       self._base_weights = model_lib.base_of(self._template).get_weights()
     return self._template
 
+  def cache_images(self) -> int | None:
+    """The images the frozen-prefix cache holds (train views and val: what making it
+    passes through the prefix); None without one (the plain path)."""
+    cache = getattr(self._inputs, "cache", None)
+    if cache is None:
+      return None
+    return int(cache.train_views.shape[0] * cache.train_views.shape[1] + len(cache.val_labels))
+
   def num_train_images(self) -> int | None:
     """How many training images the trials saw; None where this process ran none."""
     return self._inputs.num_train_images() if self._inputs is not None else None
@@ -279,8 +338,10 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
   def inputs(self) -> inputs_lib.Inputs:
     """The stages' inputs, cut (when cached) for the space's largest unfreeze ratio."""
     if self._inputs is None:
+      start = time.time()
       self._inputs = inputs_lib.make_inputs(
           self.template(), self.splits, self.config, self.workdir, self.feature_cache_cut_ratio)
+      self.inputs_seconds = time.time() - start
     return self._inputs
 
   def calibration(self) -> list[np.ndarray]:
@@ -319,17 +380,38 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     """
     del args, kwargs
     trial = (trial_run or self._untracked_trial()).given(hp, epochs, initial_epoch)
+    if self.halving:  # The first rung; `continue_trial` takes the best further.
+      trial = dataclasses.replace(trial, fine_tune_until=self.schedule()[0][1])
     config = self.trial_config(trial.values)
     with _user_errors_stop_the_search():
       inputs = self.inputs()
       start = time.time()
-      stopper = self._run_stages(model, inputs, trial, config)
-      val_accuracy = self._score(model, config)
+      stopper, clock = self._run_stages(model, inputs, trial, config)
+      val_accuracy = self._score(model, config, trial)
     with artifacts.atomic_path(trial.checkpoint) as tmp:
       model.save_weights(tmp)
     seconds = time.time() - start
-    self._record(trial, config, val_accuracy, seconds, stopper)
+    self._record(trial, config, val_accuracy, seconds, stopper, clock)
     return {OBJECTIVE: val_accuracy, "seconds": seconds}
+
+  def continue_trial(self, trial_id: str, hp: keras_tuner.HyperParameters, trial_dir: str,
+                     epochs: int) -> float:
+    """Successive halving's promotion: a trial's stage 2 on to `epochs`, from the state
+    it stopped in (`train.fit_stages` resumes it); returns its val accuracy there."""
+    trial = TrialRun(trial_id, trial_dir, os.path.join(trial_dir, artifacts.TRIAL_WEIGHTS),
+                     fine_tune_until=epochs).given(hp, epochs, 0)
+    config = self.trial_config(trial.values)
+    result = artifacts.read_json(os.path.join(trial_dir, artifacts.TRIAL_RESULT))
+    if result.get("fine_tune_until", [0, 0])[1] >= epochs:
+      return float(result["val_accuracy"])  # Done before an interruption.
+    model = self.build(hp)
+    start = time.time()
+    with _user_errors_stop_the_search():
+      _, clock = self._run_stages(model, self.inputs(), trial, config)
+    val_accuracy = self._score(model, config, trial)
+    self._record(trial, config, val_accuracy, time.time() - start, None, clock,
+                 earlier=result)
+    return val_accuracy
 
   def _untracked_trial(self) -> TrialRun:
     """A trial outside a tuner's bookkeeping: "best", in the tuner's folder."""
@@ -337,8 +419,9 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     return TrialRun("best", trial_dir, os.path.join(trial_dir, artifacts.TRIAL_WEIGHTS))
 
   def _run_stages(self, model: keras.Model, inputs: inputs_lib.Inputs, trial: TrialRun,
-                  config: RunConfig) -> MedianStopping | None:
-    """`train.fit_stages` with the trial's values; returns its median stopper, if any.
+                  config: RunConfig) -> tuple[MedianStopping | None, EpochClock]:
+    """`train.fit_stages` with the trial's values; returns its median stopper, if
+    any, and the clock of its stage 2 epochs.
 
     A Hyperband trial continuing another first takes its parent's histories.
     """
@@ -346,43 +429,77 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
       _copy_histories(os.path.join(os.path.dirname(trial.trial_dir), f"trial_{trial.parent}"),
                       trial.trial_dir)
     stopper = self._median_stopper(trial)
+    clock = EpochClock()
     with self.strategy.scope():
       train_lib.fit_stages(
           model, inputs, config.train, trial.trial_dir, seed=config.train.seed,
           run_frozen_stage=not trial.parent, fine_tune_until=trial.fine_tune_until,
-          initial_epoch=trial.initial_epoch, fine_tune_callbacks=[stopper] if stopper else [])
-    return stopper
+          initial_epoch=trial.initial_epoch,
+          fine_tune_callbacks=[clock] + ([stopper] if stopper else []),
+          fine_tune_early_stopping=not self.halving)  # Halving's budget is fixed.
+    return stopper, clock
 
   def _median_stopper(self, trial: TrialRun) -> MedianStopping | None:
     """The median stopping rule against the finished trials, when the search asks
-    for it (Hyperband stops trials its own way)."""
+    for it (Hyperband and successive halving stop trials their own way)."""
     search = self.config.search
-    if not search.median_stop_epoch or search.tuner is Tuner.HYPERBAND:
+    if not search.median_stop_epoch or search.tuner is Tuner.HYPERBAND or self.halving:
       return None
     project_dir, name = os.path.split(trial.trial_dir)
     return MedianStopping(finished_fine_tune_curves(project_dir, name),
                           search.median_stop_epoch, trial.trial_dir)
 
-  def _score(self, model: keras.Model, config: RunConfig) -> float:
-    """The val accuracy of the model as shipped: kernels on the int8 grid."""
+  def _score(self, model: keras.Model, config: RunConfig, trial: TrialRun) -> float:
+    """The val accuracy of the model as shipped: kernels on the int8 grid.
+
+    Under successive halving, the val accuracy of the rung's epoch instead
+    (Keras measured it on the same val images; the model is not final yet).
+    """
+    if self.halving:
+      return fine_tune_val_accuracy(trial.trial_dir, trial.fine_tune_until)
     train_lib.round_for_int8(model, config, self.calibration())
     return train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"]
 
   def _record(self, trial: TrialRun, config: RunConfig, val_accuracy: float, seconds: float,
-              stopper: MedianStopping | None) -> None:
-    """The trial's `result.json`: its values, score, time, stage 2 epochs and stop."""
+              stopper: MedianStopping | None, clock: EpochClock,
+              earlier: dict[str, Any] | None = None) -> None:
+    """The trial's `result.json`: its values, score, time, stage 2 epochs and stop
+    (`earlier`: the record a successive halving rung continues)."""
     fine_tune_end = (config.train.fine_tune_epochs if trial.fine_tune_until is None
                   else int(trial.fine_tune_until))
+    earlier = earlier or {}
     result = {"trial_id": trial.trial_id,
-              "tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"),
+              "tuner_id": earlier.get("tuner_id",
+                                      os.environ.get("KERASTUNER_TUNER_ID", "tuner0")),
               "hyperparameters": trial.values,
               "feature_cache_cut_ratio": config.train.feature_cache_cut_ratio,
-              "val_accuracy": val_accuracy, "seconds": round(seconds, 2),
+              "val_accuracy": val_accuracy,
+              "seconds": round(earlier.get("seconds", 0.0) + seconds, 2),
               "fine_tune_until": [trial.initial_epoch, fine_tune_end],
               "continues_trial": trial.parent,
-              "median_stop": stopper.stopped if stopper else None}
+              "median_stop": stopper.stopped if stopper else None,
+              "fine_tune_epochs_run": earlier.get("fine_tune_epochs_run", 0) + clock.epochs,
+              "fine_tune_seconds": round(earlier.get("fine_tune_seconds", 0.0)
+                                         + clock.seconds, 2)}
+    if self.halving:
+      result["rungs"] = {**earlier.get("rungs", {}), str(fine_tune_end): val_accuracy}
     artifacts.write_json(os.path.join(trial.trial_dir, artifacts.TRIAL_RESULT), result)
     self.trials_run.append(trial.trial_id)
+
+
+class EpochClock(keras.callbacks.Callback):
+  """Counts the epochs a fit trains and their seconds (the search's work and time)."""
+
+  def __init__(self):
+    super().__init__()
+    self.epochs, self.seconds, self._began = 0, 0.0, 0.0
+
+  def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+    self._began = time.time()
+
+  def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+    self.epochs += 1
+    self.seconds += time.time() - self._began
 
 
 def _copy_histories(parent_dir: str, run_dir: str) -> None:
@@ -478,6 +595,8 @@ def run_search(config: RunConfig, workdir: str,
   tuner.search(verbose=config.train.verbose)
   if not chief:
     return _worker_result(tuner, hypermodel, start)
+  if hypermodel.halving:
+    successive_halving(tuner, hypermodel)
   report = _finish(tuner, hypermodel, workdir, start, distributed=distributed)
   report["is_chief"] = True
   return report
@@ -562,8 +681,10 @@ def check_chief_run(mine: schemas.Fingerprint) -> None:
 
 
 def trial_rows(tuner: keras_tuner.Tuner) -> list[dict[str, Any]]:
-  """One row per finished trial (TRIAL_COLUMNS), best val accuracy first."""
-  rows = []
+  """One row per finished trial (TRIAL_COLUMNS), best val accuracy first (under
+  successive halving: the furthest rung first)."""
+  rows: list[dict[str, Any]] = []
+  reached: dict[str, int] = {}  # Successive halving: trial -> the stage 2 epoch it reached.
   for trial in tuner.oracle.trials.values():
     values = trial.hyperparameters.values
     side = os.path.join(tuner.project_dir, f"trial_{trial.trial_id}", artifacts.TRIAL_RESULT)
@@ -579,10 +700,16 @@ def trial_rows(tuner: keras_tuner.Tuner) -> list[dict[str, Any]]:
         "status": trial.status,
         "tuner_id": result.get("tuner_id") if done else None,
         "median_stop": (result.get("median_stop") or {}).get("epoch") if done else None,
+        "fine_tune_epochs": result.get("fine_tune_epochs_run") if done else None,
     })
-  # Ties go to the earlier trial, whatever order KerasTuner reloaded them in.
-  return sorted(rows, key=lambda r: (r["val_accuracy"] is None, -(r["val_accuracy"] or 0.0),
-                                     trial_order(r["trial_id"])))
+    if done and "rungs" in result:  # Successive halving: its last rung's score.
+      rows[-1]["val_accuracy"] = float(result["val_accuracy"])
+      rows[-1]["seconds"] = result["seconds"]
+      reached[trial.trial_id] = result["fine_tune_until"][1]
+  # Successive halving's winner is the best of the last rung; ties go to the earlier
+  # trial, whatever order KerasTuner reloaded them in.
+  return sorted(rows, key=lambda r: (r["val_accuracy"] is None, -reached.get(r["trial_id"], 0),
+                                     -(r["val_accuracy"] or 0.0), trial_order(r["trial_id"])))
 
 
 def trial_order(trial_id: str) -> tuple[int, str]:
@@ -620,6 +747,49 @@ def format_trials(rows: Sequence[dict[str, Any]]) -> str:
   return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in table)
 
 
+def successive_halving(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel) -> None:
+  """The rungs after the first: at each, the best trials of the one before (by their
+  val accuracy at its epoch, ties to the earlier trial) fine-tune on to its epoch.
+
+  Decided from the trials' histories alone, so a rerun after an interruption
+  promotes the same trials and goes on where it stopped.
+  """
+  schedule = hypermodel.schedule()
+  alive = sorted((t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"),
+                 key=lambda t: trial_order(t.trial_id))
+  for (_, before), (keep, epochs) in zip(schedule, schedule[1:]):
+    alive = sorted(alive, key=lambda t: (
+        -(fine_tune_val_accuracy(tuner.get_trial_dir(t.trial_id), before) or 0.0),
+        trial_order(t.trial_id)))[:keep]
+    for trial in alive:
+      val_accuracy = hypermodel.continue_trial(trial.trial_id, trial.hyperparameters,
+                                               tuner.get_trial_dir(trial.trial_id), epochs)
+      logging.info("Successive halving: trial %s at stage 2 epoch %d: val accuracy %.4f.",
+                   trial.trial_id, epochs, val_accuracy)
+
+
+def search_work(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel) -> dict[str, Any]:
+  """report.json's "search_work": what the search trained and passed images through,
+  beside the seconds it took (per unit, this travels between machines)."""
+  results = [artifacts.read_json(path) for path in (
+      os.path.join(tuner.get_trial_dir(t.trial_id), artifacts.TRIAL_RESULT)
+      for t in tuner.oracle.trials.values() if t.status == "COMPLETED") if os.path.exists(path)]
+  frozen = sum(len(train_lib.read_history(tuner.get_trial_dir(t.trial_id), "frozen")
+                   .get("loss", [])) for t in tuner.oracle.trials.values()
+               if t.status == "COMPLETED")
+  work: dict[str, Any] = {
+      "trials": len(results), "frozen_epochs": frozen,
+      "fine_tune_epochs": sum(r.get("fine_tune_epochs_run", 0) for r in results),
+      "fine_tune_seconds": round(sum(r.get("fine_tune_seconds", 0.0) for r in results), 1),
+      "trial_seconds": round(sum(r.get("seconds", 0.0) for r in results), 1),
+      "inputs_seconds": round(hypermodel.inputs_seconds, 1),
+      "cache_images": hypermodel.cache_images()}
+  if hypermodel.halving:
+    work["halving_schedule"] = [list(rung) for rung in hypermodel.schedule()]
+    work["fine_tune_epoch_budget"] = halving_budget(hypermodel.schedule())
+  return work
+
+
 def _best_checkpoint(tuner: keras_tuner.Tuner, trial) -> str:
   """The weights the best trial was scored with; refused when not on this disk.
 
@@ -643,6 +813,8 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
   completed = _completed_trials(tuner)
   best = tuner.oracle.get_trial(rows[0]["trial_id"])  # The table's first: same tie-break.
   checkpoint = _best_checkpoint(tuner, best)
+  if hypermodel.halving:  # The winner's final weights, before any int8 rounding.
+    checkpoint = os.path.join(tuner.get_trial_dir(best.trial_id), artifacts.FINE_TUNE_WEIGHTS)
   values = {name: float(best.hyperparameters.get(name)) for name in HPARAMS}
   # With the cache's cut, `--mode=train` on these values repeats the trial exactly.
   best_hparams = {**values, "feature_cache_cut_ratio": hypermodel.feature_cache_cut_ratio}
@@ -654,8 +826,9 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
   report = train_lib.save_run(
       model, hypermodel.splits, hypermodel.trial_config(values), workdir,
       tuner.get_trial_dir(best.trial_id), num_train_images=hypermodel.num_train_images(),
-      best_trial_id=best.trial_id, best_trial_val_accuracy=float(best.score),
+      best_trial_id=best.trial_id, best_trial_val_accuracy=float(rows[0]["val_accuracy"]),
       best_hparams=best_hparams, num_trials=len(completed),
+      search_work=search_work(tuner, hypermodel),
       search_seconds=round(time.time() - start, 1), tuner=search.tuner.value,
       max_trials=search.max_trials,
       distribution_strategy=hypermodel.config.train.distribution_strategy.value, **extra)

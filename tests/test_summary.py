@@ -60,6 +60,15 @@ def write_workdir(workdir, num_classes: int = 5, history: bool = True,
   }
   if calibrated:
     result["calibration"] = calibration()
+    result["unknown_threshold"] = {"score": 0.4321, "true_accept_rate": 0.95,
+                                   "val_accepted": 0.95, "test_accepted": 0.9412}
+    figures = {"threshold": 0.4, "val_auroc": 0.91, "val_false_accept": 0.3,
+               "test_auroc": 0.9, "test_false_accept": 0.35, "test_true_accept": 0.94}
+    result["open_set"] = {"held_out_classes": ["flower 8", "flower 9"],
+                          "true_accept_rate": 0.95, "num_val_unknown": 4,
+                          "num_test_unknown": 20, "chosen_score": "energy",
+                          "scores": {"max_probability": figures,
+                                     "energy": {**figures, "test_auroc": 0.95}}}
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(result, f)
   if history:
@@ -155,9 +164,8 @@ class WriteReportTest(absltest.TestCase):
     text = open(self.path, encoding="utf-8").read()
     self.assertEqual(headings(text), [
         "# flowers run: run", "## Command", "## Data", "## Results", "## Export",
-        "## Calibration", "## Tuning", "## Training history", "## Confusion", "## Worst classes",
-        "## Smallest classes",
-        "## Configuration"])
+        "## Calibration", "## Unknown images", "## Tuning", "## Training history",
+        "## Confusion", "## Worst classes", "## Smallest classes", "## Configuration"])
     self.assertIn("## Command\n\n```sh\n" + COMMAND + "\n```\n\n## Data\n\n"
                   "source: tfds:oxford_flowers102; split: 64,16,20; split_seed: 42; "
                   "seed: 42.\n\n", text)
@@ -172,9 +180,20 @@ class WriteReportTest(absltest.TestCase):
                   "| epochs | 3 |\n", text)
     self.assertTrue(text.endswith(" |\n") and not text.endswith("\n\n"))
 
+  def test_unknown_images_shows_the_threshold_and_each_open_set_score(self):
+    text = open(self.path, encoding="utf-8").read()
+    section = text[text.index("## Unknown images"):text.index("## Tuning")]
+    self.assertIn("An image whose top score is below 0.4321", section)
+    self.assertIn("keeps 94.12% of test images", section)
+    self.assertIn("Held out of training: flower 8, flower 9; their 20 test images are the "
+                  "unknowns.", section)
+    self.assertIn("val chose energy.", section)
+    self.assertIn("| max_probability | 0.9100 | 0.9000 | 0.3500 | 0.9400 |\n"
+                  "| energy | 0.9100 | 0.9500 | 0.3500 | 0.9400 |", section)
+
   def test_calibration_shows_the_temperature_before_after_and_the_export(self):
     text = open(self.path, encoding="utf-8").read()
-    section = text[text.index("## Calibration"):text.index("## Tuning")]
+    section = text[text.index("## Calibration"):text.index("## Unknown images")]
     c = self.result["calibration"]
     self.assertIn("Temperature 2.0000, fitted on val (NLL), folded into the classifier: "
                   "it lowers val NLL.", section)
@@ -245,8 +264,8 @@ class PartialWorkdirTest(absltest.TestCase):
       text = open(summary.write_report(workdir), encoding="utf-8").read()
     self.assertEqual(headings(text), [
         "# flowers run: run", "## Command", "## Data", "## Results", "## Export",
-        "## Calibration", "## Training history", "## Confusion", "## Worst classes",
-        "## Smallest classes",
+        "## Calibration", "## Unknown images", "## Training history", "## Confusion",
+        "## Worst classes", "## Smallest classes",
         "## Left out",
         "## Configuration"])
     self.assertIn(

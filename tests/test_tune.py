@@ -481,5 +481,55 @@ class SlowSearchTest(TuneTestCase):
       self.assertLen(list(csv.DictReader(f)), 1)  # Copied from the parent, not rerun.
 
 
+class SuccessiveHalvingTest(TuneTestCase):
+  """--halving_rungs: a fixed stage 2 budget, the best trials going on where they stopped."""
+
+  def test_the_schedule_and_the_epochs_it_spends(self):
+    self.assertEqual(tune.halving_schedule(8, (2, 4), 3, 12), [(8, 2), (3, 4), (1, 12)])
+    self.assertEqual(tune.halving_budget([(8, 2), (3, 4), (1, 12)]), 8 * 2 + 3 * 2 + 1 * 8)
+    self.assertEqual(tune.halving_schedule(6, (2, 4), 3, 12), [(6, 2), (2, 4), (1, 12)])
+    self.assertEqual(tune.halving_schedule(2, (1, 2), 3, 4), [(2, 1), (1, 2), (1, 4)])
+    with self.assertRaisesRegex(UserError, "--halving_rungs=2,2 must be increasing"):
+      config_lib.SearchConfig(halving_rungs="2,2")
+    with self.assertRaisesRegex(UserError, "must stay below --fine_tune_epochs=4"):
+      tune_worker.small_config(fine_tune_epochs=4, search={"halving_rungs": (2, 4)})
+
+  @pytest.mark.slow
+  def test_the_best_go_on_from_where_they_stopped_as_one_run_left_alone(self):
+    config = tune_worker.small_config(
+        fine_tune_epochs=3, search={"max_trials": 3, "halving_rungs": (1,), "halving_factor": 3})
+    workdir = self.tmp / "tune"
+    report = search(workdir, config=config)
+    results = {i: read_json(trial_file(workdir, i, artifacts.TRIAL_RESULT)) for i in "012"}
+    first = {i: tune.fine_tune_val_accuracy(os.path.dirname(trial_file(workdir, i, "x")), 1)
+             for i in "012"}
+    promoted = min("012", key=lambda i: (-first[i], int(i)))
+    for i, result in results.items():
+      self.assertEqual(result["fine_tune_until"], [0, 3 if i == promoted else 1], i)
+      self.assertEqual(result["fine_tune_epochs_run"], 3 if i == promoted else 1, i)
+    self.assertEqual(list(results[promoted]["rungs"]), ["1", "3"])
+    history = train.read_history(os.path.dirname(trial_file(workdir, promoted, "x")),
+                                 "fine_tune")
+    self.assertLen(history["val_accuracy"], 3)  # Epoch 1 not trained twice.
+    work = report["search_work"]
+    self.assertEqual(work["fine_tune_epochs"], 3 * 1 + 1 * 2)
+    self.assertEqual(work["fine_tune_epoch_budget"], work["fine_tune_epochs"])
+    self.assertEqual(work["halving_schedule"], [[3, 1], [1, 3]])
+    self.assertEqual(report["best_trial_id"], promoted)
+    self.assertEqual(read_trials(workdir)[0]["fine_tune_epochs"], "3")
+    # The winner, promoted midway, is what one --mode=train run of its values trains.
+    best = read_json(workdir, artifacts.BEST_HPARAMS)
+    with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
+      trained = train.train_and_evaluate(
+          run_configs.with_train(config, **best),
+          str(self.tmp / "train"), data.load_tfds())
+    for key in ("val_accuracy", "test_accuracy", "confusion_matrix"):
+      self.assertEqual(report[key], trained[key], key)
+    models = [keras.models.load_model(self.tmp / folder / artifacts.MODEL)
+              for folder in ("train", "tune")]
+    for a, b in zip(*(m.get_weights() for m in models)):
+      np.testing.assert_array_equal(a, b)
+
+
 if __name__ == "__main__":
   absltest.main()
