@@ -6,6 +6,7 @@ must give one-line errors and exit status 2, before any data is loaded.
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -27,10 +28,12 @@ import fake_data
 from flowers import cli
 from flowers import config as config_lib
 from flowers import main as main_lib
+from flowers import tflite_metadata
 from flowers.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "flags", "smoke.cfg")
+MEDIAPIPE_CHECK = os.path.join(REPO, "benchmarks", "mediapipe_check.py")
 
 
 def flowers_main(*args, check=True):
@@ -56,7 +59,7 @@ class EveryModeTest(absltest.TestCase):
     super().setUpClass()
     cls.root = tempfile.mkdtemp(prefix="flowers_main_test_")
     cls.image_dir = os.path.join(cls.root, "images")
-    fake_data.write_image_dir(cls.image_dir, [8, 8, 8], size=40)
+    cls.class_names = fake_data.write_image_dir(cls.image_dir, [8, 8, 8], size=40)
     cls.workdir = os.path.join(cls.root, "run")
     cls.common = [f"--flagfile={SMOKE}", f"--image_dir={cls.image_dir}",
                   f"--workdir={cls.workdir}"]
@@ -88,6 +91,10 @@ class EveryModeTest(absltest.TestCase):
     self.assertTrue(os.path.exists(os.path.join(self.workdir, "model_int8.tflite")))
     with open(os.path.join(self.workdir, "export_report.json")) as f:
       self.assertIn("int8_test_accuracy", json.load(f))
+    # The metadata names the classes after the class folders, sorted (as labels.txt).
+    self.assertEqual(
+        tflite_metadata.read_class_names(os.path.join(self.workdir, "model_int8.tflite")),
+        sorted(self.class_names))
 
     tflite = flowers_main("--mode=predict", *self.common, "--output=json",
                           f"--model={os.path.join(self.workdir, 'model_int8.tflite')}",
@@ -97,6 +104,33 @@ class EveryModeTest(absltest.TestCase):
     os.remove(os.path.join(self.workdir, "summary.md"))
     flowers_main("--mode=report", f"--workdir={self.workdir}")
     self.assertTrue(os.path.exists(os.path.join(self.workdir, "summary.md")))
+    self.check_in_mediapipe(os.path.join(self.workdir, "model_int8.tflite"))
+
+  def check_in_mediapipe(self, model):
+    """MediaPipe Tasks on the folder's own test files agrees with --mode=predict.
+
+    The tiny model scores every class alike (a tie at the top, below its
+    "unknown" threshold), so this checks the path rather than the pixels: the
+    run's folder found from run.json, its files read as they are (the formats
+    fake_data mixes), the names, the answers and the "unknown" verdicts.
+    """
+    if importlib.util.find_spec("mediapipe") is None:
+      self.skipTest("mediapipe is not installed; only the MediaPipe check is skipped.")
+    spec = importlib.util.spec_from_file_location("mediapipe_check", MEDIAPIPE_CHECK)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    image_dir = check.run_image_dir(self.workdir, None)
+    self.assertEqual(image_dir, os.path.abspath(self.image_dir))
+    keys, labels = check.test_examples(self.workdir, limit=4)
+    paths = check.folder_images(image_dir, keys)
+    extra = [os.path.join(self.image_dir, self.class_names[0], "img_000.png")]
+    result = check.check(model, self.workdir, paths, labels, extra_paths=extra)
+    self.assertTrue(result["names_match"])
+    self.assertEqual(result["agreement"], 1.0)
+    self.assertIsNotNone(result["score_threshold"])
+    self.assertEqual(result["unknown_agreement"], 1.0)
+    self.assertLen(result["per_image"], len(paths) + 1)
+    self.assertTrue(result["per_image"][-1]["extra"])
 
   def test_tune(self):
     workdir = os.path.join(self.root, "tune")
