@@ -108,6 +108,32 @@ def test_examples(workdir: str, limit: int) -> tuple[list[str], np.ndarray]:
   return keys, np.array([labels[k] for k in keys])
 
 
+def held_out_test_keys(workdir: str, data_dir: str, image_dir: str | None,
+                       limit: int) -> list[str]:
+  """The test images of the classes a `--holdout_classes` run left out (its
+  unknowns), sorted; none for a run that held out none."""
+  from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
+  from flowers import runs  # pylint: disable=g-import-not-at-top
+  from flowers import split as split_lib  # pylint: disable=g-import-not-at-top
+  from flowers.config import DataConfig  # pylint: disable=g-import-not-at-top
+
+  run = runs.read_run(workdir)
+  if run is None:
+    return []
+  data = runs.data_of_run(run, DataConfig(image_dir=image_dir,
+                                          tfds_data_dir=None if image_dir else data_dir))
+  if not data.holdout_classes:
+    return []
+  _, held_out = data_lib.hold_out(data_lib.load_source(data), data.holdout_classes,
+                                  data.split_seed)
+  spec = split_lib.parse_split(data.split, data.split_seed)
+  assignment = split_lib.assign(held_out.keys, held_out.labels, held_out.source_splits, spec)
+  keys = split_lib.keys_of(assignment, "test")
+  if limit and limit < len(keys):
+    keys = [keys[i] for i in np.linspace(0, len(keys) - 1, limit).round().astype(int)]
+  return keys
+
+
 def write_test_images(data_dir: str, keys: list[str], folder: str) -> list[str]:
   """The original encoded files of `keys`, written to `folder`, in `keys` order."""
   from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -487,17 +513,21 @@ def run_check(args: argparse.Namespace, image_dir: str | None, variants: list[st
   model = os.path.abspath(args.model)
   workdir = args.workdir or os.path.dirname(model)
   keys, labels = test_examples(workdir, args.limit)
+  unknowns = held_out_test_keys(workdir, args.tfds_data_dir, image_dir, args.limit)
   where = f" in {image_dir}" if image_dir else ""
   folder = None
   try:
     if image_dir:
-      paths = folder_images(image_dir, keys)
+      paths, extra = folder_images(image_dir, keys), folder_images(image_dir, unknowns)
     else:
       folder = tempfile.mkdtemp(prefix="flowers_mediapipe_")
-      paths = write_test_images(args.tfds_data_dir, keys, folder)
+      written = write_test_images(args.tfds_data_dir, keys + unknowns, folder)
+      paths, extra = written[:len(keys)], written[len(keys):]
     print(f"{model}: {len(keys)} test images of {os.path.join(workdir, artifacts.SPLITS)}"
-          f"{where}")
-    result = check(model, workdir, paths, labels, variants=variants, threads=args.threads)
+          f"{where}" + (f", and as extra images the {len(unknowns)} test images of the "
+                        "classes the run held out (--holdout_classes)" if unknowns else ""))
+    result = check(model, workdir, paths, labels, extra_paths=extra, variants=variants,
+                   threads=args.threads)
   finally:
     if folder:
       shutil.rmtree(folder, ignore_errors=True)
