@@ -186,7 +186,7 @@ def summary_markdown(workdir: str, report: Mapping[str, Any], *,
       _export_section(export_report),
       _calibration_section(report, export_report, plots),
       _unknowns_section(report, export_report),
-      _tuning_section(trials, best_hparams, plots),
+      _tuning_section(trials, best_hparams, report.get("search_work"), plots),
       _history_section(plots, history_found),
       _confusion_section(report, plots),
       _worst_classes_section(report, plots),
@@ -314,16 +314,30 @@ def _unknowns_section(report: Mapping[str, Any],
 
 
 def _tuning_section(trials: Sequence[Mapping[str, Any]] | None, best_hparams: Any,
-                    plots: Mapping[str, str]) -> list[str]:
+                    work: Any, plots: Mapping[str, str]) -> list[str]:
   """The trials, best first, the best hyperparameters and the search's figure."""
   if not trials:
     return []
   paragraphs = [_trials_table(trials)]
   if best_hparams:
     paragraphs.append(_best_hparams_line(best_hparams))
+  if isinstance(work, Mapping):
+    paragraphs.append(search_work_line(work))
   if "tuning" in plots:
     paragraphs.append(_image("tuning", plots["tuning"]))
   return _section("Tuning", *paragraphs)
+
+
+def search_work_line(work: Mapping[str, Any]) -> str:
+  """The search's work in one line: trials, epochs of each stage (and successive
+  halving's budget), the cache's images, each beside its seconds."""
+  budget = work.get("fine_tune_epoch_budget")
+  fixed = f" (fixed by the schedule: {budget})" if budget is not None else ""
+  cache = (f"; frozen-prefix cache of {work['cache_images']} images, "
+           f"{work['inputs_seconds']:.0f} s" if work.get("cache_images") else "")
+  return (f"Search work: {work['trials']} trials, {work['frozen_epochs']} stage 1 epochs, "
+          f"{work['fine_tune_epochs']} stage 2 epochs{fixed} in {work['fine_tune_seconds']:.0f} s "
+          f"of the trials' {work['trial_seconds']:.0f} s{cache}.")
 
 
 def _trials_table(trials: Sequence[Mapping[str, Any]]) -> str:

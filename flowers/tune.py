@@ -80,6 +80,7 @@ from flowers import model as model_lib
 from flowers import runs
 from flowers import schemas
 from flowers import split as split_lib
+from flowers import summary
 from flowers import train as train_lib
 from flowers.config import HPARAMS
 from flowers.config import RunConfig
@@ -832,6 +833,7 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
       search_seconds=round(time.time() - start, 1), tuner=search.tuner.value,
       max_trials=search.max_trials,
       distribution_strategy=hypermodel.config.train.distribution_strategy.value, **extra)
+  print(summary.search_work_line(report["search_work"]))
   print(f"Best trial {best.trial_id} of {len(completed)}: "
         + ", ".join(f"{k}={v:.4g}" for k, v in best_hparams.items())
         + f"; val_accuracy={report['val_accuracy']:.4f} "

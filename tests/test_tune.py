@@ -31,6 +31,7 @@ from flowers import artifacts
 from flowers import config as config_lib
 from flowers import data
 from flowers import model as model_lib
+from flowers import summary
 from flowers import train
 from flowers import tune
 from flowers.errors import UserError
@@ -515,6 +516,8 @@ class SuccessiveHalvingTest(TuneTestCase):
     self.assertEqual(work["fine_tune_epochs"], 3 * 1 + 1 * 2)
     self.assertEqual(work["fine_tune_epoch_budget"], work["fine_tune_epochs"])
     self.assertEqual(work["halving_schedule"], [[3, 1], [1, 3]])
+    self.assertIn("3 trials, 3 stage 1 epochs, 5 stage 2 epochs (fixed by the schedule: 5)",
+                  summary.search_work_line(work))
     self.assertEqual(report["best_trial_id"], promoted)
     self.assertEqual(read_trials(workdir)[0]["fine_tune_epochs"], "3")
     # The winner, promoted midway, is what one --mode=train run of its values trains.
