@@ -481,6 +481,8 @@ def draw_augmented_samples(workdir: str, source: Source, config: RunConfig,
   from flowers import augment  # pylint: disable=g-import-not-at-top
 
   seed = config.train.seed
+  if config.data.holdout_classes:  # The classes the run trained on, numbered as it did.
+    source, _ = data_lib.hold_out(source, config.data.holdout_classes, config.data.split_seed)
   manifest = os.path.join(workdir, artifacts.SPLITS)
   if os.path.exists(manifest):
     assignment, _ = split_lib.read_manifest(manifest)

@@ -30,7 +30,7 @@ import os
 import random
 import shutil
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
@@ -191,7 +191,8 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
     fine_tune_callbacks: more callbacks for stage 2 (a tune trial's median
       stopping rule), after the usual ones.
     fine_tune_early_stopping: False trains stage 2 to its epochs whatever val
-      says (successive halving's fixed budget); stage 1 keeps its early stopping.
+      says (successive halving's fixed budget), still ending on its best val
+      epoch's weights when early stopping is on; stage 1 keeps its early stopping.
 
   Returns:
     The last stage fitted (or loaded).
@@ -206,8 +207,10 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
   if not config.fine_tunes:
     return stage
   epochs = config.fine_tune_epochs if fine_tune_until is None else fine_tune_until
-  if not fine_tune_early_stopping:
-    run = dataclasses.replace(run, config=dataclasses.replace(config, early_stopping_patience=0))
+  if not fine_tune_early_stopping and config.early_stopping_patience:
+    # Never stops early, still ends on the weights of its best val epoch.
+    run = dataclasses.replace(run, config=dataclasses.replace(
+        config, early_stopping_patience=config.fine_tune_epochs))
   return _fine_tune_stage(run, epochs, initial_epoch, fine_tune_callbacks, carry_on=frozen_loaded)
 
 
@@ -611,20 +614,25 @@ def _open_set(model: keras.Model, splits: data_lib.Splits,
     logging.warning("No open-set figures: no %s images in --split=%s.", ", ".join(empty),
                     config.data.split)
     return {}
-  logits = {name: _logits(model, data_lib.make_dataset(
+  to_logits = logits_predictor(model)
+  logits = {name: to_logits(data_lib.make_dataset(
       source, keys, image_size=config.data.image_size, batch_size=config.data.batch_size,
       cache="none")) for name, (source, keys) in parts.items()}
   return {"open_set": open_set.open_set_report(logits, splits.held_out.class_names,
                                                 config.train.true_accept_rate)}
 
 
-def _logits(model: keras.Model, dataset: Any) -> np.ndarray:
-  """The classifier's logits (before its softmax) for every image of `dataset`."""
+def logits_predictor(model: keras.Model) -> Callable[[Any], np.ndarray]:
+  """dataset -> the classifier's logits (before its softmax) for each of its images."""
   classifier = model.get_layer(model_lib.CLASSIFIER_NAME)
-  features = keras.Model(model.inputs, classifier.input)
+  predict = evaluate_lib.keras_predictor(keras.Model(model.inputs, classifier.input))
   kernel, bias = (np.asarray(w, np.float64) for w in classifier.get_weights())
-  pooled, _ = evaluate_lib.predict_dataset(evaluate_lib.keras_predictor(features), dataset)
-  return pooled @ kernel + bias
+
+  def logits(dataset: Any) -> np.ndarray:
+    pooled, _ = evaluate_lib.predict_dataset(predict, dataset)
+    return pooled @ kernel + bias
+
+  return logits
 
 
 def _round_to_int8_grid(model: keras.Model, splits: data_lib.Splits,

@@ -32,7 +32,8 @@ stopped in (no epoch trained twice: the same training as one left alone), to
 the next rung, and so on; the last one fine-tunes to --fine_tune_epochs and is
 the search's model. `halving_schedule` gives the trials and epochs of each
 rung, `halving_budget` the stage 2 epochs they spend, whatever the trials
-score: stage 2's early stopping and the median rule are off.
+score: stage 2 never stops early (it still ends on its best val epoch's
+weights, as early stopping would) and the median rule is off.
 
 The search lives in `WORKDIR/tuner/` (KerasTuner's project: `oracle.json` and
 one `trial_<id>/` per trial, holding `trial.json`, the trained weights, the
@@ -218,12 +219,15 @@ def halving_budget(schedule: Sequence[tuple[int, int]]) -> int:
   return spent
 
 
-def fine_tune_val_accuracy(trial_dir: str, epoch: int | None = None) -> float | None:
-  """A trial's stage 2 val accuracy at 1-based `epoch` (default: its last), from its
-  history; None when it has not reached it."""
+def fine_tune_val_accuracy(trial_dir: str, epoch: int | None = None,
+                           best: bool = False) -> float | None:
+  """A trial's stage 2 val accuracy at 1-based `epoch` (default: its last), or with
+  `best` its best up to there, from its history; None when it has not reached it."""
   val = train_lib.read_history(trial_dir, "fine_tune").get("val_accuracy", [])
   epoch = len(val) if epoch is None else epoch
-  return float(val[epoch - 1]) if 0 < epoch <= len(val) else None
+  if not 0 < epoch <= len(val):
+    return None
+  return float(max(val[:epoch]) if best else val[epoch - 1])
 
 
 def finished_fine_tune_curves(project_dir: str, exclude: str | None = None) -> list[list[float]]:
@@ -453,11 +457,14 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
   def _score(self, model: keras.Model, config: RunConfig, trial: TrialRun) -> float:
     """The val accuracy of the model as shipped: kernels on the int8 grid.
 
-    Under successive halving, the val accuracy of the rung's epoch instead
-    (Keras measured it on the same val images; the model is not final yet).
+    Under successive halving, the val accuracy Keras measured up to the rung's
+    epoch instead (on the same val images; the model is not final yet): its
+    best, the epoch whose weights the trial would end on, with early stopping
+    on; its last without.
     """
     if self.halving:
-      return fine_tune_val_accuracy(trial.trial_dir, trial.fine_tune_until)
+      return fine_tune_val_accuracy(trial.trial_dir, trial.fine_tune_until,
+                                    best=config.train.early_stopping_patience > 0)
     train_lib.round_for_int8(model, config, self.calibration())
     return train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"]
 
@@ -479,7 +486,9 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
               "fine_tune_until": [trial.initial_epoch, fine_tune_end],
               "continues_trial": trial.parent,
               "median_stop": stopper.stopped if stopper else None,
-              "fine_tune_epochs_run": earlier.get("fine_tune_epochs_run", 0) + clock.epochs,
+              # From its history: epochs a killed and resumed process trained count too.
+              "fine_tune_epochs_run": len(train_lib.read_history(
+                  trial.trial_dir, "fine_tune").get("loss", [])) - trial.initial_epoch,
               "fine_tune_seconds": round(earlier.get("fine_tune_seconds", 0.0)
                                          + clock.seconds, 2)}
     if self.halving:
@@ -489,17 +498,16 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
 
 
 class EpochClock(keras.callbacks.Callback):
-  """Counts the epochs a fit trains and their seconds (the search's work and time)."""
+  """Adds up the seconds of the epochs a fit trains (the search's time per unit of work)."""
 
   def __init__(self):
     super().__init__()
-    self.epochs, self.seconds, self._began = 0, 0.0, 0.0
+    self.seconds, self._began = 0.0, 0.0
 
   def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
     self._began = time.time()
 
   def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-    self.epochs += 1
     self.seconds += time.time() - self._began
 
 
@@ -759,8 +767,9 @@ def successive_halving(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel)
   alive = sorted((t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"),
                  key=lambda t: trial_order(t.trial_id))
   for (_, before), (keep, epochs) in zip(schedule, schedule[1:]):
+    best = hypermodel.config.train.early_stopping_patience > 0  # As `_score` ranks them.
     alive = sorted(alive, key=lambda t: (
-        -(fine_tune_val_accuracy(tuner.get_trial_dir(t.trial_id), before) or 0.0),
+        -(fine_tune_val_accuracy(tuner.get_trial_dir(t.trial_id), before, best) or 0.0),
         trial_order(t.trial_id)))[:keep]
     for trial in alive:
       val_accuracy = hypermodel.continue_trial(trial.trial_id, trial.hyperparameters,

@@ -221,8 +221,9 @@ class HoldOutRunTest(absltest.TestCase):
                                temperature=0.1, classes=known)
       cls.report = train.save_run(cls.model, cls.splits, cls.config, cls.workdir, cls.workdir,
                                   train_seconds=0.0)
-      cls.test_logits = [train._logits(cls.model, data_lib.make_dataset(  # pylint: disable=protected-access
-          source, keys, image_size=32, cache="none"))
+      to_logits = train.logits_predictor(cls.model)
+      cls.test_logits = [to_logits(data_lib.make_dataset(source, keys, image_size=32,
+                                                         cache="none"))
                          for source, keys in (
                              (cls.splits.source, cls.splits.keys("test")),
                              (cls.splits.held_out, cls.splits.held_out_keys("test")))]

@@ -497,8 +497,10 @@ class SuccessiveHalvingTest(TuneTestCase):
 
   @pytest.mark.slow
   def test_the_best_go_on_from_where_they_stopped_as_one_run_left_alone(self):
+    # Early stopping on: under halving stage 2 never stops, yet ends on its best epoch.
     config = tune_worker.small_config(
-        fine_tune_epochs=3, search={"max_trials": 3, "halving_rungs": (1,), "halving_factor": 3})
+        fine_tune_epochs=3, early_stopping_patience=1,
+        search={"max_trials": 3, "halving_rungs": (1,), "halving_factor": 3})
     workdir = self.tmp / "tune"
     report = search(workdir, config=config)
     results = {i: read_json(trial_file(workdir, i, artifacts.TRIAL_RESULT)) for i in "012"}
@@ -520,11 +522,13 @@ class SuccessiveHalvingTest(TuneTestCase):
                   summary.search_work_line(work))
     self.assertEqual(report["best_trial_id"], promoted)
     self.assertEqual(read_trials(workdir)[0]["fine_tune_epochs"], "3")
-    # The winner, promoted midway, is what one --mode=train run of its values trains.
+    self.assertEqual(results[promoted]["val_accuracy"], max(history["val_accuracy"]))
+    # The winner, promoted midway, is what one --mode=train run of its values trains
+    # when early stopping cannot stop it (patience of all its epochs).
     best = read_json(workdir, artifacts.BEST_HPARAMS)
     with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
       trained = train.train_and_evaluate(
-          run_configs.with_train(config, **best),
+          run_configs.with_train(config, early_stopping_patience=3, **best),
           str(self.tmp / "train"), data.load_tfds())
     for key in ("val_accuracy", "test_accuracy", "confusion_matrix"):
       self.assertEqual(report[key], trained[key], key)
