@@ -499,36 +499,36 @@ class SuccessiveHalvingTest(TuneTestCase):
   def test_the_best_go_on_from_where_they_stopped_as_one_run_left_alone(self):
     # Early stopping on: under halving stage 2 never stops, yet ends on its best epoch.
     config = tune_worker.small_config(
-        fine_tune_epochs=3, early_stopping_patience=1,
-        search={"max_trials": 3, "halving_rungs": (1,), "halving_factor": 3})
+        fine_tune_epochs=2, early_stopping_patience=1,
+        search={"max_trials": 2, "halving_rungs": (1,), "halving_factor": 2})
     workdir = self.tmp / "tune"
     report = search(workdir, config=config)
-    results = {i: read_json(trial_file(workdir, i, artifacts.TRIAL_RESULT)) for i in "012"}
+    results = {i: read_json(trial_file(workdir, i, artifacts.TRIAL_RESULT)) for i in "01"}
     first = {i: tune.fine_tune_val_accuracy(os.path.dirname(trial_file(workdir, i, "x")), 1)
-             for i in "012"}
-    promoted = min("012", key=lambda i: (-first[i], int(i)))
+             for i in "01"}
+    promoted = min("01", key=lambda i: (-first[i], int(i)))
     for i, result in results.items():
-      self.assertEqual(result["fine_tune_until"], [0, 3 if i == promoted else 1], i)
-      self.assertEqual(result["fine_tune_epochs_run"], 3 if i == promoted else 1, i)
-    self.assertEqual(list(results[promoted]["rungs"]), ["1", "3"])
+      self.assertEqual(result["fine_tune_until"], [0, 2 if i == promoted else 1], i)
+      self.assertEqual(result["fine_tune_epochs_run"], 2 if i == promoted else 1, i)
+    self.assertEqual(list(results[promoted]["rungs"]), ["1", "2"])
     history = train.read_history(os.path.dirname(trial_file(workdir, promoted, "x")),
                                  "fine_tune")
-    self.assertLen(history["val_accuracy"], 3)  # Epoch 1 not trained twice.
+    self.assertLen(history["val_accuracy"], 2)  # Epoch 1 not trained twice.
     work = report["search_work"]
-    self.assertEqual(work["fine_tune_epochs"], 3 * 1 + 1 * 2)
+    self.assertEqual(work["fine_tune_epochs"], 2 * 1 + 1 * 1)
     self.assertEqual(work["fine_tune_epoch_budget"], work["fine_tune_epochs"])
-    self.assertEqual(work["halving_schedule"], [[3, 1], [1, 3]])
-    self.assertIn("3 trials, 3 stage 1 epochs, 5 stage 2 epochs (fixed by the schedule: 5)",
+    self.assertEqual(work["halving_schedule"], [[2, 1], [1, 2]])
+    self.assertIn("2 trials, 2 stage 1 epochs, 3 stage 2 epochs (fixed by the schedule: 3)",
                   summary.search_work_line(work))
     self.assertEqual(report["best_trial_id"], promoted)
-    self.assertEqual(read_trials(workdir)[0]["fine_tune_epochs"], "3")
+    self.assertEqual(read_trials(workdir)[0]["fine_tune_epochs"], "2")
     self.assertEqual(results[promoted]["val_accuracy"], max(history["val_accuracy"]))
     # The winner, promoted midway, is what one --mode=train run of its values trains
     # when early stopping cannot stop it (patience of all its epochs).
     best = read_json(workdir, artifacts.BEST_HPARAMS)
     with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
       trained = train.train_and_evaluate(
-          run_configs.with_train(config, early_stopping_patience=3, **best),
+          run_configs.with_train(config, early_stopping_patience=2, **best),
           str(self.tmp / "train"), data.load_tfds())
     for key in ("val_accuracy", "test_accuracy", "confusion_matrix"):
       self.assertEqual(report[key], trained[key], key)
