@@ -413,8 +413,9 @@ class SlowSearchTest(TuneTestCase):
     for key in ("best_trial_id", "val_accuracy", "test_accuracy", "best_hparams"):
       self.assertEqual(resumed[key], alone[key], key)
 
-  # The plain path's case is SuccessiveHalvingTest's (its winner, promoted midway, repeated by
-  # --mode=train); the feature cache's runs on real weights, where its float16 cut shows.
+  # On the feature cache (on real weights, where its float16 cut shows); SuccessiveHalvingTest
+  # repeats a winner promoted midway. The plain path's trials resume as its train runs do
+  # (tests/test_resume.py).
   @pytest.mark.real_data
   def test_train_with_best_hparams_repeats_the_best_trial_on_real_weights(self):
     # Trained weights do not saturate as random ones do: the float16 cache's cut
@@ -496,9 +497,8 @@ class SuccessiveHalvingTest(TuneTestCase):
   @pytest.mark.slow
   def test_the_best_go_on_from_where_they_stopped_as_one_run_left_alone(self):
     # Early stopping on: under halving stage 2 never stops, yet ends on its best epoch.
-    # The plain path (the feature cache's repeat is checked on real weights above).
     config = tune_worker.small_config(
-        fine_tune_epochs=2, early_stopping_patience=1, feature_cache="off",
+        fine_tune_epochs=2, early_stopping_patience=1,
         search={"max_trials": 2, "halving_rungs": (1,), "halving_factor": 2})
     workdir = self.tmp / "tune"
     report = search(workdir, config=config)
