@@ -124,10 +124,7 @@ def held_out_test_keys(workdir: str, data_dir: str, image_dir: str | None,
                                           tfds_data_dir=None if image_dir else data_dir))
   if not data.holdout_classes:
     return []
-  _, held_out = data_lib.hold_out(data_lib.load_source(data), data.holdout_classes,
-                                  data.split_seed)
-  spec = split_lib.parse_split(data.split, data.split_seed)
-  assignment = split_lib.assign(held_out.keys, held_out.labels, held_out.source_splits, spec)
+  _, _, assignment = data_lib.split_held_out(data_lib.load_source(data), data)
   keys = split_lib.keys_of(assignment, "test")
   if limit and limit < len(keys):
     keys = [keys[i] for i in np.linspace(0, len(keys) - 1, limit).round().astype(int)]

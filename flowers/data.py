@@ -660,6 +660,15 @@ def _classes_of(source: Source, classes: Sequence[int]) -> Source:
       source_splits=None if splits is None else [splits[i] for i in rows])
 
 
+def split_held_out(source: Source, data: DataConfig) -> tuple[Source, Source, dict[str, str]]:
+  """Under `data.holdout_classes`: the classes trained on, the held-out ones, and
+  where the held-out images fall in `data`'s split (`hold_out`, then the split)."""
+  known, held_out = hold_out(source, data.holdout_classes, data.split_seed)
+  spec = split_lib.parse_split(data.split, data.split_seed)
+  return known, held_out, split_lib.assign(held_out.keys, held_out.labels,
+                                           held_out.source_splits, spec)
+
+
 def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None,
                 workdir: str | None = None, shuffle_seed: int = 42) -> Splits:
   """Train/val/test datasets of (uint8 images, labels), stratified and seeded.
@@ -677,9 +686,7 @@ def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None
   spec = split_lib.parse_split(data.split, data.split_seed)
   held_out, held_out_assignment = None, {}
   if data.holdout_classes:
-    source, held_out = hold_out(source, data.holdout_classes, data.split_seed)
-    held_out_assignment = split_lib.assign(held_out.keys, held_out.labels,
-                                           held_out.source_splits, spec)
+    source, held_out, held_out_assignment = split_held_out(source, data)
   assignment = prepare_split(source, workdir, spec)
   if data.strict:
     check_decodable(source, [k for k in source.keys if k in assignment])

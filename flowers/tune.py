@@ -403,8 +403,8 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
                      epochs: int) -> float:
     """Successive halving's promotion: a trial's stage 2 on to `epochs`, from the state
     it stopped in (`train.fit_stages` resumes it); returns its val accuracy there."""
-    trial = TrialRun(trial_id, trial_dir, os.path.join(trial_dir, artifacts.TRIAL_WEIGHTS),
-                     fine_tune_until=epochs).given(hp, epochs, 0)
+    trial = TrialRun(trial_id, trial_dir,
+                     os.path.join(trial_dir, artifacts.TRIAL_WEIGHTS)).given(hp, epochs, 0)
     config = self.trial_config(trial.values)
     result = artifacts.read_json(os.path.join(trial_dir, artifacts.TRIAL_RESULT))
     if result.get("fine_tune_until", [0, 0])[1] >= epochs:
@@ -764,10 +764,9 @@ def successive_halving(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel)
   promotes the same trials and goes on where it stopped.
   """
   schedule = hypermodel.schedule()
-  alive = sorted((t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"),
-                 key=lambda t: trial_order(t.trial_id))
+  best = hypermodel.config.train.early_stopping_patience > 0  # As `_score` ranks them.
+  alive = sorted(_completed_trials(tuner), key=lambda t: trial_order(t.trial_id))
   for (_, before), (keep, epochs) in zip(schedule, schedule[1:]):
-    best = hypermodel.config.train.early_stopping_patience > 0  # As `_score` ranks them.
     alive = sorted(alive, key=lambda t: (
         -(fine_tune_val_accuracy(tuner.get_trial_dir(t.trial_id), before, best) or 0.0),
         trial_order(t.trial_id)))[:keep]
@@ -781,12 +780,10 @@ def successive_halving(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel)
 def search_work(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel) -> dict[str, Any]:
   """report.json's "search_work": what the search trained and passed images through,
   beside the seconds it took (per unit, this travels between machines)."""
+  trial_dirs = [tuner.get_trial_dir(t.trial_id) for t in _completed_trials(tuner)]
   results = [artifacts.read_json(path) for path in (
-      os.path.join(tuner.get_trial_dir(t.trial_id), artifacts.TRIAL_RESULT)
-      for t in tuner.oracle.trials.values() if t.status == "COMPLETED") if os.path.exists(path)]
-  frozen = sum(len(train_lib.read_history(tuner.get_trial_dir(t.trial_id), "frozen")
-                   .get("loss", [])) for t in tuner.oracle.trials.values()
-               if t.status == "COMPLETED")
+      os.path.join(d, artifacts.TRIAL_RESULT) for d in trial_dirs) if os.path.exists(path)]
+  frozen = sum(len(train_lib.read_history(d, "frozen").get("loss", [])) for d in trial_dirs)
   work: dict[str, Any] = {
       "trials": len(results), "frozen_epochs": frozen,
       "fine_tune_epochs": sum(r.get("fine_tune_epochs_run", 0) for r in results),
