@@ -12,6 +12,7 @@ import pytest
 import shared_data
 from flowers import backbone as backbone_lib
 from flowers import build_model
+from flowers import evaluate as evaluate_lib
 from flowers import model as model_lib
 from flowers.errors import UserError
 
@@ -66,6 +67,22 @@ class BuildModelTest(parameterized.TestCase):
     self.assertNotIn(model_lib.AUGMENT_NAME, [l.name for l in inference.layers])
     np.testing.assert_allclose(inference(images(), training=False),
                                self.model(images(), training=False), rtol=1e-5, atol=1e-6)
+
+  def test_a_models_predictors_share_one_trace_and_see_weights_assigned_since(self):
+    model = tiny_model()
+    first = evaluate_lib.keras_predictor(model)
+    before = first(images())
+    np.testing.assert_allclose(before, model(images(), training=False), rtol=1e-5, atol=1e-6)
+    head = model.get_layer(model_lib.CLASSIFIER_NAME)
+    # In place, as rounding and the temperature change weights (the bias: a random
+    # base's features are ~0 here).
+    head.bias.assign(np.arange(head.bias.shape[0], dtype="float32"))
+    second = evaluate_lib.keras_predictor(model)
+    after = second(images())
+    self.assertFalse(np.allclose(after, before))
+    np.testing.assert_allclose(after, model(images(), training=False), rtol=1e-5, atol=1e-6)
+    self.assertIs(second._infer, first._infer)
+    self.assertEqual(second._infer.experimental_get_tracing_count(), 1)
 
   def test_save_load_round_trip(self):
     path = os.path.join(self.create_tempdir().full_path, "m.keras")
