@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   config, splits, model, keys, datasets = real_setup(args.images)
   images = np.concatenate([x for x, _ in datasets["val"].as_numpy_iterator()])
-  del datasets["all_val"]
   scoring_lever(config, splits, model, keys, datasets)
+  del datasets["all_val"]
   batch_lever(config, splits, model, keys, datasets, images)
   return 0
 

@@ -189,6 +189,10 @@ class SearchWork(TypedDict):
   frozen_epochs: int  # Stage 1 epochs, all trials together.
   fine_tune_epochs: int  # Stage 2 epochs trained, all trials and rungs together.
   fine_tune_seconds: float  # Their seconds (Keras's epochs, validation included).
+  # Stage 1's seconds (older searches: 0), and the full-model passes over val that
+  # scored trials (none under successive halving: Keras's val of the epochs scores).
+  frozen_seconds: NotRequired[float]
+  val_passes: NotRequired[int]
   trial_seconds: float  # The trials' whole time: build, stage 1, stage 2, scoring.
   inputs_seconds: float  # This process's time to make (or read) the stages' inputs.
   cache_images: int | None  # Images the frozen-prefix cache holds; None without one.

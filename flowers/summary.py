@@ -335,9 +335,13 @@ def search_work_line(work: Mapping[str, Any]) -> str:
   fixed = f" (fixed by the schedule: {budget})" if budget is not None else ""
   cache = (f"; frozen-prefix cache of {work['cache_images']} images, "
            f"{work['inputs_seconds']:.0f} s" if work.get("cache_images") else "")
-  return (f"Search work: {work['trials']} trials, {work['frozen_epochs']} stage 1 epochs, "
-          f"{work['fine_tune_epochs']} stage 2 epochs{fixed} in {work['fine_tune_seconds']:.0f} s "
-          f"of the trials' {work['trial_seconds']:.0f} s{cache}.")
+  frozen = f" in {work['frozen_seconds']:.0f} s" if work.get("frozen_seconds") else ""
+  passes = (f", {work['val_passes']} full-model val passes to score them"
+            if "val_passes" in work else "")
+  return (f"Search work: {work['trials']} trials, {work['frozen_epochs']} stage 1 epochs"
+          f"{frozen}, {work['fine_tune_epochs']} stage 2 epochs{fixed} in "
+          f"{work['fine_tune_seconds']:.0f} s{passes}, of the trials' "
+          f"{work['trial_seconds']:.0f} s{cache}.")
 
 
 def _trials_table(trials: Sequence[Mapping[str, Any]]) -> str:

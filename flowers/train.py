@@ -170,7 +170,8 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
                run_dir: str, *, seed: int, run_frozen_stage: bool = True,
                fine_tune_until: int | None = None, initial_epoch: int = 0,
                fine_tune_callbacks: Sequence[keras.callbacks.Callback] = (),
-               fine_tune_early_stopping: bool = True) -> inputs_lib.Stage:
+               fine_tune_early_stopping: bool = True,
+               frozen_callbacks: Sequence[keras.callbacks.Callback] = ()) -> inputs_lib.Stage:
   """Trains `model` in place: stage 1 (frozen base), then stage 2 (top unfrozen).
 
   Resumable: a stage interrupted in `run_dir` goes on from its last finished
@@ -193,6 +194,7 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
     fine_tune_early_stopping: False trains stage 2 to its epochs whatever val
       says (successive halving's fixed budget), still ending on its best val
       epoch's weights when early stopping is on; stage 1 keeps its early stopping.
+    frozen_callbacks: more callbacks for stage 1 (a tune trial's clock).
 
   Returns:
     The last stage fitted (or loaded).
@@ -203,7 +205,7 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
   run = _StageRun(model, inputs, config, run_dir, seed)
   stage, frozen_loaded = None, False
   if not _fine_tune_finished(run, run_frozen_stage):
-    stage, frozen_loaded = _frozen_stage(run, train=run_frozen_stage)
+    stage, frozen_loaded = _frozen_stage(run, run_frozen_stage, frozen_callbacks)
   if not config.fine_tunes:
     return stage
   epochs = config.fine_tune_epochs if fine_tune_until is None else fine_tune_until
@@ -242,7 +244,9 @@ def _fine_tune_finished(run: _StageRun, run_frozen_stage: bool) -> bool:
       not run_frozen_stage or os.path.exists(run.done("frozen")))
 
 
-def _frozen_stage(run: _StageRun, train: bool) -> tuple[inputs_lib.Stage | None, bool]:
+def _frozen_stage(run: _StageRun, train: bool,
+                  callbacks: Sequence[keras.callbacks.Callback] = ()
+                  ) -> tuple[inputs_lib.Stage | None, bool]:
   """Stage 1: loaded when an earlier process finished it, else compiled and
   (when `train`) fitted and marked finished.
 
@@ -261,7 +265,7 @@ def _frozen_stage(run: _StageRun, train: bool) -> tuple[inputs_lib.Stage | None,
   stage = run.stage(1)
   compile_model(stage.model, config, config.learning_rate, stage.steps * config.epochs)
   if train:
-    _fit(stage, config.epochs, 0, run.run_dir, "frozen", config)
+    _fit(stage, config.epochs, 0, run.run_dir, "frozen", config, callbacks)
     _finish(run.run_dir, "frozen", run.model)
     _forget(run.run_dir, "fine_tune")  # Whatever is there was not made on this stage 1.
   return stage, False

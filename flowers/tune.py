@@ -65,7 +65,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import keras
 import keras_tuner
@@ -424,9 +424,9 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     return TrialRun("best", trial_dir, os.path.join(trial_dir, artifacts.TRIAL_WEIGHTS))
 
   def _run_stages(self, model: keras.Model, inputs: inputs_lib.Inputs, trial: TrialRun,
-                  config: RunConfig) -> tuple[MedianStopping | None, EpochClock]:
+                  config: RunConfig) -> tuple[MedianStopping | None, StageClocks]:
     """`train.fit_stages` with the trial's values; returns its median stopper, if
-    any, and the clock of its stage 2 epochs.
+    any, and the clocks of its stage 1 and stage 2 epochs.
 
     A Hyperband trial continuing another first takes its parent's histories.
     """
@@ -434,13 +434,14 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
       _copy_histories(os.path.join(os.path.dirname(trial.trial_dir), f"trial_{trial.parent}"),
                       trial.trial_dir)
     stopper = self._median_stopper(trial)
-    clock = EpochClock()
+    clock = StageClocks(EpochClock(), EpochClock())
     with self.strategy.scope():
       train_lib.fit_stages(
           model, inputs, config.train, trial.trial_dir, seed=config.train.seed,
           run_frozen_stage=not trial.parent, fine_tune_until=trial.fine_tune_until,
           initial_epoch=trial.initial_epoch,
-          fine_tune_callbacks=[clock] + ([stopper] if stopper else []),
+          fine_tune_callbacks=[clock.fine_tune] + ([stopper] if stopper else []),
+          frozen_callbacks=[clock.frozen],
           fine_tune_early_stopping=not self.halving)  # Halving's budget is fixed.
     return stopper, clock
 
@@ -469,7 +470,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     return train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"]
 
   def _record(self, trial: TrialRun, config: RunConfig, val_accuracy: float, seconds: float,
-              stopper: MedianStopping | None, clock: EpochClock,
+              stopper: MedianStopping | None, clock: StageClocks,
               earlier: dict[str, Any] | None = None) -> None:
     """The trial's `result.json`: its values, score, time, stage 2 epochs and stop
     (`earlier`: the record a successive halving rung continues)."""
@@ -490,7 +491,11 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
               "fine_tune_epochs_run": len(train_lib.read_history(
                   trial.trial_dir, "fine_tune").get("loss", [])) - trial.initial_epoch,
               "fine_tune_seconds": round(earlier.get("fine_tune_seconds", 0.0)
-                                         + clock.seconds, 2)}
+                                         + clock.fine_tune.seconds, 2),
+              "frozen_seconds": round(earlier.get("frozen_seconds", 0.0)
+                                      + clock.frozen.seconds, 2),
+              # Passes of the val split through the full model to score the trial.
+              "val_passes": earlier.get("val_passes", 0) + (0 if self.halving else 1)}
     if self.halving:
       result["rungs"] = {**earlier.get("rungs", {}), str(fine_tune_end): val_accuracy}
     artifacts.write_json(os.path.join(trial.trial_dir, artifacts.TRIAL_RESULT), result)
@@ -509,6 +514,13 @@ class EpochClock(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
     self.seconds += time.time() - self._began
+
+
+class StageClocks(NamedTuple):
+  """The clocks of one trial's stage 1 and stage 2 epochs."""
+
+  frozen: EpochClock
+  fine_tune: EpochClock
 
 
 def _copy_histories(parent_dir: str, run_dir: str) -> None:
@@ -788,6 +800,8 @@ def search_work(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel) -> dic
       "trials": len(results), "frozen_epochs": frozen,
       "fine_tune_epochs": sum(r.get("fine_tune_epochs_run", 0) for r in results),
       "fine_tune_seconds": round(sum(r.get("fine_tune_seconds", 0.0) for r in results), 1),
+      "frozen_seconds": round(sum(r.get("frozen_seconds", 0.0) for r in results), 1),
+      "val_passes": sum(r.get("val_passes", 0) for r in results),
       "trial_seconds": round(sum(r.get("seconds", 0.0) for r in results), 1),
       "inputs_seconds": round(hypermodel.inputs_seconds, 1),
       "cache_images": hypermodel.cache_images()}

@@ -256,6 +256,7 @@ class SearchTest(TuneTestCase):
     for r in rows:
       self.assertGreater(float(r["seconds"]), 0)
       self.assertEqual(r["status"], "COMPLETED")
+    self.assertEqual(report["search_work"]["val_passes"], 2)  # One a trial, to score it.
 
     best = read_json(workdir, artifacts.BEST_HPARAMS)
     self.assertEqual(set(best), set(config_lib.HPARAMS) | {"feature_cache_cut_ratio"})
@@ -517,8 +518,11 @@ class SuccessiveHalvingTest(TuneTestCase):
     self.assertEqual(work["fine_tune_epochs"], 2 * 1 + 1 * 1)
     self.assertEqual(work["fine_tune_epoch_budget"], work["fine_tune_epochs"])
     self.assertEqual(work["halving_schedule"], [[2, 1], [1, 2]])
-    self.assertIn("2 trials, 2 stage 1 epochs, 3 stage 2 epochs (fixed by the schedule: 3)",
-                  summary.search_work_line(work))
+    self.assertEqual(work["val_passes"], 0)  # Scored by the epochs' own val accuracy.
+    self.assertGreater(work["frozen_seconds"], 0)
+    self.assertRegex(summary.search_work_line(work),
+                     r"2 trials, 2 stage 1 epochs in \d+ s, 3 stage 2 epochs \(fixed by the "
+                     r"schedule: 3\) in \d+ s, 0 full-model val passes")
     self.assertEqual(report["best_trial_id"], promoted)
     self.assertEqual(read_trials(workdir)[0]["fine_tune_epochs"], "2")
     self.assertEqual(results[promoted]["val_accuracy"], max(history["val_accuracy"]))
