@@ -189,8 +189,8 @@ class SearchWork(TypedDict):
   frozen_epochs: int  # Stage 1 epochs, all trials together.
   fine_tune_epochs: int  # Stage 2 epochs trained, all trials and rungs together.
   fine_tune_seconds: float  # Their seconds (Keras's epochs, validation included).
-  # Stage 1's seconds (older searches: 0), and the full-model passes over val that
-  # scored trials (none under successive halving: Keras's val of the epochs scores).
+  # Stage 1's seconds, and the full-model passes over val that scored trials (none
+  # under successive halving: Keras's val of the epochs scores); absent in older searches.
   frozen_seconds: NotRequired[float]
   val_passes: NotRequired[int]
   trial_seconds: float  # The trials' whole time: build, stage 1, stage 2, scoring.
