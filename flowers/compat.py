@@ -188,6 +188,7 @@ def let_keras_fit_on_several_workers() -> bool:
 _CHECKPOINT = "trial checkpoint path"
 _SPACE = "declared search space"
 _ORACLE = "distributed-tuning oracle client"
+_FIRST = "configured first trial"
 
 
 def trial_checkpoint(tuner: keras_tuner.Tuner, trial_id: str) -> str:
@@ -234,6 +235,27 @@ class DeclaredSpaceTuner:
     hp = self.oracle.get_space()
     self.declare_space(hp)
     self.oracle.update_space(hp)
+
+
+def start_search_at(oracle: keras_tuner.Oracle, values: dict[str, Any]) -> None:
+  """Makes `oracle`'s first trial take `values`; it draws every later one as before.
+
+  KerasTuner has no public way to seed a search with known values (what
+  Optuna's `enqueue_trial` does). Its oracles (Bayesian, random, Hyperband)
+  draw a new trial's values through `Oracle._random_values`: while the oracle
+  holds no trial, `values` come back instead, and no random state is used.
+  A resumed search holds its trials, so it draws. Written for KerasTuner 1.4;
+  without the method, a `UserError` names the version to install.
+  """
+  lacking = _guard(KERAS_TUNER, _FIRST, [(keras_tuner.Oracle, "_random_values", ("self",))])
+  if lacking:
+    raise _refuse(KERAS_TUNER, _FIRST, lacking)
+  draw = oracle._random_values  # pylint: disable=protected-access
+
+  def first_then_drawn() -> dict[str, Any] | None:
+    return dict(values) if not oracle.trials else draw()
+
+  oracle._random_values = first_then_drawn  # pylint: disable=protected-access
 
 
 def publish_with_space(oracle: keras_tuner.Oracle, key: str, text: str) -> None:

@@ -228,6 +228,7 @@ def upgrade(run: dict[str, Any]) -> dict[str, Any]:
   if isinstance(run.get("search"), dict):  # Older searches trained every trial in full.
     run["search"].setdefault("halving_rungs", [])
     run["search"].setdefault("halving_factor", 3)
+    run["search"].setdefault("first_trial", "drawn")  # ... and drew their first trial.
   if isinstance(train, dict):
     train.setdefault("backbone", "mobilenet_v2")  # The only one there was.
     train.setdefault("calibrate", False)  # Older runs shipped their scores uncalibrated.

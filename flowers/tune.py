@@ -84,6 +84,7 @@ from flowers import split as split_lib
 from flowers import summary
 from flowers import train as train_lib
 from flowers.config import HPARAMS
+from flowers.config import FirstTrial
 from flowers.config import RunConfig
 from flowers.config import SearchConfig
 from flowers.config import Tuner
@@ -108,6 +109,26 @@ def declare_hyperparameters(hp: keras_tuner.HyperParameters,
 
   return {"dropout": tuned("dropout"), "unfreeze_ratio": tuned("unfreeze_ratio"),
           "fine_tune_learning_rate": tuned("fine_tune_learning_rate", log=True)}
+
+
+def first_trial_values(config: RunConfig) -> dict[str, float] | None:
+  """The search's first trial under --first_trial=configured: the values --mode=train uses.
+
+  None under --first_trial=drawn. A value outside its range is refused: the
+  search would start outside the space it was told to search.
+  """
+  if config.search.first_trial is not FirstTrial.CONFIGURED:
+    return None
+  train = config.train
+  values = {"dropout": train.dropout, "unfreeze_ratio": train.unfreeze_ratio,
+            "fine_tune_learning_rate": train.fine_tune_rate}
+  for name, value in values.items():
+    low, high = config.search.range_of(name)
+    if not low <= value <= high:
+      raise UserError(f"--{name}={value:g} lies outside --{name}_range={low:g},{high:g}, where "
+                      f"--first_trial=configured starts the search: set --{name} inside the "
+                      "range, or pass --first_trial=drawn.")
+  return values
 
 
 def _distributed_role() -> tuple[bool, bool]:
@@ -593,6 +614,7 @@ def run_search(config: RunConfig, workdir: str,
   start = time.time()
   distributed, chief = _distributed_role()
   search_feature_cache_cut_ratio(config)  # A bad --feature_cache_cut_ratio fails before any work.
+  first_values = first_trial_values(config)  # ... as does a first trial outside the ranges.
   strategy = distribute.make_strategy(config.train.distribution_strategy)
   feature_cache = inputs_lib.uses_feature_cache(config.train)
   # Only the chief (or a single process) may wipe or record the run: a worker
@@ -613,6 +635,8 @@ def run_search(config: RunConfig, workdir: str,
                      strategy=strategy)
   if chief:  # Served to the workers with the search space (`check_chief_run`).
     compat.publish_with_space(tuner.oracle, CHIEF_RUN_KEY, json.dumps(made, sort_keys=True))
+    if first_values:  # The chief's oracle makes the trials.
+      compat.start_search_at(tuner.oracle, first_values)
   tuner.search(verbose=config.train.verbose)
   if not chief:
     return _worker_result(tuner, hypermodel, start)

@@ -25,3 +25,8 @@ def tiny(data=None, search=None, export=None, **train):
 def with_train(config, **train):
   """`config` with some TrainConfig fields replaced."""
   return dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
+
+
+def with_search(config, **search):
+  """`config` with some SearchConfig fields replaced."""
+  return dataclasses.replace(config, search=dataclasses.replace(config.search, **search))

@@ -142,6 +142,37 @@ def test_the_search_declares_its_space_without_a_model(tmp_path):
   assert hypermodel._template is None  # pylint: disable=protected-access
 
 
+@pytest.mark.parametrize("kind", [keras_tuner.oracles.RandomSearchOracle,
+                                  keras_tuner.oracles.BayesianOptimizationOracle,
+                                  keras_tuner.oracles.HyperbandOracle])
+def test_a_started_search_takes_the_values_first_and_then_draws_as_before(kind, tmp_path):
+  def oracle(name):
+    budget = ({"max_epochs": 9} if kind is keras_tuner.oracles.HyperbandOracle
+              else {"max_trials": 4})
+    made = kind(objective="loss", seed=3, **budget)
+    made._set_project_dir(str(tmp_path), name)  # pylint: disable=protected-access
+    space = made.get_space()
+    space.Float("x", 0.0, 1.0)
+    space.Float("y", 1e-4, 1e-2, sampling="log")
+    made.update_space(space)
+    return made
+
+  def values(trial):
+    return {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")}
+
+  plain, started = oracle("plain"), oracle("started")
+  compat.start_search_at(started, {"x": 0.25, "y": 1e-3})
+  assert values(started.create_trial("a")) == {"x": 0.25, "y": 1e-3}
+  # Its draws are the ones a search without a start makes, in the same order.
+  assert values(started.create_trial("b")) == values(plain.create_trial("a"))
+
+
+def test_a_missing_random_values_method_is_a_user_error(monkeypatch):
+  monkeypatch.delattr(keras_tuner.Oracle, "_random_values")
+  with pytest.raises(UserError, match=r"^keras-tuner \S+ has no .*Oracle\._random_values,"):
+    compat.start_search_at(types.SimpleNamespace(), {"x": 0.5})
+
+
 def test_the_chief_run_survives_the_proto_and_reaches_a_worker(tmp_path, monkeypatch):
   from keras_tuner.src import protos  # pylint: disable=g-import-not-at-top
   from keras_tuner.src.distribute import oracle_chief  # pylint: disable=g-import-not-at-top

@@ -31,6 +31,7 @@ from flowers import artifacts
 from flowers import config as config_lib
 from flowers import data
 from flowers import model as model_lib
+from flowers import runs
 from flowers import summary
 from flowers import train
 from flowers import tune
@@ -107,6 +108,20 @@ class HyperparametersTest(TuneTestCase):
     self.assertEqual(type(kinds["dropout"]).__name__, "Fixed")
     self.assertEqual(kinds["fine_tune_learning_rate"].sampling, "log")
     self.assertEqual(kinds["unfreeze_ratio"].sampling, "linear")
+
+  def test_the_first_trial_is_the_configured_values_inside_the_ranges(self):
+    config = tune_worker.small_config(dropout=0.3, learning_rate=2e-3)
+    self.assertEqual(tune.first_trial_values(config),
+                     {"dropout": 0.3, "unfreeze_ratio": 0.1, "fine_tune_learning_rate": 2e-4})
+    drawn = run_configs.with_search(config, first_trial="drawn")
+    self.assertIsNone(tune.first_trial_values(drawn))
+    outside = run_configs.with_search(config, unfreeze_ratio_range=(0.2, 0.6))
+    with self.assertRaisesRegex(UserError, r"^--unfreeze_ratio=0\.1 lies outside "
+                                           r"--unfreeze_ratio_range=0\.2,0\.6, .* pass "
+                                           r"--first_trial=drawn\.$"):
+      tune.first_trial_values(outside)
+    # Searches recorded before the setting existed drew their first trial.
+    self.assertEqual(runs.upgrade({"search": {}})["search"]["first_trial"], "drawn")
 
   def test_a_trial_run_takes_its_values_and_hyperbands_parent_and_budget(self):
     hp = keras_tuner.HyperParameters()
@@ -218,6 +233,9 @@ class SearchTest(TuneTestCase):
 
     report = search(workdir, tuner="bayesian", max_trials=1)
     self.assertEqual(fits, [("trial_0", "frozen"), ("trial_0", "fine_tune")])
+    configured = tune.first_trial_values(tune_worker.small_config())
+    self.assertEqual(read_json(trial_file(workdir, "0", "trial.json"))
+                     ["hyperparameters"]["values"], configured)
     self.assertTrue(report["is_chief"])
     self.assertEqual(report["num_trials"], 1)
     first = read_json(trial_file(workdir, "0", artifacts.TRIAL_RESULT))
@@ -245,6 +263,8 @@ class SearchTest(TuneTestCase):
     redone = read_json(trial_file(workdir, "1", "trial.json"))
     self.assertEqual(redone["status"], "COMPLETED")
     self.assertEqual(redone["hyperparameters"]["values"], killed["hyperparameters"]["values"])
+    # The extended search drew its second trial.
+    self.assertNotEqual(redone["hyperparameters"]["values"]["dropout"], configured["dropout"])
 
     rows = read_trials(workdir)
     self.assertIn([r["trial_id"] for r in rows], (["0", "1"], ["1", "0"]))
@@ -429,7 +449,8 @@ class SlowSearchTest(TuneTestCase):
     ranges = RANGES if feature_cache == "on" else {}
     config = tune_worker.small_config(
         feature_cache=feature_cache, lr_schedule="cosine", epochs=2, fine_tune_epochs=2,
-        early_stopping_patience=1, weights=weights, search={**ranges, "max_trials": 2})
+        early_stopping_patience=1, weights=weights,
+        search={**ranges, "max_trials": 2, "first_trial": "drawn"})
     with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
       source = data.load_tfds()
       tuned = tune.run_search(config, str(tmp_path / "tune"), source)
