@@ -19,6 +19,10 @@ Three levers, each against the search without it, in the same run:
              the same run; the ratio says how far a training step is from a forward
              pass of the whole network (the step runs the top 30% forward and back).
 
+  threads    the same stage 2 epochs (batch 32) in a fresh process per TensorFlow thread
+             setting (intra-op, inter-op: 0 is TensorFlow's default, one per core),
+             against the default, in training images per second.
+
 Each lever prints a line `<lever>_ratio=X.XX` (with / without, in the lever's unit);
 the seconds per unit travel between machines as ratios, not as seconds.
 """
@@ -39,6 +43,7 @@ WEIGHTS = os.path.join(SHARED, "weights",
                        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
 CPU_CFG = os.path.join(REPO_ROOT, "flags", "cpu.cfg")
 BATCH_SIZES = (16, 32, 64)
+THREADS = ((0, 0), (1, 1), (2, 1), (1, 2))  # (intra-op, inter-op); (0, 0) is TF's default.
 
 
 def cpu_cfg_search() -> dict[str, str]:
@@ -136,30 +141,74 @@ def scoring_lever(config, splits, model, keys, datasets) -> None:
   print(f"scoring_seconds_saved_per_trial={full_seconds:.1f}")
 
 
-def batch_lever(config, splits, model, keys, datasets, images: np.ndarray) -> None:
-  """Stage 2 images/s on the cache at each batch size, against the forward rate."""
-  from flowers import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
+def one_view_cache(model, keys, datasets):
+  """The frozen-prefix cache (one view) cut for cpu.cfg's unfreeze ratio 0.3."""
   from flowers import model as model_lib  # pylint: disable=g-import-not-at-top
   from flowers import prefix_cache  # pylint: disable=g-import-not-at-top
+
+  cut = model_lib.cut_index(model_lib.base_of(model), 0.3)
+  return prefix_cache.PrefixCache.build(model, cut, datasets["train"], datasets["val"], views=1,
+                                        seed=0, cache_dir=None, verbose=0,
+                                        split_keys={n: keys[n] for n in ("train", "val")})
+
+
+def stage2_rate(config, splits, model, cache, num_train: int, batch_size: int,
+                epochs: int = 1) -> float:
+  """Stage 2's train images/s on `cache`, after a warm-up epoch."""
+  from flowers import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
+  from flowers import model as model_lib  # pylint: disable=g-import-not-at-top
   from flowers import train  # pylint: disable=g-import-not-at-top
 
+  trial = train.new_model(config, len(splits.class_names))
+  trial.set_weights(model.get_weights())
+  model_lib.freeze_base(trial)
+  model_lib.unfreeze(trial, 0.3)
+  stage = inputs_lib.CachedInputs(cache, len(splits.class_names), batch_size).stage(trial, 2, 0)
+  train.compile_model(stage.model, config.train, 2e-4, stage.steps)
+  stage.model.fit(stage.train, epochs=1, verbose=0)  # Traces and warms up.
+  start = time.time()
+  stage.model.fit(stage.train, epochs=epochs, verbose=0)
+  return epochs * num_train / (time.time() - start)
+
+
+def threads_lever(num_images: int) -> None:
+  """Stage 2 images/s per TensorFlow thread setting, each in a process of its own."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  rates = {}
+  for intra, inter in THREADS:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--images={num_images}",
+                          f"--threads={intra},{inter}"], check=True, capture_output=True,
+                         text=True).stdout
+    rates[intra, inter] = float(out.rsplit("stage2_img_per_s=", 1)[1].split()[0])
+    print(f"threads intra {intra} inter {inter}: stage 2 {rates[intra, inter]:6.1f} train "
+          "images/s" + ("  (TensorFlow's default)" if (intra, inter) == (0, 0) else ""))
+  best = max(rates, key=rates.get)
+  print(f"threads: fastest intra {best[0]} inter {best[1]}; the default runs at "
+        f"{rates[0, 0] / rates[best]:.2f} of it")
+  print(f"threads_ratio={rates[best] / rates[0, 0]:.2f}")
+
+
+def one_thread_setting(threads: str, num_images: int) -> None:
+  """The threads lever's child: one setting, set before TensorFlow runs anything."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  intra, inter = (int(v) for v in threads.split(","))
+  tf.config.threading.set_intra_op_parallelism_threads(intra)
+  tf.config.threading.set_inter_op_parallelism_threads(inter)
+  config, splits, model, keys, datasets = real_setup(num_images)
+  cache = one_view_cache(model, keys, datasets)
+  rate = stage2_rate(config, splits, model, cache, len(keys["train"]), 32, epochs=2)
+  print(f"stage2_img_per_s={rate:.1f}")
+
+
+def batch_lever(config, splits, model, keys, datasets, images: np.ndarray) -> None:
+  """Stage 2 images/s on the cache at each batch size, against the forward rate."""
   rate = forward_rate(model, images)
-  cut = model_lib.cut_index(model_lib.base_of(model), 0.3)
-  cache = prefix_cache.PrefixCache.build(model, cut, datasets["train"], datasets["val"], views=1,
-                                         seed=0, cache_dir=None, verbose=0,
-                                         split_keys={n: keys[n] for n in ("train", "val")})
+  cache = one_view_cache(model, keys, datasets)
   rates = {}
   for batch_size in BATCH_SIZES:
-    trial = train.new_model(config, len(splits.class_names))
-    trial.set_weights(model.get_weights())
-    model_lib.freeze_base(trial)
-    model_lib.unfreeze(trial, 0.3)
-    stage = inputs_lib.CachedInputs(cache, len(splits.class_names), batch_size).stage(trial, 2, 0)
-    train.compile_model(stage.model, config.train, 2e-4, stage.steps)
-    stage.model.fit(stage.train, epochs=1, verbose=0)  # Traces and warms up.
-    start = time.time()
-    stage.model.fit(stage.train, epochs=1, verbose=0)
-    rates[batch_size] = len(keys["train"]) / (time.time() - start)
+    rates[batch_size] = stage2_rate(config, splits, model, cache, len(keys["train"]), batch_size)
     print(f"batch {batch_size:3d}: stage 2 {rates[batch_size]:6.1f} train images/s, "
           f"{rates[batch_size] / rate:.2f} of the forward rate ({rate:.1f} img/s)")
   best = max(rates, key=rates.get)
@@ -172,10 +221,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workdir", default=None,
                       help="A search whose trials all ran in full, to replay the median rule.")
   parser.add_argument("--images", type=int, default=512,
-                      help="Train and val images for the scoring and batch levers.")
+                      help="Train and val images for the scoring, batch and threads levers.")
+  parser.add_argument("--threads", default=None,
+                      help="INTRA,INTER: time stage 2 under this thread setting only (the "
+                           "threads lever runs itself so, once per setting).")
   args = parser.parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   sys.path.insert(0, REPO_ROOT)
+  if args.threads:
+    one_thread_setting(args.threads, args.images)
+    return 0
   schedule_lever(args.workdir)
   if not (os.path.isdir(os.path.join(DATA_DIR, "oxford_flowers102")) and os.path.exists(WEIGHTS)):
     print(f"Real data or weights not found under {SHARED}; the scoring and batch levers "
@@ -186,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
   scoring_lever(config, splits, model, keys, datasets)
   del datasets["all_val"]
   batch_lever(config, splits, model, keys, datasets, images)
+  threads_lever(args.images)
   return 0
 
 

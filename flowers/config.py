@@ -358,10 +358,10 @@ class SearchConfig:
       --fine_tune_epochs. The stage 2 epochs spent are fixed by these settings, whatever
       the trials score (no early stopping, no median rule). Empty: every trial in full.
     halving_factor: successive halving keeps the best 1/this of the trials at each rung.
-    first_trial: configured: the first trial takes --dropout, --unfreeze_ratio and
-      --fine_tune_learning_rate (each must lie in its range), so the search starts from
-      the values --mode=train uses and its later trials are drawn; drawn: the tuner draws
-      every trial (KerasTuner's Bayesian tuner draws its first 3 per hyperparameter at random).
+    first_trial: drawn: the tuner draws every trial (KerasTuner's Bayesian tuner draws its
+      first 3 per hyperparameter at random); configured: the first trial takes --dropout,
+      --unfreeze_ratio and --fine_tune_learning_rate (each must lie in its range), so the
+      search starts from the values --mode=train uses, and the later trials are drawn.
   """
 
   tuner: Tuner = Tuner.BAYESIAN
@@ -372,7 +372,7 @@ class SearchConfig:
   median_stop_epoch: int = 4
   halving_rungs: tuple[int, ...] = ()
   halving_factor: int = 3
-  first_trial: FirstTrial = FirstTrial.CONFIGURED
+  first_trial: FirstTrial = FirstTrial.DRAWN
 
   def __post_init__(self):
     _choices(self)

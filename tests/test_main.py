@@ -270,7 +270,7 @@ NON_DEFAULTS = {
     "tuner": ("random", "random"), "max_trials": ("3", 3),
     "feature_cache_cut_ratio": ("0.5", 0.5), "median_stop_epoch": ("6", 6),
     "halving_rungs": ("1,2", (1, 2)), "halving_factor": ("2", 2),
-    "first_trial": ("drawn", "drawn"),
+    "first_trial": ("configured", "configured"),
     "overwrite": ("true", True),
     "dropout_range": ("0.1,0.4", (0.1, 0.4)), "unfreeze_ratio_range": ("0.1,0.3", (0.1, 0.3)),
     "fine_tune_learning_rate_range": ("3e-5,3e-4", (3e-5, 3e-4)), "export_best": ("false", False),

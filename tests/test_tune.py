@@ -110,7 +110,8 @@ class HyperparametersTest(TuneTestCase):
     self.assertEqual(kinds["unfreeze_ratio"].sampling, "linear")
 
   def test_the_first_trial_is_the_configured_values_inside_the_ranges(self):
-    config = tune_worker.small_config(dropout=0.3, learning_rate=2e-3)
+    config = tune_worker.small_config(dropout=0.3, learning_rate=2e-3,
+                                      search={"first_trial": "configured"})
     self.assertEqual(tune.first_trial_values(config),
                      {"dropout": 0.3, "unfreeze_ratio": 0.1, "fine_tune_learning_rate": 2e-4})
     drawn = run_configs.with_search(config, first_trial="drawn")
@@ -231,9 +232,11 @@ class SearchTest(TuneTestCase):
 
     self.enter_context(mock.patch.object(train, "_fit", spy))
 
-    report = search(workdir, tuner="bayesian", max_trials=1)
+    start = "configured"  # The first trial takes the configured values; the second is drawn.
+    report = search(workdir, tuner="bayesian", max_trials=1, first_trial=start)
     self.assertEqual(fits, [("trial_0", "frozen"), ("trial_0", "fine_tune")])
-    configured = tune.first_trial_values(tune_worker.small_config())
+    configured = tune.first_trial_values(
+        tune_worker.small_config(search={"first_trial": start}))
     self.assertEqual(read_json(trial_file(workdir, "0", "trial.json"))
                      ["hyperparameters"]["values"], configured)
     self.assertTrue(report["is_chief"])
@@ -243,7 +246,7 @@ class SearchTest(TuneTestCase):
     fits.clear()
     kill["trial"] = "trial_1"
     with self.assertRaises(KeyboardInterrupt):
-      search(workdir, tuner="bayesian", max_trials=2)
+      search(workdir, tuner="bayesian", max_trials=2, first_trial=start)
     self.assertEqual(fits, [("trial_1", "frozen"), ("trial_1", "fine_tune")])
     killed = read_json(trial_file(workdir, "1", "trial.json"))
     self.assertEqual(killed["status"], "RUNNING")
@@ -255,7 +258,7 @@ class SearchTest(TuneTestCase):
 
     fits.clear()
     kill["trial"] = None
-    report = search(workdir, tuner="bayesian", max_trials=2)
+    report = search(workdir, tuner="bayesian", max_trials=2, first_trial=start)
     # Only the killed trial ran again, with the same hyperparameters, from its
     # finished stage 1 (the same loop as --mode=train: it resumes).
     self.assertEqual(fits, [("trial_1", "fine_tune")])
@@ -450,7 +453,7 @@ class SlowSearchTest(TuneTestCase):
     config = tune_worker.small_config(
         feature_cache=feature_cache, lr_schedule="cosine", epochs=2, fine_tune_epochs=2,
         early_stopping_patience=1, weights=weights,
-        search={**ranges, "max_trials": 2, "first_trial": "drawn"})
+        search={**ranges, "max_trials": 2})
     with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
       source = data.load_tfds()
       tuned = tune.run_search(config, str(tmp_path / "tune"), source)

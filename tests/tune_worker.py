@@ -41,7 +41,7 @@ def small_config(search=None, data=None, **train):
 
   train_settings = dict(epochs=1, fine_tune_epochs=1, feature_cache_views=2, weights=None,
                         early_stopping_patience=0, feature_cache="on", verbose=0, seed=0,
-                        unfreeze_ratio=0.1)  # Inside the range: the first trial takes it.
+                        unfreeze_ratio=0.1)  # Inside the range, for --first_trial=configured.
   train_settings.update(train)
   search_settings = dict(dropout_range=(0.0, 0.5), unfreeze_ratio_range=(0.05, 0.15),
                          fine_tune_learning_rate_range=(1e-4, 1e-2), tuner="random",
