@@ -51,7 +51,7 @@ class _Tested:
 
 # The multi-worker mend replaces Keras internals: written and tested on 3.15.
 KERAS = _Tested("keras", (3, 15), (3, 16))
-# KerasTuner's trial checkpoint name, initial-space hook and gRPC oracle client:
+# KerasTuner's trial checkpoint name, initial-space hook, first draw and gRPC oracle client:
 # tested on 1.4.8, accepted over the 1.4 releases setup.cfg allows.
 KERAS_TUNER = _Tested("keras-tuner", (1, 4, 7), (1, 5))
 # tf.data's `_variant_tensor` and `_inputs`: tested on 2.21, accepted over the
@@ -183,7 +183,7 @@ def let_keras_fit_on_several_workers() -> bool:
   return True
 
 
-# KerasTuner: the trial checkpoint, the initial space, the chief's oracle.
+# KerasTuner: the trial checkpoint, the initial space, the first draw, the chief's oracle.
 
 _CHECKPOINT = "trial checkpoint path"
 _SPACE = "declared search space"

@@ -357,7 +357,8 @@ class SearchConfig:
       on, from where they stopped, to the next, and so on; the last one left to
       --fine_tune_epochs. The stage 2 epochs spent are fixed by these settings, whatever
       the trials score (no early stopping, no median rule). Empty: every trial in full.
-    halving_factor: successive halving keeps the best 1/this of the trials at each rung.
+    halving_factor: successive halving keeps the best 1/this of the trials at each rung,
+      rounded up from --max_trials (6 trials, factor 2: 3 go on, then 2).
     first_trial: drawn: the tuner draws every trial (KerasTuner's Bayesian tuner draws its
       first 3 per hyperparameter at random); configured: the first trial takes --dropout,
       --unfreeze_ratio and --fine_tune_learning_rate (each must lie in its range), so the
