@@ -354,9 +354,10 @@ class SearchConfig:
       hyperband); 0 runs every trial in full.
     halving_rungs: successive halving: the fine-tune epochs at which trials are compared
       (e.g. 2,4). Every trial fine-tunes to the first; the best 1/halving_factor of them go
-      on, from where they stopped, to the next, and so on; the last one left to
-      --fine_tune_epochs. The stage 2 epochs spent are fixed by these settings, whatever
-      the trials score (no early stopping, no median rule). Empty: every trial in full.
+      on, from where they stopped, to the next, and so on; those left fine-tune to
+      --fine_tune_epochs, and the best is shipped. The stage 2 epochs spent are fixed by
+      these settings, whatever the trials score (no early stopping, no median rule).
+      Empty: every trial in full.
     halving_factor: successive halving keeps the best 1/this of the trials at each rung,
       rounded up from --max_trials (6 trials, factor 2: 3 go on, then 2).
     first_trial: drawn: the tuner draws every trial (KerasTuner's Bayesian tuner draws its

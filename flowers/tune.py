@@ -29,8 +29,9 @@ rung's epoch and are scored there by the val accuracy of that epoch (no int8
 rounding, no extra val pass: nothing is shipped yet). Then the best
 1/`--halving_factor` of them go on, each in its own folder from the state it
 stopped in (no epoch trained twice: the same training as one left alone), to
-the next rung, and so on; the last one fine-tunes to --fine_tune_epochs and is
-the search's model. `halving_schedule` gives the trials and epochs of each
+the next rung, and so on (rounded up: 6 trials, factor 2 keeps 3, then 2); the
+last rung's trials fine-tune to --fine_tune_epochs, and the best of them is the
+search's model. `halving_schedule` gives the trials and epochs of each
 rung, `halving_budget` the stage 2 epochs they spend, whatever the trials
 score: stage 2 never stops early (it still ends on its best val epoch's
 weights, as early stopping would) and the median rule is off.
