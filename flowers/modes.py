@@ -100,6 +100,7 @@ def evaluate(config: RunConfig, workdir: str) -> schemas.EvaluationReport:
   training report.json is never touched. Results of another run's model are
   written only into that run's folder or a fresh one.
   """
+  from flowers import calibrate as calibrate_lib  # pylint: disable=g-import-not-at-top
   from flowers import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from flowers import lineage  # pylint: disable=g-import-not-at-top
 
@@ -115,6 +116,9 @@ def evaluate(config: RunConfig, workdir: str) -> schemas.EvaluationReport:
                     f"{len(splits.class_names)}; evaluate on the data it was trained on.")
   probs, labels = evaluate_lib.predict_dataset(predictor, splits.test)
   report = evaluate_lib.metrics(probs, labels, class_names)
+  # How far its scores are from probabilities: as report.json's "calibration" says.
+  report["test_nll"] = calibrate_lib.nll(probs, labels)
+  report["test_ece"] = calibrate_lib.expected_calibration_error(probs, labels)
   report["num_skipped_images"] = {"test": evaluate_lib.count_skipped(
       "test", len(splits.keys("test")), len(labels), data.strict)}
   listed = getattr(splits.source, "skipped", None)
@@ -131,7 +135,7 @@ def evaluate(config: RunConfig, workdir: str) -> schemas.EvaluationReport:
                  run=lineage.owner(model_dir) or f"model:{model_sha}")
   print(f"test_accuracy={report['test_accuracy']:.4f} "
         f"test_top5_accuracy={report['test_top5_accuracy']:.4f} "
-        f"test_macro_f1={report['test_macro_f1']:.4f} "
+        f"test_macro_f1={report['test_macro_f1']:.4f} test_ece={report['test_ece']:.4f} "
         f"({report['num_test_examples']} images) -> {out}")
   return report
 

@@ -238,6 +238,10 @@ class EvaluationReport(TestMetrics):
   """
 
   num_skipped_images: SkippedImages  # "test", and "listing" for an image folder.
+  # Test NLL (nats per image) and top-1 ECE (15 bins), as in report.json's "calibration";
+  # absent in evaluations written by older flowers.
+  test_nll: NotRequired[float]
+  test_ece: NotRequired[float]
   model: str  # Absolute path of the evaluated .keras or .tflite.
   source: str  # The source's name: "tfds:<dataset>", or the image folder's path.
   split: str  # --split of the model's run.

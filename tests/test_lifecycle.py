@@ -168,6 +168,10 @@ class LifecycleTest(absltest.TestCase):
     self.assertEqual(saved["test_accuracy"], report["test_accuracy"])
     self.assertEqual(saved["test_accuracy"], json.loads(training_report)["test_accuracy"])
     self.assertIn("val_accuracy", json.loads(training_report))
+    # The shipped model's calibration, measured again: the same figures training wrote.
+    shipped = json.loads(training_report)["calibration"]
+    self.assertAlmostEqual(saved["test_ece"], shipped["test_ece_after"], places=6)
+    self.assertAlmostEqual(saved["test_nll"], shipped["test_nll_after"], places=5)
 
   def test_another_runs_model_is_not_written_into_a_run_folder(self):
     workdir = self.copy_of(self.run_b)
