@@ -121,8 +121,8 @@ def first_trial_values(config: RunConfig) -> dict[str, float] | None:
   if config.search.first_trial is not FirstTrial.CONFIGURED:
     return None
   train = config.train
-  values = {"dropout": train.dropout, "unfreeze_ratio": train.unfreeze_ratio,
-            "fine_tune_learning_rate": train.fine_tune_rate}
+  values = {name: getattr(train, name) for name in HPARAMS}
+  values["fine_tune_learning_rate"] = train.fine_tune_rate  # Unset means learning_rate / 10.
   for name, value in values.items():
     low, high = config.search.range_of(name)
     if not low <= value <= high:
@@ -414,11 +414,11 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
       inputs = self.inputs()
       start = time.time()
       stopper, clock = self._run_stages(model, inputs, trial, config)
-      val_accuracy = self._score(model, config, trial)
+      val_accuracy, val_passes = self._score(model, config, trial)
     with artifacts.atomic_path(trial.checkpoint) as tmp:
       model.save_weights(tmp)
     seconds = time.time() - start
-    self._record(trial, config, val_accuracy, seconds, stopper, clock)
+    self._record(trial, config, val_accuracy, val_passes, seconds, stopper, clock)
     return {OBJECTIVE: val_accuracy, "seconds": seconds}
 
   def continue_trial(self, trial_id: str, hp: keras_tuner.HyperParameters, trial_dir: str,
@@ -435,8 +435,8 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     start = time.time()
     with _user_errors_stop_the_search():
       _, clock = self._run_stages(model, self.inputs(), trial, config)
-    val_accuracy = self._score(model, config, trial)
-    self._record(trial, config, val_accuracy, time.time() - start, None, clock,
+    val_accuracy, val_passes = self._score(model, config, trial)
+    self._record(trial, config, val_accuracy, val_passes, time.time() - start, None, clock,
                  earlier=result)
     return val_accuracy
 
@@ -477,22 +477,24 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     return MedianStopping(finished_fine_tune_curves(project_dir, name),
                           search.median_stop_epoch, trial.trial_dir)
 
-  def _score(self, model: keras.Model, config: RunConfig, trial: TrialRun) -> float:
-    """The val accuracy of the model as shipped: kernels on the int8 grid.
+  def _score(self, model: keras.Model, config: RunConfig,
+             trial: TrialRun) -> tuple[float, int]:
+    """The val accuracy of the model as shipped (kernels on the int8 grid), and
+    the full-model passes over val that measured it.
 
     Under successive halving, the val accuracy Keras measured up to the rung's
-    epoch instead (on the same val images; the model is not final yet): its
-    best, the epoch whose weights the trial would end on, with early stopping
-    on; its last without.
+    epoch instead (on the same val images; the model is not final yet), with
+    no pass: its best, the epoch whose weights the trial would end on, with
+    early stopping on; its last without.
     """
     if self.halving:
       return fine_tune_val_accuracy(trial.trial_dir, trial.fine_tune_until,
-                                    best=config.train.early_stopping_patience > 0)
+                                    best=config.train.early_stopping_patience > 0), 0
     train_lib.round_for_int8(model, config, self.calibration())
-    return train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"]
+    return train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"], 1
 
-  def _record(self, trial: TrialRun, config: RunConfig, val_accuracy: float, seconds: float,
-              stopper: MedianStopping | None, clock: StageClocks,
+  def _record(self, trial: TrialRun, config: RunConfig, val_accuracy: float, val_passes: int,
+              seconds: float, stopper: MedianStopping | None, clock: StageClocks,
               earlier: dict[str, Any] | None = None) -> None:
     """The trial's `result.json`: its values, score, time, stage 2 epochs and stop
     (`earlier`: the record a successive halving rung continues)."""
@@ -516,8 +518,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
                                          + clock.fine_tune.seconds, 2),
               "frozen_seconds": round(earlier.get("frozen_seconds", 0.0)
                                       + clock.frozen.seconds, 2),
-              # Passes of the val split through the full model to score the trial.
-              "val_passes": earlier.get("val_passes", 0) + (0 if self.halving else 1)}
+              "val_passes": earlier.get("val_passes", 0) + val_passes}
     if self.halving:
       result["rungs"] = {**earlier.get("rungs", {}), str(fine_tune_end): val_accuracy}
     artifacts.write_json(os.path.join(trial.trial_dir, artifacts.TRIAL_RESULT), result)
