@@ -229,6 +229,9 @@ class TrainConfig:
       learning_rate / 10.
     epochs: epochs of the first stage (frozen base).
     fine_tune_epochs: epochs of the fine-tune stage (top of the base unfrozen).
+    fine_tune_ema_momentum: the fine-tune stage scores, keeps and ends on an
+      exponential moving average of its weights, this the old average's share
+      at each step (0.99: about the last 100 steps); 0: the trained weights.
     label_smoothing: label smoothing of the cross-entropy loss.
     class_weight: weight of each class's training images in the loss of both
       stages: none (all 1), or balanced (train images / (classes x the class's
@@ -269,6 +272,7 @@ class TrainConfig:
   fine_tune_learning_rate: float | None = None
   epochs: int = 10
   fine_tune_epochs: int = 10
+  fine_tune_ema_momentum: float = 0.0
   label_smoothing: float = 0.0
   class_weight: ClassWeight = ClassWeight.NONE
   lr_schedule: LrSchedule = LrSchedule.CONSTANT
@@ -298,6 +302,9 @@ class TrainConfig:
     _require(self.epochs >= 0, f"--epochs={self.epochs} must be >= 0.")
     _require(self.fine_tune_epochs >= 0,
              f"--fine_tune_epochs={self.fine_tune_epochs} must be >= 0.")
+    _require(0.0 <= self.fine_tune_ema_momentum < 1.0,
+             f"--fine_tune_ema_momentum={self.fine_tune_ema_momentum} must be in [0, 1) "
+             "(0: no average).")
     _require(0.0 <= self.label_smoothing < 1.0,
              f"--label_smoothing={self.label_smoothing} must be in [0, 1).")
     _require(self.weight_decay >= 0, f"--weight_decay={self.weight_decay} must be >= 0.")

@@ -234,6 +234,7 @@ def upgrade(run: dict[str, Any]) -> dict[str, Any]:
     train.setdefault("calibrate", False)  # Older runs shipped their scores uncalibrated.
     train.setdefault("true_accept_rate", 0.0)  # ... and chose no "unknown" threshold.
     train.setdefault("class_weight", "none")  # Older runs weighed every image the same.
+    train.setdefault("fine_tune_ema_momentum", 0.0)  # ... and kept the trained weights.
   return run
 
 

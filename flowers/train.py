@@ -6,8 +6,8 @@
 `fit_stages` is that loop. `--mode=train` (`train_and_evaluate`) runs it once;
 each `--mode=tune` trial runs it with the trial's hyperparameters
 (`dataclasses.replace(config.train, dropout=..., ...)`), so both get the same
-callbacks (resume, CSV history, TensorBoard, early stopping), schedules and
-seeds. Each stage resumes after an interruption, at the epoch after the last
+callbacks (resume, CSV history, TensorBoard, early stopping, stage 2's weight
+average), schedules and seeds. Each stage resumes after an interruption, at the epoch after the last
 finished one, as if never stopped: `StageState` keeps all the next epoch
 depends on (weights, optimizer, random seeds, early stopping, the data's
 position). A finished stage is never run again: its final weights are kept in
@@ -47,6 +47,7 @@ from flowers import open_set
 from flowers import prefix_cache
 from flowers import runs
 from flowers import schemas
+from flowers import weight_average
 from flowers.config import LrSchedule
 from flowers.config import Optimizer
 from flowers.config import RunConfig
@@ -411,8 +412,8 @@ class StageState(keras.callbacks.Callback):
 
   One file (`BACKUP_DIR/<stage>/state.npz`, replaced atomically) holds the
   stage model's variables (its weights and its layers' random seed states,
-  which `save_weights` leaves out), the optimizer's variables, the early
-  stopping's progress and best weights, where the data stands (the view
+  which `save_weights` leaves out), the optimizer's variables, the weight
+  average's values, the early stopping's progress and best weights, where the data stands (the view
   sampler's epoch, or the tf.data shuffle's draw), the Python and NumPy random
   states (Keras shuffles a `PyDataset`'s batches with Python's) and the full
   model's seed states. Restored when training begins, after Keras has set up
@@ -422,11 +423,13 @@ class StageState(keras.callbacks.Callback):
   """
 
   def __init__(self, path: str, stage: inputs_lib.Stage,
-               early_stopping: ResumableEarlyStopping | None = None):
+               early_stopping: ResumableEarlyStopping | None = None,
+               average: weight_average.WeightAverage | None = None):
     super().__init__()
     self.path = path
     self.stage = stage
     self.early_stopping = early_stopping
+    self.average_values = average.values if average is not None else []
     self.pending: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
     self._sampler_epoch: int | None = None
 
@@ -439,7 +442,8 @@ class StageState(keras.callbacks.Callback):
     if model.optimizer is not None and not model.optimizer.built:
       model.optimizer.build(model.trainable_variables)  # Its variables, to restore.
     if not (_fits(model.variables, _unpack(saved[1], "variables"))
-            and _fits(model.optimizer.variables, _unpack(saved[1], "optimizer"))):
+            and _fits(model.optimizer.variables, _unpack(saved[1], "optimizer"))
+            and _fits(self.average_values, _unpack(saved[1], "average"))):
       logging.warning("The training state %s does not fit this model; training the stage "
                       "from its start.", self.path)
       return None
@@ -449,7 +453,8 @@ class StageState(keras.callbacks.Callback):
     """Puts the stage back where `meta`/`arrays` (from `load`) left it."""
     model = self.stage.model
     for group, variables in (("variables", model.variables),
-                             ("optimizer", model.optimizer.variables)):
+                             ("optimizer", model.optimizer.variables),
+                             ("average", self.average_values)):
       for v, x in zip(variables, _unpack(arrays, group)):
         v.assign(x)
     if self.early_stopping is not None and meta.get("early_stopping"):
@@ -475,6 +480,7 @@ class StageState(keras.callbacks.Callback):
       meta["sampler_epoch"] = self._sampler_epoch + 1
     arrays.update(_pack("variables", [v.numpy() for v in model.variables]))
     arrays.update(_pack("optimizer", [v.numpy() for v in model.optimizer.variables]))
+    arrays.update(_pack("average", [v.numpy() for v in self.average_values]))
     if self.early_stopping is not None:
       meta["early_stopping"] = self.early_stopping.get_state()
       arrays.update(_pack("best", self.early_stopping.best_weights or []))
@@ -488,7 +494,11 @@ def _fit(stage: inputs_lib.Stage, epochs: int, initial_epoch: int, run_dir: str,
     return
   callbacks = stage_callbacks(run_dir, name, config, stage.val is not None)
   early = next((c for c in callbacks if isinstance(c, ResumableEarlyStopping)), None)
-  state = StageState(_state_path(run_dir, name), stage, early)
+  average = None
+  if name == "fine_tune" and config.fine_tune_ema_momentum > 0:
+    average = weight_average.WeightAverage(stage.model, config.fine_tune_ema_momentum)
+    callbacks.insert(0, average)  # First: the others see the average at an epoch's end.
+  state = StageState(_state_path(run_dir, name), stage, early, average)
   saved = state.load()
   if saved is not None:
     meta = saved[0]

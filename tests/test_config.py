@@ -82,6 +82,8 @@ class ConfigTest(parameterized.TestCase):
       (lambda: config_lib.TrainConfig(fine_tune_learning_rate=0.0),
        "--fine_tune_learning_rate=0.0"),
       (lambda: config_lib.TrainConfig(verbose=3), "--verbose=3"),
+      (lambda: config_lib.TrainConfig(fine_tune_ema_momentum=1.0),
+       "--fine_tune_ema_momentum=1.0 must be in [0, 1)"),
       (lambda: config_lib.TrainConfig(unfreeze_ratio=0.3, feature_cache_cut_ratio=0.2),
        "--feature_cache_cut_ratio=0.2 must be in [--unfreeze_ratio, 1] (here [0.3, 1])"),
       (lambda: config_lib.TrainConfig(feature_cache_cut_ratio=1.5),

@@ -154,6 +154,28 @@ class KillAndResumeTest(parameterized.TestCase):
     self.assertEqual(csv_rows(workdir, "fine_tune"), rows)  # Stage 2 not trained again.
     self.assertSameRun(results(workdir), want)
 
+  @parameterized.named_parameters(("cached", "on"), ("plain", "off"))
+  def test_a_run_with_a_weight_average_killed_in_stage_2_ends_as_the_run_left_alone(
+      self, feature_cache):
+    run_config = config(feature_cache, fine_tune_ema_momentum=0.5)
+    left_alone = self.create_tempdir().full_path
+    train.train_and_evaluate(run_config, left_alone, self.source)
+    want = results(left_alone)
+    self.assertNotEqual(want["history"], self.run_left_alone(feature_cache)["history"])
+
+    workdir = self.create_tempdir().full_path
+    kills = [
+        Kill("batch", epoch=1, batch=0),  # Mid-epoch: the trained weights in the model.
+        Kill("epoch_end", epoch=1),  # The average in the model, the state not saved.
+        Kill("epoch_begin", epoch=2),  # Swapped back to the trained weights, then killed.
+        Kill("train_end"),
+    ]
+    for kill in kills:
+      with killed_in("fine_tune", kill), self.assertRaises(KeyboardInterrupt):
+        train.train_and_evaluate(run_config, workdir, self.source)
+    train.train_and_evaluate(run_config, workdir, self.source)
+    self.assertSameRun(results(workdir), want)
+
   def test_a_finished_run_is_not_trained_again(self):
     workdir = self.create_tempdir().full_path
     run_config = config("on", epochs=1, fine_tune_epochs=1, early_stopping_patience=0)
