@@ -7,11 +7,12 @@
 each `--mode=tune` trial runs it with the trial's hyperparameters
 (`dataclasses.replace(config.train, dropout=..., ...)`), so both get the same
 callbacks (resume, CSV history, TensorBoard, early stopping, stage 2's weight
-average), schedules and seeds. Each stage resumes after an interruption, at the epoch after the last
-finished one, as if never stopped: `StageState` keeps all the next epoch
-depends on (weights, optimizer, random seeds, early stopping, the data's
-position). A finished stage is never run again: its final weights are kept in
-the run folder (`frozen.weights.h5`, `fine_tune.weights.h5`).
+average), schedules and seeds. Each stage resumes after an interruption, at the
+epoch after the last finished one, as if never stopped: `StageState` keeps all
+the next epoch depends on (weights, optimizer, random seeds, early stopping,
+the weight average, the data's position). A finished stage is never run
+again: its final weights are kept in the run folder (`frozen.weights.h5`,
+`fine_tune.weights.h5`).
 
 The stages read their data from `flowers.inputs` (`Inputs.stage`): the plain
 tf.data pipeline or the frozen-prefix cache, the model's weights being the
@@ -413,10 +414,10 @@ class StageState(keras.callbacks.Callback):
   One file (`BACKUP_DIR/<stage>/state.npz`, replaced atomically) holds the
   stage model's variables (its weights and its layers' random seed states,
   which `save_weights` leaves out), the optimizer's variables, the weight
-  average's values, the early stopping's progress and best weights, where the data stands (the view
-  sampler's epoch, or the tf.data shuffle's draw), the Python and NumPy random
-  states (Keras shuffles a `PyDataset`'s batches with Python's) and the full
-  model's seed states. Restored when training begins, after Keras has set up
+  average's values, the early stopping's progress and best weights, where the
+  data stands (the view sampler's epoch, or the tf.data shuffle's draw), the
+  Python and NumPy random states (Keras shuffles a `PyDataset`'s batches with
+  Python's) and the full model's seed states. Restored when training begins, after Keras has set up
   the data, a fit from the next epoch runs as the uninterrupted one would.
 
   Put it after every other callback: it saves what they updated at the epoch's end.

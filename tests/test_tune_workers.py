@@ -68,7 +68,7 @@ class TuneWorkersTest(absltest.TestCase):
   @pytest.mark.slow
   def test_mirrored_strategy_on_two_logical_cpus(self):
     tmp = self.create_tempdir().full_path
-    [result] = run_workers([{"workdir": tmp, "max_trials": 1,
+    [result] = run_workers([{"workdir": tmp, "max_trials": 1, "fine_tune_ema_momentum": 0.9,
                              "distribution_strategy": "mirrored", "logical_cpus": 2}], [{}])
     self.assertEqual(result["replicas"], 2)
     self.assertTrue(result["is_chief"])

@@ -6,7 +6,7 @@ r"""Runs `flowers.tune.run_search` on mock data in a process of its own.
     python tests/tune_worker.py '{"workdir": "/tmp/w", "max_trials": 2}'
 
 Options (one JSON object): workdir, tuner, max_trials, distribution_strategy,
-feature_cache; logical_cpus: split the CPU into that many logical devices;
+feature_cache, fine_tune_ema_momentum; logical_cpus: split the CPU into that many logical devices;
 barrier: [folder, n], wait until n processes reached the search before
 starting it (so that every worker asks for a trial at once); chief_poll_s: how
 often a distributed chief checks whether the workers are done (KerasTuner
@@ -96,6 +96,7 @@ def main(options: dict) -> dict:
   strategy = distribute.make_strategy(strategy_name)  # Before any data, as main.py does.
   config = small_config(
       feature_cache=options.get("feature_cache", "on"), distribution_strategy=strategy_name,
+      fine_tune_ema_momentum=options.get("fine_tune_ema_momentum", 0.0),
       search={"tuner": options.get("tuner", "random"),
               "max_trials": options.get("max_trials", 1)})
   with fake_data.mock_flowers(COUNTS, size=IMAGE_SIZE):
