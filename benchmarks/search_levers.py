@@ -36,12 +36,8 @@ import time
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("FLOWERS_SHARED", os.path.join(os.path.dirname(REPO_ROOT), "shared"))
-DATA_DIR = os.path.join(SHARED, "tensorflow_datasets")
-WEIGHTS = os.path.join(SHARED, "weights",
-                       "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
-CPU_CFG = os.path.join(REPO_ROOT, "flags", "cpu.cfg")
+import real_data
+
 BATCH_SIZES = (16, 32, 64)
 THREADS = ((0, 0), (1, 1), (2, 1), (1, 2))  # (intra-op, inter-op); (0, 0) is TF's default.
 
@@ -49,7 +45,7 @@ THREADS = ((0, 0), (1, 1), (2, 1), (1, 2))  # (intra-op, inter-op); (0, 0) is TF
 def cpu_cfg_search() -> dict[str, str]:
   """flags/cpu.cfg's settings as {flag: value}."""
   settings = {}
-  with open(CPU_CFG, encoding="utf-8") as f:
+  with open(real_data.CPU_CFG, encoding="utf-8") as f:
     for line in f:
       if line.startswith("--") and "=" in line:
         name, value = line[2:].strip().split("=", 1)
@@ -96,11 +92,11 @@ def real_setup(num_images: int):
   from flowers.config import RunConfig  # pylint: disable=g-import-not-at-top
   from flowers.config import TrainConfig  # pylint: disable=g-import-not-at-top
 
-  config = RunConfig(data=DataConfig(tfds_data_dir=DATA_DIR, download=False),
-                     train=TrainConfig(weights=WEIGHTS, unfreeze_ratio=0.3, dropout=0.2,
-                                       augmentation=Augmentation(crop_area=0.3, zoom=0.0,
-                                                                 translation=0.0),
-                                       optimizer="adam", label_smoothing=0.1))
+  cpu_cfg = TrainConfig(weights=real_data.WEIGHTS, unfreeze_ratio=0.3, dropout=0.2,
+                        augmentation=Augmentation(crop_area=0.3, zoom=0.0, translation=0.0),
+                        optimizer="adam", label_smoothing=0.1)
+  config = RunConfig(data=DataConfig(tfds_data_dir=real_data.DATA_DIR, download=False),
+                     train=cpu_cfg)
   splits = data_lib.load_splits(config.data)
   model = train.new_model(config, len(splits.class_names))
   keys = {name: splits.keys(name)[:num_images] for name in ("train", "val")}
@@ -227,14 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                            "threads lever runs itself so, once per setting).")
   args = parser.parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  sys.path.insert(0, REPO_ROOT)
+  sys.path.insert(0, real_data.REPO_ROOT)
   if args.threads:
     one_thread_setting(args.threads, args.images)
     return 0
   schedule_lever(args.workdir)
-  if not (os.path.isdir(os.path.join(DATA_DIR, "oxford_flowers102")) and os.path.exists(WEIGHTS)):
-    print(f"Real data or weights not found under {SHARED}; the scoring and batch levers "
-          "are skipped.")
+  if not real_data.available():
+    print(f"Real data or weights not found under {real_data.SHARED}; the scoring and batch "
+          "levers are skipped.")
     return 0
   config, splits, model, keys, datasets = real_setup(args.images)
   images = np.concatenate([x for x, _ in datasets["val"].as_numpy_iterator()])

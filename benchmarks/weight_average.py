@@ -34,12 +34,8 @@ import time
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("FLOWERS_SHARED", os.path.join(os.path.dirname(REPO_ROOT), "shared"))
-DATA_DIR = os.path.join(SHARED, "tensorflow_datasets")
-WEIGHTS = os.path.join(SHARED, "weights",
-                       "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
-CPU_CFG = os.path.join(REPO_ROOT, "flags", "cpu.cfg")
+import real_data
+
 MOMENTA = (0.99, 0.995, 0.998)
 MEAN_FROM = (4, 7, 10)  # Stage 2 epochs (1-based) the plain means start at.
 STAGE_1_FILES = ("frozen.weights.h5", "history_frozen.csv",
@@ -123,7 +119,10 @@ def main() -> None:
                       help="a finished cpu.cfg tune whose trial 0 took cpu.cfg's values")
   parser.add_argument("--seed", type=int, required=True, help="the tune's --seed")
   args = parser.parse_args()
-  sys.path.insert(0, REPO_ROOT)
+  if not real_data.available():
+    print(f"Real data or weights not found under {real_data.SHARED}; nothing to measure.")
+    return
+  sys.path.insert(0, real_data.REPO_ROOT)
   import dataclasses  # pylint: disable=g-import-not-at-top
 
   from flowers import cli  # pylint: disable=g-import-not-at-top
@@ -133,8 +132,9 @@ def main() -> None:
   from flowers import tune  # pylint: disable=g-import-not-at-top
 
   cli.define_flags()
-  cli.parse(["weight_average", f"--flagfile={CPU_CFG}", f"--seed={args.seed}",
-             f"--tfds_data_dir={DATA_DIR}", f"--weights={WEIGHTS}", "--verbose=2"], "")
+  cli.parse(["weight_average", f"--flagfile={real_data.CPU_CFG}", f"--seed={args.seed}",
+             f"--tfds_data_dir={real_data.DATA_DIR}", f"--weights={real_data.WEIGHTS}",
+             "--verbose=2"], "")
   config = cli.run_config()
   values = tune.first_trial_values(config)
   if values is None:

@@ -60,8 +60,10 @@ def _requirements(text):
 
 
 def _third_party_imports(folder):
-  """{top-level import name: files} for the absolute imports outside the stdlib and flowers."""
+  """{top-level import name: files} for the absolute imports outside the stdlib, flowers
+  and the folder's own modules (a benchmark imports its neighbours by bare name)."""
   found = {}
+  local = {name[:-3] for name in os.listdir(os.path.join(REPO, folder)) if name.endswith(".py")}
   for root, _, files in os.walk(os.path.join(REPO, folder)):
     for name in files:
       if not name.endswith(".py"):
@@ -76,7 +78,7 @@ def _third_party_imports(folder):
           continue
         for module in modules:
           top = module.split(".")[0]
-          if top not in sys.stdlib_module_names and top != "flowers":
+          if top not in sys.stdlib_module_names and top != "flowers" and top not in local:
             found.setdefault(top, set()).add(os.path.relpath(path, REPO))
   return found
 
