@@ -154,28 +154,6 @@ class KillAndResumeTest(parameterized.TestCase):
     self.assertEqual(csv_rows(workdir, "fine_tune"), rows)  # Stage 2 not trained again.
     self.assertSameRun(results(workdir), want)
 
-  @parameterized.named_parameters(("cached", "on"), ("plain", "off"))
-  def test_a_run_with_a_weight_average_killed_in_stage_2_ends_as_the_run_left_alone(
-      self, feature_cache):
-    run_config = config(feature_cache, fine_tune_ema_momentum=0.5)
-    left_alone = self.create_tempdir().full_path
-    train.train_and_evaluate(run_config, left_alone, self.source)
-    want = results(left_alone)
-    self.assertNotEqual(want["history"], self.run_left_alone(feature_cache)["history"])
-
-    workdir = self.create_tempdir().full_path
-    kills = [
-        Kill("batch", epoch=1, batch=0),  # Mid-epoch: the trained weights in the model.
-        Kill("epoch_end", epoch=1),  # The average in the model, the state not saved.
-        Kill("epoch_begin", epoch=2),  # Swapped back to the trained weights, then killed.
-        Kill("train_end"),
-    ]
-    for kill in kills:
-      with killed_in("fine_tune", kill), self.assertRaises(KeyboardInterrupt):
-        train.train_and_evaluate(run_config, workdir, self.source)
-    train.train_and_evaluate(run_config, workdir, self.source)
-    self.assertSameRun(results(workdir), want)
-
   def test_a_finished_run_is_not_trained_again(self):
     workdir = self.create_tempdir().full_path
     run_config = config("on", epochs=1, fine_tune_epochs=1, early_stopping_patience=0)
@@ -218,6 +196,35 @@ class KillAndResumeTest(parameterized.TestCase):
     # No val: no early stopping, every epoch runs.
     self.assertLen(history["fine_tune"]["accuracy"], FINE_TUNE_EPOCHS)
     self.assertNotIn("val_accuracy", history["fine_tune"])
+
+
+@pytest.mark.slow
+class WeightAverageResumeTest(absltest.TestCase):
+  """Its own class, so that pytest-xdist can run it beside `KillAndResumeTest`."""
+
+  def test_a_run_with_a_weight_average_killed_in_stage_2_ends_as_the_run_left_alone(self):
+    run_config = config("on", fine_tune_ema_momentum=0.5)
+    with fake_data.mock_flowers(COUNTS):
+      from flowers import data  # pylint: disable=g-import-not-at-top
+      source = data.load_tfds()
+      left_alone = self.create_tempdir().full_path
+      train.train_and_evaluate(run_config, left_alone, source)
+      want = results(left_alone)
+      workdir = self.create_tempdir().full_path
+      kills = [
+          Kill("batch", epoch=1, batch=0),  # Mid-epoch: the trained weights in the model.
+          Kill("epoch_begin", epoch=2),  # Swapped back to the trained weights, then killed.
+          Kill("train_end"),  # Stopped; the average in the model, not yet kept.
+      ]
+      for kill in kills:
+        with killed_in("fine_tune", kill), self.assertRaises(KeyboardInterrupt):
+          train.train_and_evaluate(run_config, workdir, source)
+      train.train_and_evaluate(run_config, workdir, source)
+    got = results(workdir)
+    self.assertEqual(got["history"], want["history"])
+    self.assertEqual(got["report"], want["report"])
+    for a, b in zip(got["weights"], want["weights"], strict=True):
+      np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from absl.testing import absltest
 import keras
 import numpy as np
 
+from flowers import runs
 from flowers import weight_average
 
 MOMENTUM = 0.9
@@ -73,6 +74,11 @@ class WeightAverageTest(absltest.TestCase):
   def test_a_momentum_outside_0_1_is_refused(self):
     with self.assertRaisesRegex(ValueError, "momentum=1.0"):
       weight_average.WeightAverage(tiny_model(), 1.0)
+
+  def test_a_run_recorded_before_the_setting_kept_the_trained_weights(self):
+    self.assertEqual(runs.upgrade({"train": {}})["train"]["fine_tune_ema_momentum"], 0.0)
+    self.assertEqual(runs.upgrade({"train": {"fine_tune_ema_momentum": 0.99}})["train"]
+                     ["fine_tune_ema_momentum"], 0.99)
 
 
 if __name__ == "__main__":
