@@ -38,8 +38,6 @@ import real_data
 
 MOMENTA = (0.99, 0.995, 0.998)
 MEAN_FROM = (4, 7, 10)  # Stage 2 epochs (1-based) the plain means start at.
-STAGE_1_FILES = ("frozen.weights.h5", "history_frozen.csv",
-                 os.path.join("backup", "frozen", "state.npz"))
 
 
 def scorer(x: np.ndarray, labels: np.ndarray):
@@ -125,6 +123,7 @@ def main() -> None:
   sys.path.insert(0, real_data.REPO_ROOT)
   import dataclasses  # pylint: disable=g-import-not-at-top
 
+  from flowers import artifacts  # pylint: disable=g-import-not-at-top
   from flowers import cli  # pylint: disable=g-import-not-at-top
   from flowers import data as data_lib  # pylint: disable=g-import-not-at-top
   from flowers import model as model_lib  # pylint: disable=g-import-not-at-top
@@ -146,13 +145,13 @@ def main() -> None:
   trial = hypermodel.trial_config(values)
   trial = dataclasses.replace(trial, train=dataclasses.replace(
       trial.train, fine_tune_ema_momentum=0.0))  # The trained weights; averaged here.
-  model = train.new_model(trial, hypermodel.num_classes, random_base=True)
-  model_lib.base_of(model).set_weights(
-      model_lib.base_of(hypermodel.template()).get_weights())
-  trial_0 = os.path.join(args.workdir, "tuner", "trial_0")
+  model = hypermodel.model_for(values)
+  trial_0 = os.path.join(args.workdir, artifacts.TUNER_DIR, "trial_0")
+  stage_1_files = (artifacts.FROZEN_WEIGHTS, artifacts.stage_history("frozen"),
+                   os.path.join(artifacts.BACKUP_DIR, "frozen", artifacts.RESUME_STATE))
   run_dir = tempfile.mkdtemp(prefix="weight_average_")
   try:
-    for name in STAGE_1_FILES:
+    for name in stage_1_files:
       os.makedirs(os.path.dirname(os.path.join(run_dir, name)), exist_ok=True)
       shutil.copyfile(os.path.join(trial_0, name), os.path.join(run_dir, name))
     model_lib.freeze_base(model)  # (As `fit_stages` does first.)

@@ -293,7 +293,9 @@ def _fine_tune_stage(run: _StageRun, epochs: int, initial_epoch: int,
     _restore_finished(run.run_dir, "frozen", stage)
   compile_model(stage.model, config, config.fine_tune_rate,
                 stage.steps * config.fine_tune_epochs)
-  _fit(stage, epochs, initial_epoch, run.run_dir, "fine_tune", config, callbacks)
+  average = (weight_average.WeightAverage(stage.model, config.fine_tune_ema_momentum)
+             if config.fine_tune_ema_momentum > 0 else None)
+  _fit(stage, epochs, initial_epoch, run.run_dir, "fine_tune", config, callbacks, average)
   if epochs >= config.fine_tune_epochs:
     _finish(run.run_dir, "fine_tune", model)
   return stage
@@ -417,8 +419,9 @@ class StageState(keras.callbacks.Callback):
   average's values, the early stopping's progress and best weights, where the
   data stands (the view sampler's epoch, or the tf.data shuffle's draw), the
   Python and NumPy random states (Keras shuffles a `PyDataset`'s batches with
-  Python's) and the full model's seed states. Restored when training begins, after Keras has set up
-  the data, a fit from the next epoch runs as the uninterrupted one would.
+  Python's) and the full model's seed states. Restored when training begins,
+  after Keras has set up the data, a fit from the next epoch runs as the
+  uninterrupted one would.
 
   Put it after every other callback: it saves what they updated at the epoch's end.
   """
@@ -489,15 +492,18 @@ class StageState(keras.callbacks.Callback):
 
 
 def _fit(stage: inputs_lib.Stage, epochs: int, initial_epoch: int, run_dir: str, name: str,
-         config: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> None:
-  """Fits one stage up to `epochs`, resuming from its saved state when there is one."""
+         config: TrainConfig, extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+         average: weight_average.WeightAverage | None = None) -> None:
+  """Fits one stage up to `epochs`, resuming from its saved state when there is one.
+
+  `average`: the weight average the stage scores, keeps and ends on (saved
+  with its state), if any.
+  """
   if epochs <= initial_epoch:
     return
   callbacks = stage_callbacks(run_dir, name, config, stage.val is not None)
   early = next((c for c in callbacks if isinstance(c, ResumableEarlyStopping)), None)
-  average = None
-  if name == "fine_tune" and config.fine_tune_ema_momentum > 0:
-    average = weight_average.WeightAverage(stage.model, config.fine_tune_ema_momentum)
+  if average is not None:
     callbacks.insert(0, average)  # First: the others see the average at an epoch's end.
   state = StageState(_state_path(run_dir, name), stage, early, average)
   saved = state.load()

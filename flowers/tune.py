@@ -378,7 +378,10 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     return self._calibration
 
   def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
-    values = declare_hyperparameters(hp, self.config.search)
+    return self.model_for(declare_hyperparameters(hp, self.config.search))
+
+  def model_for(self, values: dict[str, float]) -> keras.Model:
+    """A trial's untrained model: its values, the template's base weights."""
     with _user_errors_stop_the_search():  # A missing --weights file, say.
       self.template()
     # A random base, then the template's weights: no weight file is read per trial.

@@ -3,7 +3,7 @@
 At a constant learning rate the fine-tuned weights keep jittering around a
 good region from step to step; their running average sits nearer its middle,
 and scores higher on val with less noise from epoch to epoch (on cpu.cfg's
-search: docs/experiments.md, "Weight averaging"). Polyak averaging, as
+search: docs/experiments.md, "Hyperparameter search", ema). Polyak averaging, as
 `tf.train.ExponentialMovingAverage` and Keras' `use_ema` do it; here the
 average is what val scores, what early stopping keeps and what the stage ends
 on, and it is saved with the stage's state so a resumed stage goes on as the

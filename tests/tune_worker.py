@@ -6,8 +6,8 @@ r"""Runs `flowers.tune.run_search` on mock data in a process of its own.
     python tests/tune_worker.py '{"workdir": "/tmp/w", "max_trials": 2}'
 
 Options (one JSON object): workdir, tuner, max_trials, distribution_strategy,
-feature_cache, fine_tune_ema_momentum; logical_cpus: split the CPU into that many logical devices;
-barrier: [folder, n], wait until n processes reached the search before
+feature_cache, fine_tune_ema_momentum; logical_cpus: split the CPU into that
+many logical devices; barrier: [folder, n], wait until n processes reached the search before
 starting it (so that every worker asks for a trial at once); chief_poll_s: how
 often a distributed chief checks whether the workers are done (KerasTuner
 waits 20 s). The last line printed is `RESULT {json}`, a summary of the report.
