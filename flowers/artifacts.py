@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 from typing import Any, Iterator
@@ -47,6 +48,8 @@ BACKUP_DIR = "backup"  # Per stage: its saved state (RESUME_STATE), to resume fr
 FINE_TUNE_WEIGHTS = "fine_tune.weights.h5"  # Marks a finished stage 2: its final weights.
 RESUME_STATE = "state.npz"  # In BACKUP_DIR/<stage>: all the next epoch depends on.
 LOGS_DIR = "logs"  # TensorBoard, per stage.
+# TensorBoard's HParams dashboard of a search (flowers.hparams_board), under LOGS_DIR.
+HPARAMS_LOGS = os.path.join(LOGS_DIR, "hparams")
 CACHE_DIR = "cache"  # Frozen-prefix activations; the disk pipeline cache.
 
 # The search, under WORKDIR/tuner (KerasTuner's project).
@@ -124,6 +127,32 @@ def atomic_path(path: str) -> Iterator[str]:
       os.remove(tmp)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+  """Yields a fresh temporary folder beside `path`; on success it replaces `path` whole.
+
+  A rewrite never leaves the old folder's files beside the new ones; on an
+  exception the temporary is removed and `path` stays as it was. (Between the
+  two renames `path` is briefly missing: a folder cannot be renamed onto a full one.)
+  """
+  parent = os.path.dirname(os.path.abspath(path)) or "."
+  os.makedirs(parent, exist_ok=True)
+  suffix = "-" + os.path.basename(path)
+  tmp = tempfile.mkdtemp(prefix=_temporary_prefix(), suffix=suffix, dir=parent)
+  try:
+    yield tmp
+    old = None
+    if os.path.exists(path):
+      old = tempfile.mkdtemp(prefix=_temporary_prefix(), suffix=suffix + "-old", dir=parent)
+      os.replace(path, old)  # Onto the empty folder just made.
+    os.replace(tmp, path)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
 _TMP = ".tmp-"
 
 
@@ -147,23 +176,34 @@ def remove_orphaned_temporaries(folder: str) -> int:
   """Deletes the temporaries that killed processes of this host left under `folder`.
 
   A run killed while writing (a 1 GB frozen-prefix cache, say) leaves its
-  `.tmp-*` file behind; the process that wrote it is named in it, so only
-  files of dead processes on this host are removed (a distributed worker on
-  another host sharing the folder keeps its own). Returns how many.
+  `.tmp-*` file (or `atomic_folder`'s folder) behind; the process that wrote
+  it is named in it, so only those of dead processes on this host are removed
+  (a distributed worker on another host sharing the folder keeps its own).
+  Returns how many.
   """
-  host = socket.gethostname().replace("-", "_") or "host"
   removed = 0
-  for root, _, files in os.walk(folder):
-    for name in files:
-      if not name.startswith(_TMP):
-        continue
-      parts = name[len(_TMP):].split("-", 2)
-      if len(parts) == 3 and parts[1].isdigit():
-        if parts[0] != host or _alive(int(parts[1])):
-          continue
-      os.remove(os.path.join(root, name))  # Ours and orphaned, or an older flowers'.
+  for root, dirs, files in os.walk(folder):
+    for name in [d for d in dirs if _orphaned(d, unnamed=False)]:
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+      dirs.remove(name)
       removed += 1
+    for name in files:
+      if _orphaned(name):
+        os.remove(os.path.join(root, name))
+        removed += 1
   return removed
+
+
+def _orphaned(name: str, unnamed: bool = True) -> bool:
+  """Whether `name` is a temporary of a dead process of this host; `unnamed`: or one
+  that names no process (an older flowers' file)."""
+  if not name.startswith(_TMP):
+    return False
+  parts = name[len(_TMP):].split("-", 2)
+  if len(parts) == 3 and parts[1].isdigit():
+    host = socket.gethostname().replace("-", "_") or "host"
+    return parts[0] == host and not _alive(int(parts[1]))
+  return unnamed
 
 
 def write_text(path: str, text: str) -> None:

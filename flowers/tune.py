@@ -42,7 +42,8 @@ stage histories and `result.json`). Running the same command again continues
 it: finished trials are kept, and a trial that was killed midway resumes from
 its last finished epoch. Then the chief writes `trials.csv`,
 `best_hparams.json`, the best trial's model as `model.keras`, `labels.txt`,
-`history.json` and `report.json` (test metrics of the best model).
+`history.json` and `report.json` (test metrics of the best model), and the trials
+for TensorBoard's HParams dashboard in `logs/hparams` (`flowers.hparams_board`).
 
 Distributed tuning is KerasTuner's: with `KERASTUNER_ORACLE_IP`,
 `KERASTUNER_ORACLE_PORT` and `KERASTUNER_TUNER_ID` (`chief`, `tuner0`,
@@ -77,6 +78,7 @@ from flowers import artifacts
 from flowers import compat
 from flowers import data as data_lib
 from flowers import distribute
+from flowers import hparams_board
 from flowers import inputs as inputs_lib
 from flowers import model as model_lib
 from flowers import runs
@@ -860,6 +862,7 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
             start: float, **extra: Any) -> schemas.TuneReport:
   """trials.csv, best_hparams.json, then the best model saved like a train run's."""
   rows = _write_trials_table(tuner, workdir)
+  hparams_board.write(workdir, rows, hypermodel.config.search)
   completed = _completed_trials(tuner)
   best = tuner.oracle.get_trial(rows[0]["trial_id"])  # The table's first: same tie-break.
   checkpoint = _best_checkpoint(tuner, best)

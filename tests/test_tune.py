@@ -27,6 +27,7 @@ import fake_data
 import run_configs
 import shared_data
 import tune_worker
+from workdir_files import hparams_board
 from flowers import artifacts
 from flowers import config as config_lib
 from flowers import data
@@ -242,6 +243,8 @@ class SearchTest(TuneTestCase):
     self.assertTrue(report["is_chief"])
     self.assertEqual(report["num_trials"], 1)
     first = read_json(trial_file(workdir, "0", artifacts.TRIAL_RESULT))
+    board = os.path.join(workdir, artifacts.HPARAMS_LOGS)
+    self.assertEqual(list(hparams_board(board)["sessions"]), ["trial_0"])
 
     fits.clear()
     kill["trial"] = "trial_1"
@@ -280,6 +283,9 @@ class SearchTest(TuneTestCase):
       self.assertGreater(float(r["seconds"]), 0)
       self.assertEqual(r["status"], "COMPLETED")
     self.assertEqual(report["search_work"]["val_passes"], 2)  # One a trial, to score it.
+    # The HParams board of the extended search: written afresh, one events file a run.
+    self.assertEqual(hparams_board(board)["files"], {
+        run: [mock.ANY] for run in (".", "trial_0", "trial_1")})
 
     best = read_json(workdir, artifacts.BEST_HPARAMS)
     self.assertEqual(set(best), set(config_lib.HPARAMS) | {"feature_cache_cut_ratio"})
@@ -549,6 +555,21 @@ class SuccessiveHalvingTest(TuneTestCase):
                      r"schedule: 3\) in \d+ s, 0 full-model val passes")
     self.assertEqual(report["best_trial_id"], promoted)
     self.assertEqual(read_trials(workdir)[0]["fine_tune_epochs"], "2")
+    # TensorBoard's HParams board: the space, and each trial's row as its session.
+    board = hparams_board(os.path.join(workdir, artifacts.HPARAMS_LOGS))
+    self.assertEqual(board["experiment"], {name: config.search.range_of(name)
+                                           for name in config_lib.HPARAMS})
+    for row in read_trials(workdir):
+      session = board["sessions"].pop(f"trial_{row['trial_id']}")
+      self.assertEqual(session["hparams"], {n: float(row[n]) for n in config_lib.HPARAMS})
+      epochs = int(row["fine_tune_epochs"])  # The rung it reached: 2 for the promoted one.
+      self.assertEqual(session["metrics"]["fine_tune_epochs"], (epochs, epochs))
+      self.assertEqual(session["metrics"]["val_accuracy"][0], epochs)
+      self.assertAlmostEqual(session["metrics"]["val_accuracy"][1], float(row["val_accuracy"]),
+                             places=6)
+      self.assertEqual((session["group"], session["status"]),
+                       (row["trial_id"], "STATUS_SUCCESS"))
+    self.assertEmpty(board["sessions"])  # One session per trial.
     self.assertEqual(results[promoted]["val_accuracy"], max(history["val_accuracy"]))
     # The winner, promoted midway, is what one --mode=train run of its values trains
     # when early stopping cannot stop it (patience of all its epochs).
