@@ -356,12 +356,21 @@ def hyperparameter_columns(trials: Sequence[Mapping[str, Any]]) -> list[str]:
   return [c for c in columns if any(is_number(t.get(c)) for t in trials)]
 
 
-def plot_tuning(trials: Sequence[Mapping[str, Any]], path: str) -> str | None:
-  """Val accuracy against each hyperparameter, one panel each (learning rates on log x)."""
+def plot_tuning(trials: Sequence[Mapping[str, Any]], path: str,
+                rungs: Sequence[int] | None = None) -> str | None:
+  """Val accuracy against each hyperparameter, one panel each (learning rates on log x).
+
+  `rungs`: successive halving's stage 2 epochs, one per rung (report.json's
+  halving schedule). Its trials are scored at the epoch they reached
+  (trials.csv's fine_tune_epochs), so each epoch gets its own marker and legend
+  entry, and the star is the search's pick: the best of the furthest epoch.
+  """
   columns = hyperparameter_columns(trials)
   done = [t for t in trials if is_number(t.get("val_accuracy"))]
   if not columns or not done:
     return None
+  if rungs:
+    return _plot_tuning_by_epoch(done, columns, path, rungs)
   best = sort_trials(done)[0]
   with _style():
     fig = _figure(4.2 * len(columns), 4)
@@ -383,6 +392,63 @@ def plot_tuning(trials: Sequence[Mapping[str, Any]], path: str) -> str | None:
     axes[0].set_ylim(low, high + 0.05 * (high - low))
     fig.suptitle(f"Tuning: val accuracy of {len(done)} trials "
                  f"(red star: the best, {best['val_accuracy']:.4f})")
+    return save_figure(fig, path)
+
+
+_EPOCH_MARKERS = ("o", "s", "D", "^", "v", "P", "X")
+
+
+def tuning_groups(done: Sequence[Mapping[str, Any]]) -> list[tuple[int | None, list[Any]]]:
+  """Scored trials by the stage 2 epoch they reached, fewest epochs first (unknown last)."""
+  groups: dict[int | None, list[Any]] = {}
+  for t in done:
+    epochs = t.get("fine_tune_epochs")
+    groups.setdefault(int(epochs) if is_number(epochs) else None, []).append(t)
+  return sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+
+
+def _plot_tuning_by_epoch(done: Sequence[Mapping[str, Any]], columns: Sequence[str], path: str,
+                          rungs: Sequence[int]) -> str:
+  """`plot_tuning` under successive halving: one marker per stage 2 epoch reached."""
+  groups = tuning_groups(done)
+  reached = {id(t): e for e, members in groups for t in members}
+  # The pick, as trials.csv ranks them: the furthest epoch, then val accuracy.
+  best = min(enumerate(done), key=lambda it: (-(reached[id(it[1])] or 0),
+                                              -it[1]["val_accuracy"], it[0]))[1]
+  colors = matplotlib.colormaps["viridis"](np.linspace(0.8, 0.1, max(len(groups), 2)))
+  last = max(rungs)
+  with _style():
+    fig = _figure(4.2 * len(columns), 4.6)
+    axes = np.atleast_1d(fig.subplots(1, len(columns), sharey=True))
+    for ax, column in zip(axes, columns):
+      for i, (epochs, members) in enumerate(groups):
+        points = [(t[column], t["val_accuracy"]) for t in members if is_number(t.get(column))]
+        n = len(members)
+        what = ("epoch unknown" if epochs is None else
+                f"trained to stage 2 epoch {epochs}" if epochs >= last else
+                f"stopped at stage 2 epoch {epochs}")
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=26 + 14 * i,
+                   marker=_EPOCH_MARKERS[i % len(_EPOCH_MARKERS)], color=colors[i],
+                   alpha=0.85, edgecolors="0.2", linewidths=0.5, zorder=3,
+                   label=f"{what} ({n} trial{'s' if n != 1 else ''})")
+      if is_number(best.get(column)):  # Behind its own marker, which stays visible.
+        ax.scatter([best[column]], [best["val_accuracy"]], s=420, marker="*",
+                   color="#d62728", zorder=2, label="the search's pick")
+      xs = np.array([t[column] for t in done if is_number(t.get(column))])
+      if "learning_rate" in column and len(xs) and (xs > 0).all():
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+      ax.set_xlabel(column)
+      ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("val accuracy at the epoch reached")
+    low, high = axes[0].get_ylim()
+    axes[0].set_ylim(low, high + 0.05 * (high - low))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    at = "" if reached[id(best)] is None else f" at epoch {reached[id(best)]}"
+    fig.suptitle(f"Tuning, successive halving: val accuracy of {len(done)} trials, each at the "
+                 "stage 2 epoch it reached\n(scores at different epochs: compare within one; "
+                 f"red star: the best{at}, {best['val_accuracy']:.4f})")
     return save_figure(fig, path)
 
 

@@ -664,9 +664,17 @@ def _figures(inputs: _Inputs) -> list[tuple[str, str, _Figure]]:
     figures.append(("reliability", artifacts.RELIABILITY_PNG,
                     functools.partial(plots_lib.plot_reliability, report["calibration"])))
   if inputs.trials is not None:
-    figures.append(("tuning", artifacts.TUNING_PNG,
-                    functools.partial(plots_lib.plot_tuning, inputs.trials)))
+    figures.append(("tuning", artifacts.TUNING_PNG, functools.partial(
+        plots_lib.plot_tuning, inputs.trials, rungs=_halving_rungs(report))))
   return figures
+
+
+def _halving_rungs(report: Mapping[str, Any]) -> list[int] | None:
+  """Successive halving's stage 2 epoch of each rung (report.json's search_work); None
+  for another search."""
+  work = report.get("search_work")
+  schedule = work.get("halving_schedule") if isinstance(work, Mapping) else None
+  return [int(epochs) for _, epochs in schedule] if schedule else None
 
 
 def _build(workdir: str, inputs: _Inputs, plots: Mapping[str, str],

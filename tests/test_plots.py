@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 from absl.testing import absltest
+from matplotlib.figure import Figure
 import numpy as np
 from PIL import Image
 
@@ -60,7 +62,64 @@ def calibration(seed: int = 0) -> dict:
           "test_reliability_after": calibrate.reliability(after, labels)}
 
 
+def halving_trials() -> list[dict]:
+  """trials.csv rows of a successive halving search (rungs at stage 2 epochs 2, 4, 12), as
+  `plots.read_trials` gives them: the best score is a trial stopped at epoch 2."""
+  rows = [("0", 0.1, 0.91, 2), ("1", 0.2, 0.80, 2), ("2", 0.3, 0.85, 4), ("3", 0.4, 0.88, 12),
+          ("4", 0.25, 0.84, 4), ("5", 0.15, "", "")]  # Trial 5 failed: no score.
+  return [{"trial_id": i, "dropout": d, "unfreeze_ratio": 0.3,
+           "fine_tune_learning_rate": 1e-3 * (1 + k), "val_accuracy": acc, "seconds": 60.0,
+           "status": "COMPLETED" if acc else "FAILED", "tuner_id": "tuner0", "median_stop": "",
+           "fine_tune_epochs": float(e) if e else ""}
+          for k, (i, d, acc, e) in enumerate(rows)]
+
+
+def drawn(draw, folder: str) -> Figure:
+  """The figure `draw(path)` saves, as a PNG in `folder` that `check_png` accepts."""
+  figures = []
+  save = plots.save_figure
+
+  def keep(fig, path):
+    figures.append(fig)
+    return save(fig, path)
+
+  with mock.patch.object(plots, "save_figure", keep):
+    check_png(draw(os.path.join(folder, "tuning.png")))
+  return figures[0]
+
+
 class PlotsTest(absltest.TestCase):
+
+  def test_tuning_under_halving_marks_each_trial_by_the_stage_2_epoch_it_reached(self):
+    trials = halving_trials()
+    fig = drawn(lambda path: plots.plot_tuning(trials, path, rungs=[2, 4, 12]),
+                self.create_tempdir().full_path)
+    self.assertEqual([t.get_text() for t in fig.legends[0].get_texts()], [
+        "stopped at stage 2 epoch 2 (2 trials)", "stopped at stage 2 epoch 4 (2 trials)",
+        "trained to stage 2 epoch 12 (1 trial)", "the search's pick"])
+    self.assertIn("each at the stage 2 epoch it reached", fig.get_suptitle())
+    self.assertIn("scores at different epochs", fig.get_suptitle())
+    for ax in fig.axes:  # One scatter per epoch, holding exactly that epoch's trials.
+      *groups, star = ax.collections
+      self.assertEqual([sorted(g.get_offsets()[:, 1].tolist()) for g in groups],
+                       [[0.80, 0.91], [0.84, 0.85], [0.88]])
+      self.assertEqual(len({g.get_paths()[0].vertices.tobytes() for g in groups}), 3)  # Markers.
+      # The pick is the best at the furthest epoch (as trials.csv ranks), not the 0.91 at 2.
+      self.assertEqual(star.get_offsets()[:, 1].tolist(), [0.88])
+    self.assertIn("the best at epoch 12, 0.8800", fig.get_suptitle())
+
+  def test_tuning_of_another_search_is_one_scatter_as_before(self):
+    trials = [t for t in halving_trials() if t["val_accuracy"] != ""]
+    for t in trials:
+      t["fine_tune_epochs"] = 12.0  # E.g. a random search: every trial to the end.
+    fig = drawn(lambda path: plots.plot_tuning(trials, path), self.create_tempdir().full_path)
+    self.assertEqual(fig.legends, [])
+    self.assertEqual(fig.get_suptitle(),
+                     "Tuning: val accuracy of 5 trials (red star: the best, 0.9100)")
+    for ax in fig.axes:
+      points, star = ax.collections
+      self.assertLen(points.get_offsets(), 5)
+      self.assertEqual(star.get_offsets()[:, 1].tolist(), [0.91])
 
   def test_reliability_diagram_from_the_report_numbers(self):
     path = os.path.join(self.create_tempdir(), "reliability.png")

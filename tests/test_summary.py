@@ -319,6 +319,13 @@ class SummaryMarkdownTest(absltest.TestCase):
                   "class predicted as the other):\n\nNo errors.\n\n## Worst classes", text)
     self.assertIn("| 1 | 0: a | 1.000 | 2 |  |", text)
 
+  def test_a_halving_search_draws_its_trials_by_the_epoch_each_reached(self):
+    # plots/tuning.png takes successive halving's rungs from report.json's search work.
+    report = {"search_work": {"trials": 6, "halving_schedule": [[6, 2], [3, 4], [2, 12]]}}
+    self.assertEqual(summary._halving_rungs(report), [2, 4, 12])
+    for other in ({"search_work": {"trials": 3}}, {}):  # Another search; a train run.
+      self.assertIsNone(summary._halving_rungs(other))
+
 
   def test_smallest_classes_show_their_train_images_weight_and_test_recall(self):
     names = [f"c{i}" for i in range(7)]
