@@ -45,6 +45,8 @@ class Backbone:
       with `{alpha}` and `{size}` to fill (see `weights_file_name`).
     weights_sizes: the input sides with weights of their own; Keras uses the
       largest one's for any other side.
+    weights_origin: the URL Keras downloads `weights_file` from (the file name
+      appended), as its application does for weights="imagenet".
     description: one line on what it is, for help texts and model metadata.
   """
 
@@ -59,6 +61,7 @@ class Backbone:
   int8_grid_layers: tuple[str, ...]
   weights_file: str
   weights_sizes: tuple[int, ...]
+  weights_origin: str
   description: str
 
   def cut_points(self, layer_names: Sequence[str]) -> list[int]:
@@ -74,6 +77,25 @@ class Backbone:
     """The file Keras downloads the no-top ImageNet weights to, for this width and size."""
     size = image_size if image_size in self.weights_sizes else max(self.weights_sizes)
     return self.weights_file.format(alpha=float(alpha), size=size)
+
+  def imagenet_weights(self, alpha: float = 1.0, image_size: int = 224) -> str:
+    """The path of the file Keras loads for weights="imagenet" at this width and size.
+
+    Keras's own `get_file`, as its application calls it: the copy cached in
+    `$KERAS_HOME/models`, downloaded there first when missing (so the run that
+    follows finds it). Without it and without a network, a one-line `UserError`.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+
+    name = self.weights_file_name(alpha, image_size)
+    url = self.weights_origin + name
+    try:
+      return keras.utils.get_file(name, url, cache_subdir="models")
+    except Exception as e:  # pylint: disable=broad-except
+      what = (str(e).replace(url, "it").splitlines() or [type(e).__name__])[0][:120]
+      raise UserError(f"--weights=imagenet: cannot download {self.title}'s ImageNet weights "
+                      f"from {url} ({what}); connect to the network once (Keras keeps them in "
+                      "$KERAS_HOME/models), or pass --weights=PATH to that no-top .h5.") from e
 
   def build(self, image_size: int, weights: str | None, alpha: float = 1.0) -> Any:
     """The Keras application without its top (a `keras.Model`), named `layer_name`.
@@ -105,6 +127,7 @@ MOBILENET_V2 = Backbone(
     int8_grid_layers=("Conv2D", "DepthwiseConv2D"),
     weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5",
     weights_sizes=(96, 128, 160, 192, 224),
+    weights_origin="https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/",
     description="MobileNetV2 (inverted residual blocks, ImageNet weights from Keras "
                 "Applications; inputs in [-1, 1])",
 )

@@ -257,7 +257,7 @@ def cache_key(splits: data_lib.Splits, config: RunConfig) -> dict[str, Any]:
   source = splits.source
   content = getattr(source, "content_sha256", None)
   return {"recipe": runs.recipe(), "versions": runs.versions(),
-          "weights": runs.weights_identity(config.train.weights),
+          "weights": runs.run_weights_identity(config),
           "images": content() if content else runs.listing_sha256(source.keys, source.labels)}
 
 

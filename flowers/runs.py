@@ -10,8 +10,9 @@ under a `flags.cfg` and `report.json` claiming the new settings.
 Once the check passes, `flags.cfg` is written from the settings (never from
 one-shot actions such as --overwrite), so as a `--flagfile` it resumes the run
 in the folder. Also here: whether a run already finished there (`finished`),
-what --overwrite deletes (`start_afresh`), and which data settings a later
-mode uses for a model (`model_data`: those of the run that made it).
+what --overwrite deletes (`start_afresh`: only what a run of flowers made),
+and which data settings a later mode uses for a model (`model_data`: those of
+the run that made it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import shutil
 from typing import Any
 
 from flowers import artifacts
+from flowers import backbone as backbone_lib
 from flowers import cli
 from flowers import config as config_lib
 from flowers import lineage
@@ -42,31 +44,59 @@ _NOT_RESULTS = {
 # export), never compared (a moved image folder or TFDS copy is the same data).
 _LOCATION = ("image_dir", "tfds_data_dir", "download")
 # ... and how its split was spelled (the fingerprint holds the fractions it means).
-# What a train or tune run leaves to resume from, and what it derives; --overwrite deletes
-# all of it (with every file lineage.json lists).
-_RUN_FILES = (artifacts.FROZEN_WEIGHTS, artifacts.FINE_TUNE_WEIGHTS, artifacts.BACKUP_DIR,
-              artifacts.LOGS_DIR,
-              artifacts.stage_history("frozen"), artifacts.stage_history("fine_tune"),
-              artifacts.MODEL, artifacts.REPORT, artifacts.HISTORY, artifacts.LABELS,
-              artifacts.TRIALS, artifacts.BEST_HPARAMS, artifacts.EXPORT_REPORT,
-              artifacts.SUMMARY, artifacts.PLOTS_DIR, artifacts.TUNER_DIR, artifacts.SPLITS,
+# What a train or tune run leaves in its folder to resume from, beside the files lineage.json
+# lists: --overwrite deletes these only in a folder that holds a run (`start_afresh`).
+_STAGES = ("frozen", "fine_tune", *artifacts.LEGACY_STAGES)
+_RUN_STATE = (artifacts.BACKUP_DIR, artifacts.LOGS_DIR, artifacts.TUNER_DIR, artifacts.SPLITS,
               artifacts.RUN, artifacts.FLAGS, artifacts.LINEAGE,
-              *artifacts.TFLITE_NAMES.values())
+              *(f"{stage}.weights.h5" for stage in _STAGES),
+              *(artifacts.stage_history(stage) for stage in _STAGES))
+# What a train or tune run writes and records in lineage.json; an older flowers recorded
+# none of it, so --overwrite deletes these too in a folder with its run.json but no lineage.
+_RUN_OUTPUTS = (artifacts.MODEL, artifacts.REPORT, artifacts.HISTORY, artifacts.LABELS,
+                artifacts.TRIALS, artifacts.BEST_HPARAMS, artifacts.EXPORT_REPORT,
+                artifacts.SUMMARY, artifacts.PLOTS_DIR, *artifacts.TFLITE_NAMES.values())
 
 
 file_sha256 = lineage.file_sha256
 
 
-def weights_identity(weights: str | None) -> str:
-  """"imagenet", "random", or the sha256 of a weights file (paths differ by machine)."""
+def weights_identity(weights: str | None, *, backbone: str = backbone_lib.DEFAULT,
+                     image_size: int = 224, alpha: float = 1.0) -> str:
+  """"random", or the sha256 of the weights file, however it is named.
+
+  "imagenet" is the file Keras loads for it at this backbone, input size and
+  width (`Backbone.imagenet_weights`: cached in $KERAS_HOME/models, downloaded
+  there first when missing), so --weights=imagenet and --weights=PATH to that
+  file are one run; a path is never recorded (paths differ by machine).
+  """
   if weights is None:
     return "random"
   if weights == "imagenet":
-    return weights
-  if not os.path.isfile(weights):
+    weights = backbone_lib.get(backbone).imagenet_weights(alpha, image_size)
+  elif not os.path.isfile(weights):
     raise UserError(f"--weights={weights} is not a file; give the path of the backbone's "
                     "no-top .h5, or 'imagenet' to download.")
-  return "sha256:" + file_sha256(weights)
+  return "sha256:" + _weights_sha256(weights)
+
+
+def run_weights_identity(config: config_lib.RunConfig) -> str:
+  """`weights_identity` of a run's --weights, for its backbone, input size and width."""
+  train = config.train
+  return weights_identity(train.weights, backbone=train.backbone,
+                          image_size=config.data.image_size, alpha=train.alpha)
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256.
+
+
+def _weights_sha256(path: str) -> str:
+  """`file_sha256` of a weights file, hashed once per process while it is unchanged."""
+  stat = os.stat(path)
+  key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+  if key not in _DIGESTS:
+    _DIGESTS[key] = file_sha256(path)
+  return _DIGESTS[key]
 
 
 def listing_sha256(keys: list[str], labels: list[int]) -> str:
@@ -113,8 +143,9 @@ def fingerprint(config: config_lib.RunConfig, mode: str, *, source: Any,
   pixels are decoded and resized, how augmentation resamples, how kernels are
   put on the int8 grid; so a run is not resumed on another recipe.
 
-  A search (`mode="tune"`) leaves out the training values it searches; a
-  training run leaves out the search. Settings that change the model only
+  A search (`mode="tune"`) leaves out the training values it searches, but
+  keeps them under --first_trial=configured, where they are its first trial;
+  a training run leaves out the search. Settings that change the model only
   through another path are resolved: the shuffle buffer of the plain input path
   (set by `--cache`), the calibration images of the int8-grid rounding.
   """
@@ -122,14 +153,14 @@ def fingerprint(config: config_lib.RunConfig, mode: str, *, source: Any,
   kept = {part: {k: v for k, v in settings[part].items()
                  if k not in _NOT_RESULTS.get(part, ())}
           for part in ("data", "train") + (("search",) if mode == "tune" else ())}
-  if mode == "tune":
+  if mode == "tune" and config.search.first_trial is not config_lib.FirstTrial.CONFIGURED:
     kept["train"] = {k: v for k, v in kept["train"].items() if k not in config_lib.HPARAMS}
   kept["data"]["split"] = split_identity(config.data.split, config.data.split_seed)
   if not feature_cache:  # The cached path reads its own sampler, not the shuffled pipeline.
     kept["data"]["shuffle_buffer"] = ("whole split" if config.data.pixel_cache.value == "memory"
                                       else "bounded")
   kept["train"]["feature_cache"] = "on" if feature_cache else "off"  # auto, resolved.
-  kept["train"]["weights"] = weights_identity(config.train.weights)
+  kept["train"]["weights"] = run_weights_identity(config)
   if config.train.int8_grid_weights:  # The rounding's bias correction uses these images.
     kept["export"] = {"calibration_examples": config.export.calibration_examples}
   return {"mode": mode, **kept, "source": source_identity(source),
@@ -248,7 +279,7 @@ def begin(config: config_lib.RunConfig, workdir: str, mode: str, source: Any, *,
   should be are not rewritten, so a rerun of a finished run changes nothing.
   """
   new = run_fingerprint(config, workdir, mode, source, feature_cache)
-  old = read_run(workdir)
+  old = _comparable(read_run(workdir))
   recorded = new
   if old is not None:
     _refuse_other_settings(workdir, old, new)
@@ -266,6 +297,25 @@ def begin(config: config_lib.RunConfig, workdir: str, mode: str, source: Any, *,
                       "\n".join([f"--mode={mode}", f"--workdir={workdir}"]
                                  + cli.as_flags(config)) + "\n")
   return new
+
+
+def _comparable(run: schemas.RunJson | None) -> schemas.RunJson | None:
+  """`run` with weights recorded as "imagenet" (by an older flowers) as the file they are.
+
+  An older flowers recorded the name; the run loaded the file Keras caches
+  for it, which is compared by its sha256 as a run now records it. When that
+  file cannot be had, the name stays, so the run differs and is not resumed.
+  """
+  train = (run or {}).get("train")
+  if not isinstance(train, dict) or train.get("weights") != "imagenet":
+    return run
+  try:
+    identity = weights_identity("imagenet", backbone=train.get("backbone", backbone_lib.DEFAULT),
+                                image_size=run.get("data", {}).get("image_size", 224),
+                                alpha=train.get("alpha", 1.0))
+  except UserError:
+    return run
+  return {**run, "train": {**train, "weights": identity}}
 
 
 def _write_if_changed(path: str, text: str) -> None:
@@ -289,6 +339,7 @@ def finished(config: config_lib.RunConfig, workdir: str, mode: str, source: Any,
   if old is None or config.overwrite or not os.path.exists(
       os.path.join(workdir, artifacts.SPLITS)):
     return None
+  old = _comparable(old)
   if differences(old, run_fingerprint(config, workdir, mode, source, feature_cache)):
     return None
   model = lineage.workdir_model(workdir)
@@ -383,23 +434,88 @@ def refuse_foreign(model_path: str, workdir: str) -> None:
 
 
 def start_afresh(workdir: str) -> None:
-  """`--overwrite`: deletes everything an earlier run made or derived in `workdir`.
+  """`--overwrite`: deletes what an earlier run of flowers made in `workdir`, nothing else.
 
-  That is every file lineage.json lists and every file a train or tune run
-  writes (its split and training state too). Caches stay: they are named by a
+  In a folder that holds a run (its lineage.json or run.json): every file
+  lineage.json lists, and the training state a run leaves there (`_RUN_STATE`:
+  the split, run.json, flags.cfg, the stages' weights, histories, backup/,
+  logs/ and the search's tuner/); in a folder of an older flowers, whose run
+  recorded no lineage, what a train or tune writes too (`_RUN_OUTPUTS`). A
+  folder without a run is left alone when it holds nothing else than caches,
+  hidden files and a split of `--mode=prepare` (deleted), and refused in one
+  line otherwise: --overwrite pointed at someone's project folder would
+  delete their logs/, plots/ or summary.md. Caches stay: they are named by a
   digest of everything that decides their bytes, so a new run reuses one only
   when it would compute the same, and the other ones are pruned when the new
   run sets up its own.
   """
   if not os.path.isdir(workdir):
     return
-  names = set(lineage.recorded(workdir)) | set(_RUN_FILES)
-  names |= {n for n in os.listdir(workdir) if n.startswith("evaluation_")}
-  for name in sorted(names, key=len, reverse=True):
+  manifest = _flowers_json(os.path.join(workdir, artifacts.LINEAGE), "files")
+  run = _flowers_json(os.path.join(workdir, artifacts.RUN), "mode")
+  prepared = _is_split_manifest(os.path.join(workdir, artifacts.SPLITS))
+  if run is None and manifest is None and not (
+      prepared and os.path.exists(os.path.join(workdir, artifacts.RUN))):  # A damaged run.json.
+    _refuse_a_folder_without_a_run(workdir, prepared)
+    names = [artifacts.SPLITS] if prepared else []
+  elif manifest is not None:
+    names = [*manifest["files"], *_RUN_STATE]
+  else:  # Its run.json but no lineage: an older flowers, or a run stopped before its records.
+    names = [*_RUN_STATE, *_RUN_OUTPUTS,
+             *(n for n in os.listdir(workdir) if n.startswith("evaluation_"))]
+  root = os.path.realpath(workdir)
+  for name in sorted(set(names), key=len, reverse=True):
     path = os.path.join(workdir, name)
-    if os.path.isdir(path):
+    where = os.path.realpath(path)
+    if where == root or os.path.commonpath([root, where]) != root:
+      continue  # A record naming the folder or a file outside it is not the run's to delete.
+    if os.path.isdir(path) and not os.path.islink(path):
       shutil.rmtree(path)
-    elif os.path.exists(path):
+    elif os.path.lexists(path):
       os.remove(path)
+      _remove_empty_parents(os.path.dirname(path), workdir)
   artifacts.remove_orphaned_temporaries(workdir)
 
+
+def _flowers_json(path: str, key: str) -> dict[str, Any] | None:
+  """The JSON object at `path` when it holds `key` as flowers writes it, else None."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      found = json.load(f)
+  except (OSError, ValueError, UnicodeDecodeError):
+    return None
+  if not isinstance(found, dict) or key not in found:
+    return None
+  if key == "files" and not isinstance(found["files"], dict):
+    return None
+  return found
+
+
+def _is_split_manifest(path: str) -> bool:
+  """Whether `path` is a splits.csv that flowers wrote (its header)."""
+  from flowers import split as split_lib  # pylint: disable=g-import-not-at-top
+
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.readline().strip() == ",".join(split_lib.MANIFEST_HEADER)
+  except (OSError, UnicodeDecodeError):
+    return False
+
+
+def _refuse_a_folder_without_a_run(workdir: str, prepared: bool) -> None:
+  """Refuses --overwrite in a folder that holds no run but files flowers did not make."""
+  own = {artifacts.CACHE_DIR} | ({artifacts.SPLITS} if prepared else set())
+  others = sorted(n for n in os.listdir(workdir) if n not in own and not n.startswith("."))
+  if others:
+    shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+    raise UserError(f"--overwrite deletes only what a flowers run made, and {workdir} holds "
+                    f"no run (no {artifacts.RUN} or {artifacts.LINEAGE}) but {shown}; point "
+                    "--workdir at the run's folder, or at a new one.")
+
+
+def _remove_empty_parents(folder: str, workdir: str) -> None:
+  """Removes `folder` and its parents up to `workdir` while they are empty."""
+  root = os.path.realpath(workdir)
+  while os.path.realpath(folder) != root and os.path.isdir(folder) and not os.listdir(folder):
+    os.rmdir(folder)
+    folder = os.path.dirname(folder)

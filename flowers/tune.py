@@ -638,8 +638,8 @@ def run_search(config: RunConfig, workdir: str,
       return {**done, "is_chief": True, "already_finished": True}
   made = runs.begin(config, workdir, "tune", source, feature_cache=feature_cache) if chief else None
   hypermodel = TwoStageHyperModel(config, splits, workdir, strategy)
-  tuner = make_tuner(hypermodel, workdir, overwrite=config.overwrite and chief,
-                     strategy=strategy)
+  # --overwrite already deleted the run's tuner/ (`runs.start_afresh`) and only the run's.
+  tuner = make_tuner(hypermodel, workdir, overwrite=False, strategy=strategy)
   if chief:  # Served to the workers with the search space (`check_chief_run`).
     compat.publish_with_space(tuner.oracle, CHIEF_RUN_KEY, json.dumps(made, sort_keys=True))
     if first_values:  # The chief's oracle makes the trials.
