@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
 import re
 from typing import Any, Sequence
@@ -24,6 +25,7 @@ import keras
 import keras_tuner
 import tensorflow as tf
 
+from flowers import artifacts
 from flowers.errors import UserError
 
 
@@ -51,8 +53,8 @@ class _Tested:
 
 # The multi-worker mend replaces Keras internals: written and tested on 3.15.
 KERAS = _Tested("keras", (3, 15), (3, 16))
-# KerasTuner's trial checkpoint name, initial-space hook, first draw and gRPC oracle client:
-# tested on 1.4.8, accepted over the 1.4 releases setup.cfg allows.
+# KerasTuner's trial checkpoint name, initial-space hook, first draw, gRPC oracle client and
+# JSON reader and writer: tested on 1.4.8, accepted over the 1.4 releases setup.cfg allows.
 KERAS_TUNER = _Tested("keras-tuner", (1, 4, 7), (1, 5))
 # tf.data's `_variant_tensor` and `_inputs`: tested on 2.21, accepted over the
 # TensorFlow versions setup.cfg allows.
@@ -183,12 +185,64 @@ def let_keras_fit_on_several_workers() -> bool:
   return True
 
 
-# KerasTuner: the trial checkpoint, the initial space, the first draw, the chief's oracle.
+# KerasTuner: the trial checkpoint, the initial space, the first draw, the chief's oracle,
+# its JSON files.
 
 _CHECKPOINT = "trial checkpoint path"
 _SPACE = "declared search space"
 _ORACLE = "distributed-tuning oracle client"
 _FIRST = "configured first trial"
+_JSON = "atomic search files"
+
+
+def write_search_files_atomically() -> bool:
+  """Makes KerasTuner write its JSON files atomically and refuse a damaged one in one line.
+
+  KerasTuner writes oracle.json, trial_*/trial.json and tuner0.json in place
+  (`keras_tuner.src.utils.save_json`, which every writer calls), so a kill
+  during a write leaves a truncated file, and the next resume ends in a
+  JSONDecodeError traceback from `load_json`. This writes each one to a
+  temporary beside it, then renames it over the old (`artifacts.write_text`;
+  remote paths such as gs:// are written as KerasTuner does), and turns a
+  file that does not parse into a `UserError` naming it and the fix. Installed
+  once per process, by `tune.make_tuner`. Written for KerasTuner 1.4; without
+  those functions it warns, and KerasTuner writes as it does by default.
+
+  Returns whether it is installed.
+  """
+  from keras_tuner.src import utils  # pylint: disable=g-import-not-at-top
+
+  if getattr(utils, "_flowers_atomic", False):
+    return True
+  lacking = _guard(KERAS_TUNER, _JSON, [(utils, "save_json", ("path", "obj")),
+                                        (utils, "load_json", ("path",))])
+  if lacking:
+    logging.warning("%s has no %s, which the flowers %s needs: a search killed while it "
+                    "writes may leave a damaged file; %s is the tested range.",
+                    KERAS_TUNER.describe(), ", ".join(lacking), _JSON, KERAS_TUNER.range())
+    return False
+  save_json, load_json = utils.save_json, utils.load_json
+
+  def atomic_save_json(path, obj):
+    if "://" in str(path):  # An object store writes an object whole.
+      return save_json(path, obj)
+    text = json.dumps(obj)
+    artifacts.write_text(str(path), text)
+    return text
+
+  def checked_load_json(path):
+    try:
+      return load_json(path)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError.
+      what = (str(e).splitlines() or [type(e).__name__])[0][:80]
+      raise UserError(f"{path} is damaged ({what}), so the search cannot resume from it; "
+                      "add --overwrite to start the search afresh, or use a new "
+                      "--workdir.") from e
+
+  utils.save_json = atomic_save_json
+  utils.load_json = checked_load_json
+  utils._flowers_atomic = True  # pylint: disable=protected-access
+  return True
 
 
 def trial_checkpoint(tuner: keras_tuner.Tuner, trial_id: str) -> str:

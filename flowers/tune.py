@@ -594,6 +594,7 @@ def make_tuner(hypermodel: TwoStageHyperModel, workdir: str, *, overwrite: bool,
   Hyperband runs stage 2 for its own epoch budgets (up to fine_tune_epochs);
   `max_trials` caps its trial count too.
   """
+  compat.write_search_files_atomically()  # Before the tuner reloads them.
   config = hypermodel.config
   search = config.search
   common = dict(hypermodel=hypermodel, objective=keras_tuner.Objective(OBJECTIVE, "max"),

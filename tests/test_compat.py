@@ -7,6 +7,7 @@ warning or a one-line UserError naming the package, never an AttributeError.
 
 import logging
 import os
+import re
 import sys
 import types
 
@@ -199,6 +200,86 @@ def test_the_chief_run_survives_the_proto_and_reaches_a_worker(tmp_path, monkeyp
     assert compat.chief_published("flowers/absent") is None
   finally:
     server.stop(None)
+
+
+# KerasTuner: its JSON files.
+
+def _json_functions_restored_afterwards(monkeypatch):
+  """Lets a test install the atomic JSON writes; KerasTuner's own come back after it."""
+  from keras_tuner.src import utils  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(utils, "save_json", utils.save_json)
+  monkeypatch.setattr(utils, "load_json", utils.load_json)
+  monkeypatch.setattr(utils, "_flowers_atomic", False, raising=False)
+
+
+def _search_with_one_trial(folder):
+  """The search's tuner (`tune.make_tuner`) in `folder`, its first trial begun and saved."""
+  config = run_configs.tiny(search={"tuner": "random", "max_trials": 1})
+  hypermodel = tune.TwoStageHyperModel(
+      config, types.SimpleNamespace(class_names=list("abcd")), folder)
+  tuner = tune.make_tuner(hypermodel, folder, overwrite=True)
+  tuner.oracle.create_trial("tuner0")
+  tuner.save()
+  return hypermodel, tuner
+
+
+def test_keras_tuner_writes_its_files_through_a_temporary_beside_them(tmp_path, monkeypatch):
+  _json_functions_restored_afterwards(monkeypatch)
+  replace = os.replace
+  renamed = []
+  monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((a, b)), replace(a, b))[1])
+  _, tuner = _search_with_one_trial(str(tmp_path))
+  oracle = os.path.join(tuner.project_dir, "oracle.json")
+  trial = os.path.join(tuner.project_dir, "trial_0", "trial.json")
+  targets = {b: a for a, b in renamed}
+  for path in (oracle, trial, os.path.join(tuner.project_dir, "tuner0.json")):
+    assert path in targets, path
+    assert os.path.dirname(targets[path]) == os.path.dirname(path)
+    assert os.path.basename(targets[path]).startswith(".tmp-")
+  # Killed before the rename: the file holds its old state whole, and no temporary stays.
+  with open(oracle, encoding="utf-8") as f:
+    before = f.read()
+
+  def killed(a, b):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(os, "replace", killed)
+  tuner.oracle.seed += 1
+  with pytest.raises(KeyboardInterrupt):
+    tuner.oracle.save()
+  with open(oracle, encoding="utf-8") as f:
+    assert f.read() == before
+  assert not [n for n in os.listdir(tuner.project_dir) if n.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("name", ["oracle.json", os.path.join("trial_0", "trial.json"),
+                                  "tuner0.json"])
+def test_a_damaged_search_file_is_a_one_line_error_naming_it(name, tmp_path, monkeypatch):
+  _json_functions_restored_afterwards(monkeypatch)
+  hypermodel, tuner = _search_with_one_trial(str(tmp_path))
+  path = os.path.join(tuner.project_dir, name)
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text[:len(text) // 2])  # What a kill in the middle of an in-place write leaves.
+  with pytest.raises(UserError, match=rf"^{re.escape(path)} is damaged \(.*\), so the search "
+                                      r"cannot resume from it; add --overwrite") as raised:
+    tune.make_tuner(hypermodel, str(tmp_path), overwrite=False)
+  assert "\n" not in str(raised.value)
+
+
+def test_without_keras_tuners_json_functions_it_writes_as_before_with_a_warning(monkeypatch,
+                                                                                 caplog):
+  from keras_tuner.src import utils  # pylint: disable=g-import-not-at-top
+
+  _json_functions_restored_afterwards(monkeypatch)
+  save_json = utils.save_json
+  monkeypatch.delattr(utils, "load_json")
+  with caplog.at_level(logging.WARNING):
+    assert not compat.write_search_files_atomically()
+  assert utils.save_json is save_json
+  assert any("keras_tuner.src.utils.load_json" in r.getMessage() for r in caplog.records)
 
 
 # TensorFlow: a Dataset under a class of one's own.
