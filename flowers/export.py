@@ -18,9 +18,14 @@ description; see `tflite_metadata.py`) so that client libraries such as
 MediaPipe Tasks name the classes, and writes the file only after it has run
 the whole test split through both the `.tflite` and the Keras model and the
 accuracy drop is within bounds; the comparison goes to `export_report.json`
-either way. Its steps: resolve the model and its run's data (`_resolve_model`,
+either way. The "unknown" threshold in the metadata is the exported model's
+own: chosen on its val scores by the run's rule, never above what its output
+can reach (`_unknown_threshold`; the float model's, from report.json, would
+call every photo unknown where the int8 output saturates at 255/256 below
+it). Its steps: resolve the model and its run's data (`_resolve_model`,
 `_load_test_data`), convert (`_convert_with_metadata`), verify (`_verify`:
-the interface, `_score` against the Keras model, `_within_budget`), write
+the interface, `_score` against the Keras model, `_within_budget`), choose
+the threshold and write it into the metadata (`_unknown_threshold`), write
 (`_write_report`, then `_refuse_over_budget` or `_write_labels`).
 """
 
@@ -346,11 +351,30 @@ class _TestData:
 
 @dataclasses.dataclass(frozen=True)
 class _Converted:
-  """The `.tflite` bytes, metadata included, how many images calibrated them, and
-  the score threshold its metadata holds (None: none)."""
+  """The `.tflite` bytes, metadata included, how many images calibrated them, what
+  the metadata says, and the score threshold it holds (None: none)."""
   tflite: bytes
   calibration_examples: int
+  info: tflite_metadata.ModelInfo
+  class_names: list[str]
   score_threshold: float | None = None
+
+  def with_score_threshold(self, threshold: float) -> "_Converted":
+    """The same model with `threshold` as its metadata's score threshold."""
+    tflite = tflite_metadata.add_metadata(self.tflite, self.info, self.class_names,
+                                          score_threshold=threshold)
+    return dataclasses.replace(self, tflite=tflite, score_threshold=threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scored:
+  """The probabilities `_score` computed: the Keras model and the `.tflite` on test,
+  the `.tflite` on val (None without val images), and their labels."""
+  float_test: np.ndarray
+  tflite_test: np.ndarray
+  test_labels: np.ndarray
+  tflite_val: np.ndarray | None = None
+  val_labels: np.ndarray | None = None
 
 
 def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
@@ -378,7 +402,14 @@ def export_from_workdir(config: RunConfig, workdir: str, model_path: str,
   with artifacts.atomic_path(final_path) as tmp:
     with open(tmp, "wb") as f:
       f.write(converted.tflite)
-    report, metadata_labels = _verify(tmp, subject, test, options)
+    report, metadata_labels, scored = _verify(tmp, subject, test, options)
+    threshold, figures = _unknown_threshold(subject, scored, report, options)
+    if threshold is not None:
+      # Only the metadata changes: the model verified above is the one written.
+      converted = converted.with_score_threshold(threshold)
+      with open(tmp, "wb") as f:
+        f.write(converted.tflite)
+    report.update(figures)
     report.update(_describe(final_path, subject, test, converted, metadata_labels, options))
     report["export_seconds"] = round(time.time() - start, 1)
     _write_report(workdir, report, subject)
@@ -420,8 +451,8 @@ def _load_test_data(subject: _Subject, workdir: str,
 
 def _convert_with_metadata(subject: _Subject, test: _TestData,
                            options: ExportConfig) -> _Converted:
-  """The converted model with its metadata (class names, description, and the
-  "unknown" threshold of the model's run as the output's score threshold) inside.
+  """The converted model with its metadata (class names, description) inside; the
+  "unknown" threshold is added once the model's own val scores are known.
 
   int8 calibrates on a seeded choice of un-augmented train images
   (`data.calibration_images`), so a rerun calibrates on the same images.
@@ -429,23 +460,23 @@ def _convert_with_metadata(subject: _Subject, test: _TestData,
   calibration = (data_lib.calibration_images(test.splits, options.calibration_examples,
                                              subject.data.split_seed, subject.image_size)
                  if options.is_int8 else None)
-  threshold = open_set.model_threshold(subject.path)
-  tflite_model = tflite_metadata.add_metadata(
-      convert(subject.model, options, calibration),
-      metadata_info(options, test.source.name, len(test.class_names), subject.image_size,
-                    model_lib.backbone_of(subject.model).name),
-      test.class_names, score_threshold=threshold)
-  return _Converted(tflite_model, int(sum(len(b) for b in calibration or [])), threshold)
+  info = metadata_info(options, test.source.name, len(test.class_names), subject.image_size,
+                       model_lib.backbone_of(subject.model).name)
+  tflite_model = tflite_metadata.add_metadata(convert(subject.model, options, calibration),
+                                              info, test.class_names)
+  return _Converted(tflite_model, int(sum(len(b) for b in calibration or [])), info,
+                    list(test.class_names))
 
 
 def _verify(path: str, subject: _Subject, test: _TestData,
-            options: ExportConfig) -> tuple[dict, list[str]]:
+            options: ExportConfig) -> tuple[dict, list[str], _Scored]:
   """Checks the `.tflite` at `path` and scores it against the Keras model.
 
   Raises if its interface is not the one `options` asks for, or if its
   metadata does not read back the class names written. Returns the report's
   figures (`_score`'s, for int8 also as `int8_*`, the interface, whether the
-  drop is within budget) and the class names the metadata holds.
+  drop is within budget), the class names the metadata holds and the
+  probabilities scored.
   """
   interface = check_interface(path, subject.image_size, subject.num_outputs, options)
   metadata_labels = tflite_metadata.read_class_names(path)
@@ -453,22 +484,23 @@ def _verify(path: str, subject: _Subject, test: _TestData,
     raise RuntimeError(f"The metadata of {options.file_name} reads back "
                        f"{len(metadata_labels or [])} labels, not the "
                        f"{len(test.class_names)} written: a bug in flowers.tflite_metadata.")
-  report = _score(path, subject, test)
+  report, scored = _score(path, subject, test)
   if options.is_int8:
     report["int8_test_accuracy"] = report["tflite_test_accuracy"]
     if "tflite_val_accuracy" in report:
       report["int8_val_accuracy"] = report["tflite_val_accuracy"]
   report.update(interface)
   report["passed"] = _within_budget(report["accuracy_drop_points"], options)
-  return report, metadata_labels
+  return report, metadata_labels, scored
 
 
-def _score(path: str, subject: _Subject, test: _TestData) -> dict:
+def _score(path: str, subject: _Subject, test: _TestData) -> tuple[dict, _Scored]:
   """The Keras model and the `.tflite` at `path` on the test split (`compare`).
 
   Also the test images skipped as unreadable, and the `.tflite`'s val
-  accuracy where there is a val split. Both passes must see the same labels:
-  otherwise the comparison would be of two different test sets.
+  accuracy where there is a val split; with the probabilities. Both passes
+  must see the same labels: otherwise the comparison would be of two
+  different test sets.
   """
   splits = test.splits
   float_probs, labels = evaluate_lib.predict_dataset(
@@ -481,10 +513,62 @@ def _score(path: str, subject: _Subject, test: _TestData) -> dict:
   report = compare(float_probs, tflite_probs, labels)
   report["num_skipped_images"] = {"test": evaluate_lib.count_skipped(
       "test", len(splits.keys("test")), len(labels), subject.data.strict)}
+  scored = _Scored(float_probs, tflite_probs, labels)
   if splits.keys("val"):
     val_probs, val_labels = evaluate_lib.predict_dataset(tflite, splits.val)
     report["tflite_val_accuracy"] = float(np.mean(np.argmax(val_probs, -1) == val_labels))
-  return report
+    scored = dataclasses.replace(scored, tflite_val=val_probs, val_labels=val_labels)
+  return report, scored
+
+
+def _unknown_threshold(subject: _Subject, scored: _Scored, report: dict,
+                       options: ExportConfig) -> tuple[float | None, dict]:
+  """The "unknown" threshold for the `.tflite`'s metadata, and the report's figures on it.
+
+  The model's run chose its threshold on the float model's val scores
+  (report.json); the `.tflite` gives other scores, and an int8 output tops
+  out at 255/256. So the threshold written is chosen by the same rule on the
+  `.tflite`'s own val scores, at most what its output can reach
+  (`open_set.exported_threshold`). Where the run's threshold would have
+  accepted fewer than the run's true-accept rate of known val images on the
+  `.tflite`, one line says so and what was written instead. Without val
+  images to choose on, no threshold is written (one line). Returns (None, {})
+  when the run chose none.
+  """
+  run = open_set.run_threshold(subject.path)
+  if run is None:
+    return None, {}
+  rate, float_threshold = float(run["true_accept_rate"]), float(run["score"])
+  max_score = open_set.max_output_score(report["output_dtype"], report["output_quantization"])
+  figures = {
+      "true_accept_rate": rate,
+      "max_output_score": max_score,
+      "float_unknown_threshold": float_threshold,
+      "float_val_accepted": float(run["val_accepted"]),
+      "float_test_accepted": open_set.accepted(open_set.max_probability(scored.float_test),
+                                               float_threshold),
+  }
+  chosen = None if scored.tflite_val is None else open_set.exported_threshold(
+      open_set.max_probability(scored.tflite_val), rate, max_score, float_threshold)
+  if chosen is None:
+    print(f"flowers_main: {options.file_name}: no val images to choose its unknown "
+          f"threshold on; none written into its metadata (the run's was {float_threshold:.6g}).",
+          file=sys.stderr)
+    return None, figures
+  figures.update({
+      "tflite_val_accepted": chosen["val_accepted"],
+      "tflite_test_accepted": open_set.accepted(open_set.max_probability(scored.tflite_test),
+                                                chosen["score"]),
+      "tflite_val_accepted_at_float_threshold": chosen["run_val_accepted"],
+      "unknown_threshold_lowered": chosen["lowered"],
+  })
+  if chosen["lowered"]:
+    print(f"flowers_main: {options.file_name}: the run's unknown threshold "
+          f"{float_threshold:.6g} would accept {chosen['run_val_accepted']:.1%} of known val "
+          f"images on this model (under --true_accept_rate={rate:g}; its top score can reach "
+          f"{max_score:.6g}); lowered to {chosen['score']:.6g}, which accepts "
+          f"{chosen['val_accepted']:.1%}.", file=sys.stderr)
+  return chosen["score"], figures
 
 
 def _within_budget(accuracy_drop_points: float, options: ExportConfig) -> bool:
@@ -523,7 +607,7 @@ def _describe(final_path: str, subject: _Subject, test: _TestData, converted: _C
 
 def _threshold_written(final_path: str, converted: _Converted) -> dict[str, float]:
   """export_report.json's "unknown_threshold": the score threshold in the metadata, read
-  back from the bytes written (none when the model's run chose none)."""
+  back from the bytes written (none when none was chosen)."""
   threshold = tflite_metadata.score_threshold(converted.tflite)
   if threshold is None and converted.score_threshold is None:
     return {}
@@ -575,8 +659,13 @@ def _write_labels(workdir: str, subject: _Subject, test: _TestData,
 
 def _print_result(report: dict, options: ExportConfig) -> None:
   """The one-line summary of a written export."""
+  unknown = ""
+  if "unknown_threshold" in report:
+    unknown = (f", unknown below {report['unknown_threshold']:.6g}: accepts "
+               f"{report['tflite_val_accepted']:.1%} of val, "
+               f"{report['tflite_test_accepted']:.1%} of test")
   print(f"{options.file_name}: {report['size_bytes'] / 1e6:.2f} MB, test_accuracy="
         f"{report['tflite_test_accuracy']:.4f} (float {report['float_test_accuracy']:.4f}, "
         f"drop {report['accuracy_drop_points']:.2f} points, top-1 agreement "
         f"{report['top1_agreement']:.4f}, {report['num_test_examples']} images, "
-        f"metadata with {report['metadata_labels']} labels) -> {report['path']}")
+        f"metadata with {report['metadata_labels']} labels{unknown}) -> {report['path']}")

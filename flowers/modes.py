@@ -103,6 +103,7 @@ def evaluate(config: RunConfig, workdir: str) -> schemas.EvaluationReport:
   from flowers import calibrate as calibrate_lib  # pylint: disable=g-import-not-at-top
   from flowers import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from flowers import lineage  # pylint: disable=g-import-not-at-top
+  from flowers import open_set  # pylint: disable=g-import-not-at-top
 
   path = config.predict.model_path(workdir)
   predictor, image_size = evaluate_lib.load_predictor(path)
@@ -119,6 +120,12 @@ def evaluate(config: RunConfig, workdir: str) -> schemas.EvaluationReport:
   # How far its scores are from probabilities: as report.json's "calibration" says.
   report["test_nll"] = calibrate_lib.nll(probs, labels)
   report["test_ece"] = calibrate_lib.expected_calibration_error(probs, labels)
+  # The model's own "unknown" threshold (a .tflite's from its metadata, as MediaPipe
+  # applies it), and the share of known test images it accepts.
+  threshold = open_set.model_threshold(path)
+  if threshold is not None:
+    report["unknown_threshold"] = threshold
+    report["test_accepted"] = open_set.accepted(open_set.max_probability(probs), threshold)
   report["num_skipped_images"] = {"test": evaluate_lib.count_skipped(
       "test", len(splits.keys("test")), len(labels), data.strict)}
   listed = getattr(splits.source, "skipped", None)
@@ -136,7 +143,9 @@ def evaluate(config: RunConfig, workdir: str) -> schemas.EvaluationReport:
   print(f"test_accuracy={report['test_accuracy']:.4f} "
         f"test_top5_accuracy={report['test_top5_accuracy']:.4f} "
         f"test_macro_f1={report['test_macro_f1']:.4f} test_ece={report['test_ece']:.4f} "
-        f"({report['num_test_examples']} images) -> {out}")
+        + (f"test_accepted={report['test_accepted']:.4f} (unknown below "
+           f"{report['unknown_threshold']:.6g}) " if threshold is not None else "")
+        + f"({report['num_test_examples']} images) -> {out}")
   return report
 
 

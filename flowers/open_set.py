@@ -5,11 +5,15 @@ way to say "unknown": reject an image whose top probability is below a
 threshold. The threshold is chosen on val, from known-class images only, to
 keep a stated share of them (the true-accept rate, default 95%):
 `choose_threshold` gives the largest threshold that accepts at least that
-share. `train.save_run` records it in report.json; the export writes it into
-the .tflite's metadata as the output's score threshold, which MediaPipe Tasks
-and the TFLite Task Library apply themselves (they return no class scoring
-below it); `--mode=predict` reads it back (`model_threshold`) and says
-"unknown" where they would return nothing.
+share. `train.save_run` records it in report.json. The exported model gives
+other scores (an int8 output has 256 levels and tops out at 255/256), so the
+export chooses its own threshold by the same rule on its own val scores
+(`exported_threshold`), never above what its output can reach
+(`max_output_score`), and writes that into the .tflite's metadata as the
+output's score threshold, which MediaPipe Tasks and the TFLite Task Library
+apply themselves (they return no class scoring below it); `--mode=predict`
+and `--mode=evaluate` read it back (`model_threshold`), so they say "unknown"
+where those clients return nothing.
 
 How well a score separates unknowns is measured by the open-set protocol
 (`--holdout_classes=K`): K classes are left out of training, and their val
@@ -75,23 +79,78 @@ def threshold_report(val_probs: np.ndarray, test_probs: np.ndarray,
           "test_accepted": accepted(max_probability(test_probs), threshold)}
 
 
-def model_threshold(path: str) -> float | None:
-  """The "unknown" threshold that belongs to the model at `path`; None without one.
+# The largest stored value of each quantized output type.
+_QUANTIZED_MAX = {"uint8": 255, "int8": 127}
 
-  A `.tflite` carries it in its metadata (ScoreThresholdingOptions, what
-  MediaPipe Tasks apply); a `.keras` has it in the report.json of its run,
-  beside it, when that report describes this very model (its lineage record).
+
+def max_output_score(dtype: str, quantization: tuple[float, int] | list) -> float:
+  """The highest score a model's output can give, as clients read it.
+
+  A float output: 1.0 (a probability). A quantized one (`dtype` "uint8" or
+  "int8", with its (scale, zero point)): scale * (q_max - zero_point), in
+  float32 as MediaPipe dequantizes; 255/256 for flowers' int8 exports (softmax
+  outputs are quantized with scale 1/256), with uint8 and int8 I/O alike.
   """
-  if path.endswith(".tflite"):
-    from flowers import tflite_metadata  # pylint: disable=g-import-not-at-top
+  if dtype not in _QUANTIZED_MAX or not quantization[0]:
+    return 1.0
+  scale, zero_point = quantization
+  return float((np.float32(_QUANTIZED_MAX[dtype]) - np.float32(zero_point)) * np.float32(scale))
 
-    return tflite_metadata.read_score_threshold(path)
+
+def exported_threshold(val_scores: np.ndarray, true_accept_rate: float, max_score: float,
+                       run_threshold: float | None = None) -> dict[str, Any] | None:
+  """The threshold an exported model's metadata holds, chosen on its own val scores.
+
+  `choose_threshold`'s rule (the largest threshold that accepts at least
+  `true_accept_rate` of the known val images) on the exported model's top
+  scores `val_scores`, capped at `max_score`, what its output can reach. The
+  threshold is one of the scores, so images tied at the top level (a saturated
+  int8 output gives many at 255/256) are all accepted, never all refused.
+
+  `run_threshold` (the float model's, from report.json) is checked against
+  the same floor: "lowered" says it would have accepted fewer than
+  `true_accept_rate` of these val images, and the threshold returned, the
+  largest reachable one that meets the rate, is lower.
+
+  Returns {"score", "val_accepted", "run_val_accepted" (these val images'
+  share at `run_threshold`; None without one), "lowered"}, or None when no
+  threshold is chosen (rate 0, or no val scores).
+  """
+  scores = np.asarray(val_scores, np.float64).reshape(-1)
+  threshold = choose_threshold(scores, true_accept_rate)
+  if threshold is None:
+    return None
+  threshold = min(threshold, float(max_score))
+  at_run = None if run_threshold is None else accepted(scores, run_threshold)
+  return {"score": threshold, "val_accepted": accepted(scores, threshold),
+          "run_val_accepted": at_run,
+          "lowered": at_run is not None and at_run < true_accept_rate - 1e-9}
+
+
+def run_threshold(path: str) -> dict[str, Any] | None:
+  """The report.json "unknown_threshold" of the run of the `.keras` at `path`; None
+  without one, or when that report does not describe this very model (lineage)."""
   folder = os.path.dirname(os.path.abspath(path))
   if lineage.check(folder, artifacts.REPORT, model=lineage.model_sha256(path)) is not None:
     return None
   report = artifacts.read_json(os.path.join(folder, artifacts.REPORT))
   chosen = report.get("unknown_threshold") if isinstance(report, dict) else None
-  return float(chosen["score"]) if isinstance(chosen, dict) and "score" in chosen else None
+  return chosen if isinstance(chosen, dict) and "score" in chosen else None
+
+
+def model_threshold(path: str) -> float | None:
+  """The "unknown" threshold that belongs to the model at `path`; None without one.
+
+  A `.tflite` carries it in its metadata (ScoreThresholdingOptions, what
+  MediaPipe Tasks apply: the export chose it on that model's own val scores);
+  a `.keras` has it in the report.json of its run (`run_threshold`).
+  """
+  if path.endswith(".tflite"):
+    from flowers import tflite_metadata  # pylint: disable=g-import-not-at-top
+
+    return tflite_metadata.read_score_threshold(path)
+  chosen = run_threshold(path)
+  return None if chosen is None else float(chosen["score"])
 
 
 SCORES = ("max_probability", "max_logit", "energy")

@@ -242,6 +242,10 @@ class EvaluationReport(TestMetrics):
   # absent in evaluations written by older flowers.
   test_nll: NotRequired[float]
   test_ece: NotRequired[float]
+  # The model's "unknown" threshold (open_set.model_threshold: a .tflite's metadata, a
+  # .keras's report.json) and the share of test images scoring >= it; absent without one.
+  unknown_threshold: NotRequired[float]
+  test_accepted: NotRequired[float]
   model: str  # Absolute path of the evaluated .keras or .tflite.
   source: str  # The source's name: "tfds:<dataset>", or the image folder's path.
   split: str  # --split of the model's run.
@@ -301,9 +305,27 @@ class ExportReport(ExportComparison, TfliteInterface):
   class_names: list[str]  # The labels, in output order.
   metadata_written: bool  # Always true: TFLite metadata is inside the .tflite.
   metadata_labels: int  # Labels read back from that metadata.
-  # The score threshold in that metadata (the run's "unknown_threshold" score, read back
-  # as float32); absent when the model's run chose none.
+  # The "unknown" threshold, present when the model's run chose one (report.json's
+  # "unknown_threshold"). Shares are fractions of known-class images whose top score is
+  # >= the threshold (what MediaPipe Tasks accept).
+  # The score threshold in that metadata, read back (float32): chosen on the .tflite's own
+  # val scores by the run's rule, <= max_output_score. Absent when none was written: the
+  # run chose none, or (with float_unknown_threshold present) no val images to choose on.
   unknown_threshold: NotRequired[float]
+  true_accept_rate: NotRequired[float]  # The run's --true_accept_rate: both thresholds' floor.
+  # The highest score the .tflite's output can give: 1.0 for a float output, else
+  # scale * (q_max - zero_point) (255/256 for flowers' int8 exports).
+  max_output_score: NotRequired[float]
+  float_unknown_threshold: NotRequired[float]  # The run's, chosen on the Keras model's val.
+  float_val_accepted: NotRequired[float]  # Keras model at its own threshold (report.json's).
+  float_test_accepted: NotRequired[float]  # Keras model at its own threshold.
+  tflite_val_accepted: NotRequired[float]  # .tflite at unknown_threshold (>= true_accept_rate).
+  tflite_test_accepted: NotRequired[float]  # .tflite at unknown_threshold; measured only.
+  # .tflite's val share at float_unknown_threshold: what shipping the run's would give.
+  tflite_val_accepted_at_float_threshold: NotRequired[float]
+  # The run's threshold would have accepted under true_accept_rate of val on the .tflite,
+  # so the one written is lower (said in one line when exporting).
+  unknown_threshold_lowered: NotRequired[bool]
   source: str  # The source's name: "tfds:<dataset>", or the image folder's path.
   split: str  # --split of the model's run.
   split_seed: int  # The split seed of the model's run.

@@ -49,6 +49,8 @@ EXPORT_ROWS = (
     ("size_bytes", "TFLite size"),
     ("keras_size_bytes", "Keras size"),
     ("calibration_examples", "Calibration images"),
+    ("unknown_threshold", "Unknown threshold (TFLite metadata)"),
+    ("tflite_test_accepted", "TFLite test images accepted"),
     ("path", "File"),
 )
 
@@ -294,8 +296,10 @@ def _unknowns_section(report: Mapping[str, Any],
   chosen, open_set = report.get("unknown_threshold"), report.get("open_set")
   paragraphs = []
   if isinstance(chosen, Mapping):
-    shipped = " (in the .tflite's metadata)" if export_report and (
-        "unknown_threshold" in export_report) else ""
+    shipped = ""
+    if export_report and "unknown_threshold" in export_report:
+      shipped = (f" (the .tflite's metadata: {export_report['unknown_threshold']:.4f}, chosen "
+                 "the same way on its own scores)")
     paragraphs.append(
         f"An image whose top score is below {chosen['score']:.4f}{shipped} is unknown: the "
         f"threshold that keeps {chosen['true_accept_rate']:.0%} of val images, chosen on val "

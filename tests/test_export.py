@@ -6,6 +6,8 @@ tested. `FidelityTest` uses the ImageNet weights from ../shared (skipped where
 absent) on 64 px images, where the int8 model can be held to the float one.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 
 import fake_data
+import run_configs
 import shared_data
 from flowers import artifacts
 from flowers import calibrate
@@ -28,9 +31,14 @@ from flowers import export
 from flowers import lineage
 from flowers import inputs
 from flowers import model as model_lib
+from flowers import modes
+from flowers import runs
+from flowers import schemas
+from flowers import tflite_metadata
 from flowers import train
 from flowers.config import DataConfig
 from flowers.config import ExportConfig
+from flowers.config import PredictConfig
 from flowers.config import RunConfig
 from flowers.errors import UserError
 
@@ -266,6 +274,120 @@ class ExportTest(WorkdirTestCase):
   def test_int8_needs_representative_images(self):
     with self.assertRaisesRegex(UserError, "representative images"):
       export.convert(self.model, ExportConfig(), [])
+
+
+THRESHOLD_COUNTS = fake_data.uniform_counts(4, train=6, val=10, test=6)
+IO_DTYPES = (("uint8_io", "uint8"), ("int8_io", "int8"))
+
+
+class UnknownThresholdTest(parameterized.TestCase):
+  """A run whose float val scores saturate at 1, exported to int8 (uint8 and int8 I/O).
+
+  A nearest-colour model sure of every mock image (as a temperature fitted to its
+  floor makes a model that gets val all right) puts its known images' top scores
+  at 1 in float, its run's threshold with them, and at 255/256, the most an int8
+  output can say, in int8: the run's threshold would call every photo unknown.
+  """
+
+  @classmethod
+  def setUpClass(cls):
+    # test_tflite_metadata imports this module: its model is imported once both are loaded.
+    from test_tflite_metadata import colour_model  # pylint: disable=g-import-not-at-top
+
+    super().setUpClass()
+    keras.utils.set_random_seed(SEED)
+    cls.enterClassContext(fake_data.mock_flowers(THRESHOLD_COUNTS))
+    cls.root = tempfile.mkdtemp()
+    cls.addClassCleanup(shutil.rmtree, cls.root, ignore_errors=True)
+    run_dir = os.path.join(cls.root, "run")
+    cls.config = run_configs.tiny(calibrate=False, int8_grid_weights=False)
+    cls.source = data.load_tfds()
+    cls.splits = train.load_splits_seeded(cls.config, cls.source, run_dir)
+    runs.begin(cls.config, run_dir, "train", cls.source, feature_cache=False)
+    cls.model = colour_model(4, 32, num_outputs=len(cls.splits.class_names),
+                             temperature=0.002)
+    cls.run_report = train.save_run(cls.model, cls.splits, cls.config, run_dir, run_dir,
+                                    train_seconds=0.0)
+    cls.workdirs, cls.reports, cls.messages = {}, {}, {}
+    for _, io_dtype in IO_DTYPES:
+      workdir = os.path.join(cls.root, io_dtype)
+      shutil.copytree(run_dir, workdir)
+      config = RunConfig(data=cls.config.data, export=ExportConfig(
+          io_dtype=io_dtype, max_accuracy_drop=ANY_DROP))
+      stderr = io.StringIO()
+      with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+        cls.reports[io_dtype] = export.export_from_workdir(
+            config, workdir, os.path.join(workdir, artifacts.MODEL), cls.source)
+      cls.workdirs[io_dtype] = workdir
+      cls.messages[io_dtype] = stderr.getvalue()
+
+  def scores(self, io_dtype, split):
+    """The exported model's top score per known image of `split`, as LiteRT gives it."""
+    path = os.path.join(self.workdirs[io_dtype], "model_int8.tflite")
+    probs, _ = evaluate.predict_dataset(evaluate.tflite_predictor(path),
+                                        getattr(self.splits, split))
+    return probs.max(axis=1)
+
+  @parameterized.named_parameters(*IO_DTYPES)
+  def test_the_metadata_threshold_is_reachable_and_keeps_val(self, io_dtype):
+    path = os.path.join(self.workdirs[io_dtype], "model_int8.tflite")
+    threshold = tflite_metadata.read_score_threshold(path)
+    _, out = interface(path)
+    scale, zero_point = out["quantization"]
+    highest = (np.iinfo(out["dtype"]).max - zero_point) * scale
+    self.assertGreater(self.run_report["unknown_threshold"]["score"], highest)
+    self.assertLessEqual(threshold, highest)
+    val = self.scores(io_dtype, "val")
+    self.assertGreaterEqual(np.mean(val >= threshold), 0.95)
+    self.assertEqual(np.mean(val >= highest), 1.0)  # Saturated: every val image at the top.
+
+  @parameterized.named_parameters(*IO_DTYPES)
+  def test_the_report_gives_both_models_acceptance_at_their_thresholds(self, io_dtype):
+    report = self.reports[io_dtype]
+    with open(os.path.join(self.workdirs[io_dtype], artifacts.EXPORT_REPORT)) as f:
+      self.assertEqual(json.load(f), json.loads(json.dumps(report)))
+    self.assertEqual(schemas.problems(report, schemas.ExportReport), [])
+    path = os.path.join(self.workdirs[io_dtype], "model_int8.tflite")
+    run = self.run_report["unknown_threshold"]
+    threshold = report["unknown_threshold"]
+    self.assertEqual(threshold, tflite_metadata.read_score_threshold(path))
+    self.assertEqual(report["max_output_score"], 255 / 256)
+    self.assertLessEqual(threshold, report["max_output_score"])
+    self.assertEqual(report["true_accept_rate"], 0.95)
+    self.assertEqual(report["float_unknown_threshold"], run["score"])
+    self.assertEqual(report["float_val_accepted"], run["val_accepted"])
+    self.assertEqual(report["float_test_accepted"], run["test_accepted"])
+    for split in ("val", "test"):
+      self.assertEqual(report[f"tflite_{split}_accepted"],
+                       np.mean(self.scores(io_dtype, split) >= threshold), split)
+    self.assertGreaterEqual(report["tflite_val_accepted"], report["true_accept_rate"])
+    # The run's threshold was lowered, and one line said so.
+    self.assertEqual(report["tflite_val_accepted_at_float_threshold"], 0.0)
+    self.assertTrue(report["unknown_threshold_lowered"])
+    self.assertLess(threshold, run["score"])
+    self.assertLen(self.messages[io_dtype].splitlines(), 1)
+    self.assertIn(f"lowered to {threshold:.6g}, which accepts 100.0%",
+                  self.messages[io_dtype])
+
+  def test_evaluate_and_predict_apply_the_metadata_threshold(self):
+    workdir = self.workdirs["uint8"]
+    path = os.path.join(workdir, "model_int8.tflite")
+    config = RunConfig(data=self.config.data, predict=PredictConfig(model=path))
+    with contextlib.redirect_stdout(io.StringIO()):
+      evaluation = modes.evaluate(config, workdir)
+    report = self.reports["uint8"]
+    self.assertEqual(evaluation["unknown_threshold"], report["unknown_threshold"])
+    self.assertEqual(evaluation["test_accepted"], report["tflite_test_accepted"])
+    self.assertEqual(schemas.problems(evaluation, schemas.EvaluationReport), [])
+    images = self.create_tempdir().full_path
+    photo = os.path.join(images, "known.png")
+    with open(photo, "wb") as f:
+      f.write(fake_data.encode(fake_data.class_image(0, 0, size=32), "PNG"))
+    config = RunConfig(predict=PredictConfig(model=path, images=(photo,), output="json"))
+    with contextlib.redirect_stdout(io.StringIO()):
+      (result,) = modes.predict(config, workdir)
+    self.assertFalse(result["unknown"])
+    self.assertEqual(result["score_threshold"], round(report["unknown_threshold"], 6))
 
 
 @pytest.mark.slow

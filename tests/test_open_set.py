@@ -48,6 +48,42 @@ class ScoresTest(absltest.TestCase):
       self.assertLess(open_set.accepted(scores, above), rate)
     self.assertIsNone(open_set.choose_threshold(scores, 0.0))
 
+  def test_a_saturated_int8_output_keeps_its_known_images(self):
+    # Val all correct: the float model's top scores sit at 1 (a temperature at its floor),
+    # and the int8 model's at the top of its output, 255/256, with a few below.
+    rng = np.random.default_rng(3)
+    float_scores = 1.0 - rng.random(40) * 1e-4
+    int8_scores = np.where(np.arange(40) < 36, 255, rng.integers(200, 255, 40)) / 256
+    float_threshold = open_set.choose_threshold(float_scores, 0.95)
+    # What shipping the float model's threshold gave: every photo unknown.
+    self.assertEqual(open_set.accepted(int8_scores, float_threshold), 0.0)
+    max_score = open_set.max_output_score("uint8", (1 / 256, 0))
+    chosen = open_set.exported_threshold(int8_scores, 0.95, max_score, float_threshold)
+    self.assertLessEqual(chosen["score"], max_score)
+    self.assertGreaterEqual(chosen["val_accepted"], 0.95)
+    self.assertEqual(chosen["val_accepted"], open_set.accepted(int8_scores, chosen["score"]))
+    self.assertEqual((chosen["run_val_accepted"], chosen["lowered"]), (0.0, True))
+    # The largest that keeps the rate: the next level up keeps too few.
+    self.assertLess(open_set.accepted(int8_scores, chosen["score"] + 1 / 256), 0.95)
+
+  def test_scores_tied_at_the_top_are_all_accepted(self):
+    for scores, max_score in (
+        (np.full(30, 255 / 256), open_set.max_output_score("uint8", (1 / 256, 0))),
+        (np.full(30, 255 / 256), open_set.max_output_score("int8", (1 / 256, -128))),
+        (np.ones(30), open_set.max_output_score("float32", (0.0, 0)))):
+      chosen = open_set.exported_threshold(scores, 0.95, max_score, run_threshold=0.99995)
+      self.assertEqual(chosen["score"], max_score)
+      self.assertEqual(chosen["val_accepted"], 1.0)
+      self.assertEqual(chosen["lowered"], max_score < 0.99995)
+    self.assertIsNone(open_set.exported_threshold(np.ones(30), 0.0, 1.0))
+
+  def test_the_highest_score_an_output_can_reach(self):
+    self.assertEqual(open_set.max_output_score("uint8", (1 / 256, 0)), 255 / 256)
+    self.assertEqual(open_set.max_output_score("int8", (1 / 256, -128)), 255 / 256)
+    self.assertAlmostEqual(open_set.max_output_score("int8", (0.0045, -100)), 0.0045 * 227,
+                           places=6)
+    self.assertEqual(open_set.max_output_score("float32", (0.0, 0)), 1.0)
+
   def test_an_older_run_json_chose_no_threshold(self):
     self.assertEqual(runs.upgrade({"train": {}})["train"]["true_accept_rate"], 0.0)
 
@@ -96,11 +132,16 @@ class ThresholdRunTest(absltest.TestCase):
     self.assertEqual(chosen["score"], open_set.choose_threshold(self.val_probs.max(1), 0.95))
     self.assertGreaterEqual(chosen["val_accepted"], 0.95)
 
-  def test_the_export_metadata_holds_the_runs_threshold(self):
+  def test_the_export_metadata_holds_the_runs_rule_on_its_own_val_scores(self):
     path = os.path.join(self.workdir, "model_int8.tflite")
     threshold = tflite_metadata.read_score_threshold(path)
-    self.assertAlmostEqual(threshold, self.report["unknown_threshold"]["score"], places=6)
+    with fake_data.mock_flowers(COUNTS):
+      splits = train.load_splits_seeded(self.config, self.source, self.workdir)
+      val_probs, _ = evaluate.predict_dataset(evaluate.tflite_predictor(path), splits.val)
+    self.assertEqual(threshold, open_set.choose_threshold(val_probs.max(1), 0.95))
     self.assertEqual(self.export_report["unknown_threshold"], threshold)
+    self.assertEqual(self.export_report["float_unknown_threshold"],
+                     self.report["unknown_threshold"]["score"])
     self.assertEqual(schemas.problems(self.export_report, schemas.ExportReport), [])
 
   def predict(self, model_name, output="json"):
