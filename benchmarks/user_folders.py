@@ -186,7 +186,7 @@ def run_folder(name: str, folder: str, args: argparse.Namespace) -> dict[str, ob
       "test_images": len(paths), "val_accuracy": report["val_accuracy"],
       "test_accuracy": report["test_accuracy"],
       "int8_test_accuracy": exported.get("int8_test_accuracy"),
-      "float_threshold": (report.get("unknown_threshold") or {}).get("threshold"),
+      "float_threshold": (report.get("unknown_threshold") or {}).get("score"),
       "int8_threshold": exported.get("unknown_threshold"),
       **{k: v for k, v in exported.items() if "accept" in k},
       **predict_figures(out, classes),
