@@ -5,7 +5,8 @@ Usage, from the repository root:
   python benchmarks/augment.py            # --image_size=224 --batch_size=32 --batches=8
 
 Both variants draw flip, rotation (20 degrees), zoom (0.2), translation (0.2)
-and contrast (0.1), the defaults:
+and contrast (0.1), the reference's generator (flags/reference.cfg; Keras's chain
+has no crop):
 
 * chained (baseline): Keras's RandomFlip, RandomRotation, RandomZoom,
   RandomTranslation and RandomContrast, one after the other: the geometric
@@ -60,9 +61,10 @@ def main(argv: list[str] | None = None) -> None:
   images = tf.constant(np.random.default_rng(0).integers(
       0, 256, (args.batch_size, args.image_size, args.image_size, 3), np.uint8))
 
+  reference = Augmentation(zoom=0.2, translation=0.2, crop_area=0.0)
   variants = {
-      "chained": keras.Sequential(augment.chained_augmentation_layers(Augmentation(), 0)),
-      "fused": keras.Sequential(augment.augmentation_layers(Augmentation(), 0)),
+      "chained": keras.Sequential(augment.chained_augmentation_layers(reference, 0)),
+      "fused": keras.Sequential(augment.augmentation_layers(reference, 0)),
   }
   steps = {}
   for name, layers in variants.items():

@@ -43,14 +43,14 @@ THREADS = ((0, 0), (1, 1), (2, 1), (1, 2))  # (intra-op, inter-op); (0, 0) is TF
 
 
 def cpu_cfg_search() -> dict[str, str]:
-  """flags/cpu.cfg's settings as {flag: value}."""
-  settings = {}
+  """flags/cpu.cfg's settings (the defaults, and the file's own lines) as {flag: value}."""
+  from flowers import cli  # pylint: disable=g-import-not-at-top
+  from flowers import config  # pylint: disable=g-import-not-at-top
+
+  lines = cli.as_flags(config.RunConfig())
   with open(real_data.CPU_CFG, encoding="utf-8") as f:
-    for line in f:
-      if line.startswith("--") and "=" in line:
-        name, value = line[2:].strip().split("=", 1)
-        settings[name] = value
-  return settings
+    lines += [line.strip() for line in f if line.startswith("--")]
+  return dict(line[2:].split("=", 1) for line in lines if "=" in line)
 
 
 def schedule_lever(workdir: str | None) -> None:

@@ -127,14 +127,11 @@ def _from_flags(cls: type) -> Any:
 def run_config() -> config_lib.RunConfig:
   """The `RunConfig` the parsed flags describe; a bad value is a `UserError`.
 
-  `--seed` alone seeds the split too (as one seed always did); `--split_seed`
-  keeps a split while `--seed` varies the training.
+  `--seed` alone seeds the split too (`--split_seed` is unset, so `RunConfig`
+  takes the training seed); `--split_seed` keeps a split while `--seed` varies
+  the training.
   """
-  config = _from_flags(config_lib.RunConfig)
-  if flags.FLAGS["seed"].present and not flags.FLAGS["split_seed"].present:
-    config = dataclasses.replace(
-        config, data=dataclasses.replace(config.data, split_seed=config.train.seed))
-  return config
+  return _from_flags(config_lib.RunConfig)
 
 
 def renamed_in_use() -> list[str]:
@@ -196,6 +193,8 @@ def check_inputs(mode: str, config: config_lib.RunConfig, workdir: str) -> None:
   """What a mode needs that no setting can check alone, before TensorFlow loads."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir={workdir} is a file; give a folder (a new one, or a run's).")
+  if mode == "tune":
+    config.check_search()  # `--mode=train` ignores the search settings.
   if mode == "predict" and not config.predict.images:
     raise UserError("--mode=predict needs --images=FILE_OR_DIR[,...].")
   if mode in ("evaluate", "predict", "export"):

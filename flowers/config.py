@@ -128,6 +128,20 @@ def _choices(obj: Any) -> None:
       _set(obj, name, kind.parse(getattr(obj, name), name))
 
 
+DEFAULT_SPLIT_SEED = 42
+"""The split seed of a `DataConfig` made alone without one (in a `RunConfig`: `--seed`)."""
+
+
+class UnsetSplitSeed(int):
+  """A `DataConfig`'s split seed when none was given: DEFAULT_SPLIT_SEED to every
+  reader (an int), and its type tells `RunConfig` to set `TrainConfig.seed` there
+  instead, as `--seed` seeds the split unless `--split_seed` is given.
+  """
+
+  def __repr__(self) -> str:
+    return int.__repr__(self)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where the images come from and how they are split and streamed.
@@ -140,8 +154,9 @@ class DataConfig:
     download: let TFDS download and prepare a missing dataset.
     strict: fail on an unreadable image instead of skipping it.
     split: train,val,test percentages (stratified, seeded), or 'official'.
-    split_seed: seed of the stratified split (on the command line it follows --seed
-      unless given).
+    split_seed: seed of the stratified split; unset: --seed (a RunConfig fills it in
+      with its training seed; a DataConfig alone uses 42), so --split_seed=S holds a
+      split while --seed varies.
     holdout_classes: the open-set protocol: this many classes (a seeded choice, by
       split_seed) are left out of training, and their val and test images are scored
       as unknowns (report.json's "open_set"). 0: train on every class.
@@ -157,7 +172,7 @@ class DataConfig:
   download: bool = True
   strict: bool = False
   split: str = "64,16,20"
-  split_seed: int = 42
+  split_seed: int | None = None
   holdout_classes: int = 0
   image_size: int = 224
   batch_size: int = 32
@@ -165,6 +180,8 @@ class DataConfig:
 
   def __post_init__(self):
     _choices(self)
+    if self.split_seed is None:
+      _set(self, "split_seed", UnsetSplitSeed(DEFAULT_SPLIT_SEED))
     split_lib.parse_split(self.split, self.split_seed)
     _require(self.batch_size >= 1, f"--batch_size={self.batch_size} must be >= 1.")
     _require(self.holdout_classes >= 0,
@@ -175,8 +192,10 @@ class DataConfig:
 class Augmentation:
   """Training-time augmentation, drawn by Keras layers inside the model.
 
-  Defaults are near the reference's generator (rotation 20 degrees, shifts 0.2,
-  zoom 0.2, shear 0.1); Keras has no shear layer, so a random contrast stands in.
+  The defaults were chosen on val (docs/experiments.md): a random resized crop
+  of at least 30% of the image, flips, rotation and contrast, no zoom or shift.
+  The reference's generator (flags/reference.cfg) shifts 0.2 and zooms 0.2
+  instead of cropping; its shear 0.1 has no Keras layer, random contrast stands in.
 
   Attributes:
     flip: random horizontal flips.
@@ -191,10 +210,10 @@ class Augmentation:
 
   flip: bool = True
   rotation: float = 20.0
-  zoom: float = 0.2
-  translation: float = 0.2
+  zoom: float = 0.0
+  translation: float = 0.0
   contrast: float = 0.1
-  crop_area: float = 0.0
+  crop_area: float = 0.3
 
   def __post_init__(self):
     for name in ("rotation", "zoom", "translation", "contrast", "crop_area"):
@@ -210,9 +229,12 @@ class Augmentation:
 class TrainConfig:
   """The model and its two training stages (see `flowers.train`).
 
+  The defaults are the recipe chosen on val for CPUs (docs/experiments.md,
+  "cpu.cfg: settings chosen on val"); flags/reference.cfg spells out the blog's.
+
   Attributes:
-    seed: seed of initialization, augmentation, shuffling and the search (and, on
-      the command line, of the split unless --split_seed is given).
+    seed: seed of initialization, augmentation, shuffling and the search (and of
+      the split unless --split_seed is given).
     backbone: the pretrained base the classifier stands on (flowers.backbone):
       mobilenet_v2.
     weights: the backbone's weights: imagenet (downloaded by Keras), none (random),
@@ -225,8 +247,8 @@ class TrainConfig:
       blocks; BatchNorm stays frozen).
     optimizer: the optimizer of both stages.
     learning_rate: learning rate of the first stage (frozen base).
-    fine_tune_learning_rate: learning rate of the fine-tune stage; unset means
-      learning_rate / 10.
+    fine_tune_learning_rate: learning rate of the fine-tune stage (None, from code:
+      learning_rate / 10).
     epochs: epochs of the first stage (frozen base).
     fine_tune_epochs: epochs of the fine-tune stage (top of the base unfrozen).
     fine_tune_ema_momentum: the fine-tune stage scores, keeps and ends on an
@@ -240,6 +262,10 @@ class TrainConfig:
     weight_decay: decoupled weight decay of adamw (the other optimizers ignore it).
     early_stopping_patience: epochs without a val gain before a stage stops and
       keeps its best weights (0: off).
+    fine_tune_early_stopping_patience: the same for the fine-tune stage alone;
+      unset: --early_stopping_patience. Successive halving sets it for its trials
+      (to --fine_tune_epochs: stage 2 never stops early, yet ends on its best val
+      epoch) and in best_hparams.json.
     feature_cache: run the frozen prefix of the base once per cached view instead
       of every step, keeping its activations in WORKDIR/cache (auto: on without a GPU).
     feature_cache_cut_ratio: the unfreeze ratio the feature cache is cut for (at
@@ -266,21 +292,22 @@ class TrainConfig:
   dropout: float = 0.2
   augment: bool = True
   augmentation: Augmentation = Augmentation()
-  unfreeze_ratio: float = 0.2
-  optimizer: Optimizer = Optimizer.RMSPROP
+  unfreeze_ratio: float = 0.3
+  optimizer: Optimizer = Optimizer.ADAM
   learning_rate: float = 1e-3
-  fine_tune_learning_rate: float | None = None
-  epochs: int = 10
-  fine_tune_epochs: int = 10
-  fine_tune_ema_momentum: float = 0.0
-  label_smoothing: float = 0.0
+  fine_tune_learning_rate: float | None = 2e-4
+  epochs: int = 30
+  fine_tune_epochs: int = 12
+  fine_tune_ema_momentum: float = 0.99
+  label_smoothing: float = 0.1
   class_weight: ClassWeight = ClassWeight.NONE
   lr_schedule: LrSchedule = LrSchedule.CONSTANT
   weight_decay: float = 1e-4
-  early_stopping_patience: int = 3
+  early_stopping_patience: int = 4
+  fine_tune_early_stopping_patience: int | None = None
   feature_cache: FeatureCache = FeatureCache.AUTO
   feature_cache_cut_ratio: float | None = None
-  feature_cache_views: int = 4
+  feature_cache_views: int = 6
   int8_grid_weights: bool = True
   calibrate: bool = True
   true_accept_rate: float = 0.95
@@ -297,7 +324,9 @@ class TrainConfig:
              f"--unfreeze_ratio={self.unfreeze_ratio} must be in [0, 1].")
     _require(self.alpha > 0, f"--alpha={self.alpha} must be > 0.")
     _require(self.learning_rate > 0, f"--learning_rate={self.learning_rate} must be > 0.")
-    _require(self.fine_tune_learning_rate is None or self.fine_tune_learning_rate > 0,
+    if self.fine_tune_learning_rate is None:  # Resolved, so run.json and flags.cfg hold it.
+      _set(self, "fine_tune_learning_rate", self.learning_rate / 10.0)
+    _require(self.fine_tune_learning_rate > 0,
              f"--fine_tune_learning_rate={self.fine_tune_learning_rate} must be > 0.")
     _require(self.epochs >= 0, f"--epochs={self.epochs} must be >= 0.")
     _require(self.fine_tune_epochs >= 0,
@@ -310,6 +339,10 @@ class TrainConfig:
     _require(self.weight_decay >= 0, f"--weight_decay={self.weight_decay} must be >= 0.")
     _require(self.early_stopping_patience >= 0,
              f"--early_stopping_patience={self.early_stopping_patience} must be >= 0.")
+    _require(self.fine_tune_early_stopping_patience is None
+             or self.fine_tune_early_stopping_patience >= 0,
+             f"--fine_tune_early_stopping_patience={self.fine_tune_early_stopping_patience} "
+             "must be >= 0 (0: off; unset: --early_stopping_patience).")
     _require(self.feature_cache_cut_ratio is None
              or self.unfreeze_ratio <= self.feature_cache_cut_ratio <= 1.0,
              f"--feature_cache_cut_ratio={self.feature_cache_cut_ratio} must be in "
@@ -324,8 +357,14 @@ class TrainConfig:
 
   @property
   def fine_tune_rate(self) -> float:
-    """The fine-tune stage's learning rate, resolved (unset: learning_rate / 10)."""
-    return self.fine_tune_learning_rate or self.learning_rate / 10.0
+    """The fine-tune stage's learning rate (None was resolved on creation)."""
+    return self.fine_tune_learning_rate
+
+  @property
+  def fine_tune_patience(self) -> int:
+    """The fine-tune stage's early-stopping patience, resolved (0: off)."""
+    return (self.early_stopping_patience if self.fine_tune_early_stopping_patience is None
+            else self.fine_tune_early_stopping_patience)
 
   @property
   def feature_cache_cut(self) -> float:
@@ -348,6 +387,10 @@ class SearchConfig:
   """What `--mode=tune` searches: a (min, max) range per hyperparameter.
 
   A trial is the train job run with `dataclasses.replace(train_config, **values)`.
+  The defaults are the search chosen on val for CPUs (docs/experiments.md): 6
+  trials, the first at the configured values, by successive halving (2,4; factor 2).
+  `--mode=train` ignores these settings; `check_search` checks them against the
+  training settings where a search starts.
 
   Attributes:
     tuner: the KerasTuner search algorithm.
@@ -362,9 +405,10 @@ class SearchConfig:
     halving_rungs: successive halving: the fine-tune epochs at which trials are compared
       (e.g. 2,4). Every trial fine-tunes to the first; the best 1/halving_factor of them go
       on, from where they stopped, to the next, and so on; those left fine-tune to
-      --fine_tune_epochs, and the best is shipped. The stage 2 epochs spent are fixed by
-      these settings, whatever the trials score (no early stopping, no median rule).
-      Empty: every trial in full.
+      --fine_tune_epochs (above the last rung), and the best is shipped. The stage 2
+      epochs spent are fixed by these settings, whatever the trials score (no median
+      rule; a trial's stage 2 patience is --fine_tune_epochs: it never stops early, yet
+      ends on its best val epoch). Empty (--halving_rungs=): every trial in full.
     halving_factor: successive halving keeps the best 1/this of the trials at each rung,
       rounded up from --max_trials (6 trials, factor 2: 3 go on, then 2).
     first_trial: drawn: the tuner draws every trial (KerasTuner's Bayesian tuner draws its
@@ -374,14 +418,14 @@ class SearchConfig:
   """
 
   tuner: Tuner = Tuner.BAYESIAN
-  max_trials: int = 10
-  dropout_range: tuple[float, float] = (0.0, 0.5)
-  unfreeze_ratio_range: tuple[float, float] = (0.0, 0.5)
-  fine_tune_learning_rate_range: tuple[float, float] = (1e-5, 1e-3)
+  max_trials: int = 6
+  dropout_range: tuple[float, float] = (0.1, 0.4)
+  unfreeze_ratio_range: tuple[float, float] = (0.2, 0.3)
+  fine_tune_learning_rate_range: tuple[float, float] = (1e-4, 4e-4)
   median_stop_epoch: int = 4
-  halving_rungs: tuple[int, ...] = ()
-  halving_factor: int = 3
-  first_trial: FirstTrial = FirstTrial.DRAWN
+  halving_rungs: tuple[int, ...] = (2, 4)
+  halving_factor: int = 2
+  first_trial: FirstTrial = FirstTrial.CONFIGURED
 
   def __post_init__(self):
     _choices(self)
@@ -508,6 +552,9 @@ class PredictConfig:
 class RunConfig:
   """Every setting of a run, one part per concern.
 
+  An unset `data.split_seed` becomes `train.seed` here, so the training seed seeds
+  the split unless a split seed is given (as `--seed` does on the command line).
+
   Attributes:
     data: where the images come from, the split and the pipeline.
     train: the model and its two training stages.
@@ -532,11 +579,18 @@ class RunConfig:
     _require(self.data.image_size >= spec.min_image_size,
              f"--image_size={self.data.image_size} is too small; {spec.title} needs "
              f">= {spec.min_image_size}.")
+    if isinstance(self.data.split_seed, UnsetSplitSeed):  # The training seed seeds the split.
+      _set(self, "data", dataclasses.replace(self.data, split_seed=self.train.seed))
+
+  def check_search(self) -> None:
+    """The search settings against the training ones: a `UserError` where `--mode=tune`
+    could not run them (`--mode=train` ignores the search; the search checks first)."""
     rungs = self.search.halving_rungs
     _require(not rungs or rungs[-1] < self.train.fine_tune_epochs,
              f"--halving_rungs={','.join(map(str, rungs))} must stay below "
              f"--fine_tune_epochs={self.train.fine_tune_epochs} (the last rung's trials "
-             "fine-tune to it).")
+             "fine-tune to it); lower the rungs, or pass --halving_rungs= for every trial "
+             "in full.")
 
   def to_json(self) -> dict[str, Any]:
     """Plain JSON values (enums as their strings), for reports and fingerprints."""
@@ -561,7 +615,8 @@ RENAMED = {
 }
 """Settings under their older names -> their names now (flagfiles and run.json may hold
 the old ones; `flowers.cli` and `flowers.runs` read them). The old `seed` set the
-split too; it is now `DataConfig.split_seed` and `TrainConfig.seed`."""
+split too; it is now `DataConfig.split_seed` and `TrainConfig.seed` (the split
+seed follows the training seed unless given)."""
 
 
 def field_paths(cls: type = RunConfig, path: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:

@@ -264,6 +264,9 @@ def upgrade(run: dict[str, Any]) -> dict[str, Any]:
     train.setdefault("backbone", "mobilenet_v2")  # The only one there was.
     train.setdefault("calibrate", False)  # Older runs shipped their scores uncalibrated.
     train.setdefault("true_accept_rate", 0.0)  # ... and chose no "unknown" threshold.
+    train.setdefault("fine_tune_early_stopping_patience", None)  # Both stages had one.
+    if "fine_tune_learning_rate" in train and train["fine_tune_learning_rate"] is None:
+      train["fine_tune_learning_rate"] = train["learning_rate"] / 10.0  # Unset, as now resolved.
     train.setdefault("class_weight", "none")  # Older runs weighed every image the same.
     train.setdefault("fine_tune_ema_momentum", 0.0)  # ... and kept the trained weights.
   return run

@@ -62,14 +62,18 @@ class Hyperparameters(TypedDict):
 
 
 class BestHparams(Hyperparameters):
-  """`best_hparams.json`: the best trial's values and the cut its cache was made at.
+  """`best_hparams.json`: every training setting the search gave the best trial beyond
+  the run's own (`tune.trial_settings`), so `--mode=train` with the run's settings and
+  these repeats the trial exactly.
 
   Written by `tune._finish`; read by `summary.write_report`, and kept under
-  "best_hparams" in the search's report.json. `--mode=train` with these values
-  repeats the trial exactly.
+  "best_hparams" in the search's report.json.
   """
 
   feature_cache_cut_ratio: float  # The unfreeze ratio every trial's feature cache was cut for.
+  # Stage 2's patience under successive halving (--fine_tune_epochs with early stopping on,
+  # else 0): the schedule, not val, ends stage 2.
+  fine_tune_early_stopping_patience: NotRequired[int]
 
 
 # report.json

@@ -95,7 +95,8 @@ def compile_model(model: keras.Model, config: TrainConfig, learning_rate: float,
 
 def stage_callbacks(run_dir: str, stage: str, config: TrainConfig,
                     validate: bool) -> list[keras.callbacks.Callback]:
-  """CSV history, TensorBoard and (with val data) early stopping.
+  """CSV history, TensorBoard and (with val data) early stopping, with the stage's
+  patience (`fine_tune_patience` for the fine-tune stage).
 
   `_fit` adds the stage's `StageState` after these (and after its extra
   callbacks), so what it saves at an epoch's end includes their updates.
@@ -106,9 +107,11 @@ def stage_callbacks(run_dir: str, stage: str, config: TrainConfig,
       keras.callbacks.TensorBoard(os.path.join(run_dir, artifacts.LOGS_DIR, stage),
                                   write_graph=False, profile_batch=0),
   ]
-  if validate and config.early_stopping_patience > 0:
+  patience = (config.fine_tune_patience if stage == "fine_tune"
+              else config.early_stopping_patience)
+  if validate and patience > 0:
     callbacks.append(ResumableEarlyStopping(
-        monitor="val_accuracy", patience=config.early_stopping_patience,
+        monitor="val_accuracy", patience=patience,
         restore_best_weights=True, verbose=config.verbose))
   return callbacks
 
@@ -172,7 +175,6 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
                run_dir: str, *, seed: int, run_frozen_stage: bool = True,
                fine_tune_until: int | None = None, initial_epoch: int = 0,
                fine_tune_callbacks: Sequence[keras.callbacks.Callback] = (),
-               fine_tune_early_stopping: bool = True,
                frozen_callbacks: Sequence[keras.callbacks.Callback] = ()) -> inputs_lib.Stage:
   """Trains `model` in place: stage 1 (frozen base), then stage 2 (top unfrozen).
 
@@ -193,9 +195,6 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
     initial_epoch: the stage 2 epoch to start from (Hyperband).
     fine_tune_callbacks: more callbacks for stage 2 (a tune trial's median
       stopping rule), after the usual ones.
-    fine_tune_early_stopping: False trains stage 2 to its epochs whatever val
-      says (successive halving's fixed budget), still ending on its best val
-      epoch's weights when early stopping is on; stage 1 keeps its early stopping.
     frozen_callbacks: more callbacks for stage 1 (a tune trial's clock).
 
   Returns:
@@ -211,10 +210,6 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
   if not config.fine_tunes:
     return stage
   epochs = config.fine_tune_epochs if fine_tune_until is None else fine_tune_until
-  if not fine_tune_early_stopping and config.early_stopping_patience:
-    # Never stops early, still ends on the weights of its best val epoch.
-    run = dataclasses.replace(run, config=dataclasses.replace(
-        config, early_stopping_patience=config.fine_tune_epochs))
   return _fine_tune_stage(run, epochs, initial_epoch, fine_tune_callbacks, carry_on=frozen_loaded)
 
 

@@ -33,8 +33,15 @@ the next rung, and so on (rounded up: 6 trials, factor 2 keeps 3, then 2); the
 last rung's trials fine-tune to --fine_tune_epochs, and the best of them is the
 search's model. `halving_schedule` gives the trials and epochs of each
 rung, `halving_budget` the stage 2 epochs they spend, whatever the trials
-score: stage 2 never stops early (it still ends on its best val epoch's
-weights, as early stopping would) and the median rule is off.
+score: stage 2 never stops early (its patience, a setting of the trial, is
+--fine_tune_epochs: it still ends on its best val epoch's weights, as early
+stopping would) and the median rule is off.
+
+One rule says what `best_hparams.json` holds: every training setting the search
+gave the winning trial beyond the run's own (`trial_settings`): its values, the
+cache's cut and, under successive halving, stage 2's patience
+(`fine_tune_early_stopping_patience`). `--mode=train` with the run's settings
+and these (as flags, or `dataclasses.replace`) repeats the trial exactly.
 
 The search lives in `WORKDIR/tuner/` (KerasTuner's project: `oracle.json` and
 one `trial_<id>/` per trial, holding `trial.json`, the trained weights, the
@@ -340,9 +347,8 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
                             self.config.train.fine_tune_epochs)
 
   def trial_config(self, values: dict[str, float]) -> RunConfig:
-    """The run's config with a trial's hyperparameters and the search's cache cut."""
-    train = dataclasses.replace(
-        self.config.train, **{**values, "feature_cache_cut_ratio": self.feature_cache_cut_ratio})
+    """The run's config with what the search sets for a trial (`trial_settings`)."""
+    train = dataclasses.replace(self.config.train, **trial_settings(self.config, values))
     return dataclasses.replace(self.config, train=train)
 
   def template(self) -> keras.Model:
@@ -468,8 +474,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
           run_frozen_stage=not trial.parent, fine_tune_until=trial.fine_tune_until,
           initial_epoch=trial.initial_epoch,
           fine_tune_callbacks=[clock.fine_tune] + ([stopper] if stopper else []),
-          frozen_callbacks=[clock.frozen],
-          fine_tune_early_stopping=not self.halving)  # Halving's budget is fixed.
+          frozen_callbacks=[clock.frozen])
     return stopper, clock
 
   def _median_stopper(self, trial: TrialRun) -> MedianStopping | None:
@@ -494,7 +499,7 @@ class TwoStageHyperModel(keras_tuner.HyperModel):
     """
     if self.halving:
       return fine_tune_val_accuracy(trial.trial_dir, trial.fine_tune_until,
-                                    best=config.train.early_stopping_patience > 0), 0
+                                    best=config.train.fine_tune_patience > 0), 0
     train_lib.round_for_int8(model, config, self.calibration())
     return train_lib.evaluate_split(model, self.splits, "val")["val_accuracy"], 1
 
@@ -620,8 +625,9 @@ def run_search(config: RunConfig, workdir: str,
   a single process; a distributed worker returns {"is_chief": False, ...}.
   """
   start = time.time()
+  config.check_search()  # Search settings a search cannot run fail before any work,
   distributed, chief = _distributed_role()
-  search_feature_cache_cut_ratio(config)  # A bad --feature_cache_cut_ratio fails before any work.
+  search_feature_cache_cut_ratio(config)  # ... as does a bad --feature_cache_cut_ratio,
   first_values = first_trial_values(config)  # ... as does a first trial outside the ranges.
   strategy = distribute.make_strategy(config.train.distribution_strategy)
   feature_cache = inputs_lib.uses_feature_cache(config.train)
@@ -675,6 +681,25 @@ def _worker_result(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel,
         "the chief writes the results.")
   return {"is_chief": False, "tuner_id": tuner.tuner_id,
           "trials_run": hypermodel.trials_run, "seconds": round(time.time() - start, 1)}
+
+
+def trial_settings(config: RunConfig, values: dict[str, float]) -> dict[str, Any]:
+  """Every training setting the search gives a trial beyond the run's own: its values
+  (HPARAMS), the cache's cut, and under successive halving stage 2's patience.
+
+  A trial is `dataclasses.replace(config.train, **trial_settings(...))`, and the
+  winner's are best_hparams.json, so `--mode=train` with the run's settings and
+  these (as flags, or replaced) repeats the trial exactly.
+  """
+  settings: dict[str, Any] = {**values,
+                              "feature_cache_cut_ratio": search_feature_cache_cut_ratio(config)}
+  if config.search.halving_rungs:
+    # The schedule fixes stage 2's epochs: a patience of all of them never stops it,
+    # yet it still ends on its best val epoch's weights (with early stopping on).
+    train = config.train
+    settings["fine_tune_early_stopping_patience"] = (
+        train.fine_tune_epochs if train.fine_tune_patience > 0 else 0)
+  return settings
 
 
 def search_feature_cache_cut_ratio(config: RunConfig) -> float:
@@ -808,7 +833,7 @@ def successive_halving(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel)
   promotes the same trials and goes on where it stopped.
   """
   schedule = hypermodel.schedule()
-  best = hypermodel.config.train.early_stopping_patience > 0  # As `_score` ranks them.
+  best = hypermodel.config.train.fine_tune_patience > 0  # As `_score` ranks them.
   alive = sorted(_completed_trials(tuner), key=lambda t: trial_order(t.trial_id))
   for (_, before), (keep, epochs) in zip(schedule, schedule[1:]):
     alive = sorted(alive, key=lambda t: (
@@ -870,8 +895,8 @@ def _finish(tuner: keras_tuner.Tuner, hypermodel: TwoStageHyperModel, workdir: s
   if hypermodel.halving:  # The winner's final weights, before any int8 rounding.
     checkpoint = os.path.join(tuner.get_trial_dir(best.trial_id), artifacts.FINE_TUNE_WEIGHTS)
   values = {name: float(best.hyperparameters.get(name)) for name in HPARAMS}
-  # With the cache's cut, `--mode=train` on these values repeats the trial exactly.
-  best_hparams = {**values, "feature_cache_cut_ratio": hypermodel.feature_cache_cut_ratio}
+  # `--mode=train` with the run's settings and these repeats the trial exactly.
+  best_hparams = trial_settings(hypermodel.config, values)
   artifacts.write_json(os.path.join(workdir, artifacts.BEST_HPARAMS), best_hparams)
 
   model = hypermodel.build(best.hyperparameters)

@@ -194,14 +194,17 @@ class RandomGeometryTest(parameterized.TestCase):
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
   def test_model_with_it_saves_loads_and_exports_without_it(self):
-    model = model_lib.build_model(3, image_size=SIZE, weights=None, seed=0)
+    augmentation = Augmentation(rotation=20.0, zoom=0.2, translation=0.1, crop_area=0.3)
+    model = model_lib.build_model(3, image_size=SIZE, weights=None, seed=0,
+                                  augmentation=augmentation)
     names = [l.name for l in model.get_layer(model_lib.AUGMENT_NAME).layers]
     self.assertEqual(names, ["random_geometry", "random_contrast"])
     path = os.path.join(self.create_tempdir().full_path, "m.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
     geometry = loaded.get_layer(model_lib.AUGMENT_NAME).get_layer("random_geometry")
-    self.assertEqual((geometry.rotation, geometry.zoom, geometry.translation), (20.0, 0.2, 0.2))
+    self.assertEqual((geometry.rotation, geometry.zoom, geometry.translation, geometry.crop_area),
+                     (20.0, 0.2, 0.1, 0.3))
     inference = model_lib.inference_model(loaded)
     self.assertNotIn(model_lib.AUGMENT_NAME, [l.name for l in inference.layers])
 

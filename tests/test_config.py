@@ -1,18 +1,43 @@
 """The settings dataclasses: defaults, normalization, one-line validation errors."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
 
+from absl import flags
 from absl.testing import absltest
+from absl.testing import flagsaver
 from absl.testing import parameterized
 
+import run_configs
 from flowers import cli
 from flowers import config as config_lib
 from flowers.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS_DIR = os.path.join(REPO, "flags")
+# What flags/cpu.cfg set before its recipe became the defaults, verbatim (--verbose, how
+# much a run prints, apart).
+OLD_CPU_CFG = """
+--image_size=224 --split=64,16,20 --seed=42 --batch_size=32 --feature_cache=auto
+--feature_cache_views=6 --optimizer=adam --learning_rate=1e-3 --fine_tune_learning_rate=2e-4
+--unfreeze_ratio=0.3 --dropout=0.2 --label_smoothing=0.1 --crop_area=0.3 --zoom=0
+--translation=0 --lr_schedule=constant --epochs=30 --fine_tune_epochs=12
+--fine_tune_ema_momentum=0.99 --early_stopping_patience=4 --max_trials=6
+--first_trial=configured --halving_rungs=2,4 --halving_factor=2 --dropout_range=0.1,0.4
+--unfreeze_ratio_range=0.2,0.3 --fine_tune_learning_rate_range=1e-4,4e-4
+""".split()
+
+
+def parsed(*args):
+  """The RunConfig `flowers_main` builds from `args`."""
+  cli.define_flags()
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["flowers_main", *args])
+    return cli.run_config()
 SECTIONS = (config_lib.DataConfig, config_lib.Augmentation, config_lib.TrainConfig,
             config_lib.SearchConfig, config_lib.ExportConfig, config_lib.PredictConfig,
             config_lib.RunConfig)
@@ -106,12 +131,23 @@ class ConfigTest(parameterized.TestCase):
   def test_a_trial_is_a_replaced_train_config(self):
     train = config_lib.TrainConfig(dropout=0.2, unfreeze_ratio=0.2)
     trial = dataclasses.replace(train, dropout=0.35, unfreeze_ratio=0.1,
-                                fine_tune_learning_rate=2e-4)
-    self.assertEqual((trial.dropout, trial.fine_tune_rate), (0.35, 2e-4))
-    self.assertAlmostEqual(train.fine_tune_rate, train.learning_rate / 10,
-                           delta=1e-6 * train.learning_rate / 10)
+                                fine_tune_learning_rate=3e-4)
+    self.assertEqual((trial.dropout, trial.fine_tune_rate), (0.35, 3e-4))
     with self.assertRaisesRegex(UserError, "--dropout=1.2"):
       dataclasses.replace(train, dropout=1.2)  # A replace validates too.
+
+  def test_an_unset_fine_tune_rate_is_a_tenth_of_the_rate_resolved_on_creation(self):
+    train = config_lib.TrainConfig(learning_rate=1e-2, fine_tune_learning_rate=None)
+    self.assertEqual(train.fine_tune_learning_rate, 1e-2 / 10.0)  # So run.json holds it.
+    self.assertEqual(train.fine_tune_rate, 1e-2 / 10.0)
+
+  def test_the_fine_tune_patience_is_the_stages_unless_set(self):
+    self.assertEqual(config_lib.TrainConfig(early_stopping_patience=3).fine_tune_patience, 3)
+    self.assertEqual(config_lib.TrainConfig(early_stopping_patience=3,
+                                            fine_tune_early_stopping_patience=12
+                                            ).fine_tune_patience, 12)
+    with self.assertRaisesRegex(UserError, "--fine_tune_early_stopping_patience=-1"):
+      config_lib.TrainConfig(fine_tune_early_stopping_patience=-1)
 
   def test_the_cache_cut_is_the_unfreeze_ratio_unless_set(self):
     self.assertEqual(config_lib.TrainConfig(unfreeze_ratio=0.3).feature_cache_cut, 0.3)
@@ -123,6 +159,84 @@ class ConfigTest(parameterized.TestCase):
     # A trial is scored and shipped as one run; there is no setting for several.
     self.assertNotIn("executions_per_trial",
                      {f.name for f in dataclasses.fields(config_lib.SearchConfig)})
+
+
+class DefaultsTest(absltest.TestCase):
+  """The defaults are cpu.cfg's recipe; each flagfile holds only what differs."""
+
+  def test_the_defaults_are_what_cpu_cfg_set(self):
+    old = parsed(*OLD_CPU_CFG)
+    self.assertEqual(old, config_lib.RunConfig())
+    # The shipped flagfile still makes that run, printing a line per epoch.
+    shipped = parsed(f"--flagfile={os.path.join(FLAGS_DIR, 'cpu.cfg')}")
+    self.assertEqual(shipped.train.verbose, 2)
+    self.assertEqual(run_configs.with_train(shipped, verbose=1), old)
+
+  def test_no_flags_give_the_default_run_config(self):
+    # The command line and RunConfig agree on every default.
+    self.assertEqual(parsed(), config_lib.RunConfig())
+    self.assertEqual(parsed().to_json(), config_lib.RunConfig().to_json())
+
+  def test_reference_cfg_is_the_blogs_protocol_as_it_ran_before(self):
+    # Before, reference.cfg set only values that were the defaults of the time.
+    reference = parsed(f"--flagfile={os.path.join(FLAGS_DIR, 'reference.cfg')}")
+    self.assertEqual(reference.train, config_lib.TrainConfig(**run_configs.OLD_TRAIN))
+    self.assertEqual(reference.train.fine_tune_learning_rate, 1e-4)
+    # Without rungs the factor does nothing: the file leaves it out.
+    self.assertEqual(dataclasses.replace(reference.search, halving_factor=3),
+                     config_lib.SearchConfig(**run_configs.OLD_SEARCH))
+
+  def test_smoke_cfg_is_tiny_and_tunes(self):
+    smoke = parsed(f"--flagfile={os.path.join(FLAGS_DIR, 'smoke.cfg')}")
+    self.assertEqual((smoke.data.image_size, smoke.train.epochs, smoke.train.fine_tune_epochs,
+                      smoke.search.max_trials), (32, 1, 1, 2))
+    smoke.check_search()  # --mode=tune runs it.
+    cli.check_inputs("tune", smoke, self.create_tempdir().full_path)
+
+
+class SearchOnlySettingsTest(absltest.TestCase):
+  """The search's settings are checked where a search starts, never for --mode=train."""
+
+  def test_rungs_past_the_fine_tune_epochs_refuse_a_search_not_a_train_run(self):
+    workdir = self.create_tempdir().full_path
+    # cpu.cfg's search (the default) with a shorter stage 2: trainable, not searchable.
+    config = config_lib.RunConfig(train=config_lib.TrainConfig(fine_tune_epochs=3),
+                                  search=config_lib.SearchConfig(halving_rungs=(2, 4)))
+    cli.check_inputs("train", config, workdir)  # --mode=train ignores the search.
+    message = ("--halving_rungs=2,4 must stay below --fine_tune_epochs=3 (the last rung's "
+               "trials fine-tune to it); lower the rungs, or pass --halving_rungs= for every "
+               "trial in full.")
+    for check in (config.check_search, lambda: cli.check_inputs("tune", config, workdir)):
+      with self.assertRaises(UserError) as error:
+        check()
+      self.assertEqual(str(error.exception), message)
+    config_lib.RunConfig(train=config_lib.TrainConfig(fine_tune_epochs=5)).check_search()
+    run_configs.with_search(config, halving_rungs=()).check_search()
+
+
+class SeedsTest(absltest.TestCase):
+  """The training seed seeds the split unless a split seed is given, in code as on the
+  command line."""
+
+  def test_the_training_seed_seeds_the_split_unless_one_is_given(self):
+    seven = config_lib.RunConfig(train=config_lib.TrainConfig(seed=7))
+    self.assertEqual((seven.data.split_seed, seven.train.seed), (7, 7))
+    kept = config_lib.RunConfig(data=config_lib.DataConfig(split_seed=42),
+                                train=config_lib.TrainConfig(seed=7))
+    self.assertEqual((kept.data.split_seed, kept.train.seed), (42, 7))
+    self.assertEqual(parsed("--seed=7"), seven)
+    self.assertEqual(parsed("--seed=7", "--split_seed=42"), kept)
+
+  def test_the_split_seed_is_an_int_everywhere(self):
+    alone = config_lib.DataConfig()  # As load_splits(DataConfig()) gets it: a fixed split.
+    self.assertEqual(alone.split_seed, config_lib.DEFAULT_SPLIT_SEED)
+    self.assertIsInstance(alone.split_seed, int)
+    self.assertEqual(repr(alone.split_seed), "42")
+    self.assertIs(type(config_lib.RunConfig().data.split_seed), int)
+    # A run.json records the int: an older flowers' run (split_seed 42) is the same run.
+    self.assertEqual(json.loads(json.dumps(config_lib.RunConfig().to_json())),
+                     config_lib.RunConfig(data=config_lib.DataConfig(split_seed=42)).to_json())
+    self.assertIs(type(config_lib.RunConfig().to_json()["data"]["split_seed"]), int)
 
 
 class ImportTest(parameterized.TestCase):

@@ -16,7 +16,9 @@ import shutil
 import types
 from unittest import mock
 
+from absl import flags
 from absl.testing import absltest
+from absl.testing import flagsaver
 from absl.testing import parameterized
 import keras
 import keras_tuner
@@ -29,6 +31,7 @@ import shared_data
 import tune_worker
 from workdir_files import hparams_board
 from flowers import artifacts
+from flowers import cli
 from flowers import config as config_lib
 from flowers import data
 from flowers import model as model_lib
@@ -522,8 +525,49 @@ class SuccessiveHalvingTest(TuneTestCase):
     self.assertEqual(tune.halving_schedule(2, (1, 2), 3, 4), [(2, 1), (1, 2), (1, 4)])
     with self.assertRaisesRegex(UserError, "--halving_rungs=2,2 must be increasing"):
       config_lib.SearchConfig(halving_rungs="2,2")
+
+  def test_rungs_past_the_fine_tune_epochs_refuse_the_search_before_any_work(self):
+    config = tune_worker.small_config(fine_tune_epochs=4, search={"halving_rungs": (2, 4)})
     with self.assertRaisesRegex(UserError, "must stay below --fine_tune_epochs=4"):
-      tune_worker.small_config(fine_tune_epochs=4, search={"halving_rungs": (2, 4)})
+      search(self.tmp, config=config)
+    self.assertEmpty(os.listdir(self.tmp))
+
+  def test_train_with_best_hparams_is_the_trial_on_the_default_schedule(self):
+    # cpu.cfg's recipe, the defaults: halving at 2,4 of 12 epochs, early stopping patience 4.
+    config = config_lib.RunConfig()
+    hypermodel = tune.TwoStageHyperModel(config, types.SimpleNamespace(class_names=list("abcd")),
+                                         str(self.tmp))
+    values = {"dropout": 0.35, "unfreeze_ratio": 0.22, "fine_tune_learning_rate": 3e-4}
+    best = tune.trial_settings(config, values)  # What best_hparams.json holds for it.
+    self.assertEqual(set(best), set(config_lib.HPARAMS) | {
+        "feature_cache_cut_ratio", "fine_tune_early_stopping_patience"})
+    # What the trial trains: fit_stages' arguments.
+    seen = {}
+    self.enter_context(mock.patch.object(
+        train, "fit_stages", lambda model, inputs, train_config, run_dir, **kwargs:
+        seen.update(config=train_config, **kwargs)))
+    trial = tune.TrialRun("0", str(self.tmp / "trial_0"), str(self.tmp / "weights"), values)
+    hypermodel._run_stages(None, None, trial, hypermodel.trial_config(values))
+    # --mode=train with the run's settings and best_hparams.json's, replaced or as flags,
+    # trains the same stages: fit_stages gets that config and no setting of its own.
+    self.assertEqual(seen["config"], dataclasses.replace(config.train, **best))
+    self.assertEqual(seen["config"], hypermodel.trial_config(values).train)
+    self.assertEqual(set(seen) - {"config", "seed"},
+                     {"run_frozen_stage", "fine_tune_until", "initial_epoch",
+                      "fine_tune_callbacks", "frozen_callbacks"})
+    as_flags = cli.as_flags(config) + [f"--{name}={value}" for name, value in best.items()]
+    with flagsaver.flagsaver():
+      cli.define_flags()
+      flags.FLAGS.unparse_flags()
+      flags.FLAGS(["flowers_main", *as_flags])
+      self.assertEqual(cli.run_config().train, seen["config"])
+    # Stage 2 never stops early (the schedule ends it) yet keeps its best epoch; stage 1
+    # keeps the run's early stopping.
+    patience = {stage: [c.patience for c in train.stage_callbacks(
+        str(self.tmp), stage, seen["config"], validate=True)
+                        if isinstance(c, keras.callbacks.EarlyStopping)]
+                for stage in ("frozen", "fine_tune")}
+    self.assertEqual(patience, {"frozen": [4], "fine_tune": [12]})
 
   @pytest.mark.slow
   def test_the_best_go_on_from_where_they_stopped_as_one_run_left_alone(self):
@@ -571,13 +615,13 @@ class SuccessiveHalvingTest(TuneTestCase):
                        (row["trial_id"], "STATUS_SUCCESS"))
     self.assertEmpty(board["sessions"])  # One session per trial.
     self.assertEqual(results[promoted]["val_accuracy"], max(history["val_accuracy"]))
-    # The winner, promoted midway, is what one --mode=train run of its values trains
-    # when early stopping cannot stop it (patience of all its epochs).
+    # The winner, promoted midway, is what one --mode=train run trains with the run's
+    # settings and best_hparams.json's (stage 2's patience among them: all its epochs).
     best = read_json(workdir, artifacts.BEST_HPARAMS)
+    self.assertEqual(best["fine_tune_early_stopping_patience"], 2)
     with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
       trained = train.train_and_evaluate(
-          run_configs.with_train(config, early_stopping_patience=2, **best),
-          str(self.tmp / "train"), data.load_tfds())
+          run_configs.with_train(config, **best), str(self.tmp / "train"), data.load_tfds())
     for key in ("val_accuracy", "test_accuracy", "confusion_matrix"):
       self.assertEqual(report[key], trained[key], key)
     models = [keras.models.load_model(self.tmp / folder / artifacts.MODEL)

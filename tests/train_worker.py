@@ -33,15 +33,16 @@ IMAGE_SIZE = 40
 
 def small_config():
   """Random weights, 32 px, alpha 0.35, 1 + 1 epochs on the plain path, multi-worker."""
+  import run_configs  # pylint: disable=g-import-not-at-top
   from flowers.config import DataConfig, RunConfig, TrainConfig  # pylint: disable=g-import-not-at-top
 
+  train = dict(run_configs.OLD_TRAIN,  # The older defaults below what is set here.
+               seed=0, weights=None, epochs=1, fine_tune_epochs=1, feature_cache_views=2,
+               early_stopping_patience=0, feature_cache="off",
+               distribution_strategy="multi_worker", verbose=0, unfreeze_ratio=0.1, alpha=0.35)
   return RunConfig(
       data=DataConfig(image_size=32, batch_size=8, split_seed=0, split="official"),
-      train=TrainConfig(seed=0, weights=None, epochs=1, fine_tune_epochs=1, feature_cache_views=2,
-                        early_stopping_patience=0, feature_cache="off",
-                        distribution_strategy="multi_worker", verbose=0,
-                        unfreeze_ratio=0.1, alpha=0.35),
-      plots=False)
+      train=TrainConfig(**train), plots=False)
 
 
 def digest(arrays) -> str:

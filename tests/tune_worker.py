@@ -37,13 +37,17 @@ def small_config(search=None, data=None, **train):
   `train` overrides TrainConfig fields; `search` and `data` are dicts of overrides.
   The default space's top models are a few blocks: quick to trace.
   """
+  import run_configs  # pylint: disable=g-import-not-at-top
   from flowers import config as config_lib  # pylint: disable=g-import-not-at-top
 
-  train_settings = dict(epochs=1, fine_tune_epochs=1, feature_cache_views=2, weights=None,
-                        early_stopping_patience=0, feature_cache="on", verbose=0, seed=0,
+  # The older defaults (run_configs.OLD_TRAIN, OLD_SEARCH) below what is set here.
+  train_settings = dict(run_configs.OLD_TRAIN, epochs=1, fine_tune_epochs=1,
+                        feature_cache_views=2, weights=None, early_stopping_patience=0,
+                        feature_cache="on", verbose=0, seed=0,
                         unfreeze_ratio=0.1)  # Inside the range, for --first_trial=configured.
   train_settings.update(train)
-  search_settings = dict(dropout_range=(0.0, 0.5), unfreeze_ratio_range=(0.05, 0.15),
+  search_settings = dict(run_configs.OLD_SEARCH, dropout_range=(0.0, 0.5),
+                         unfreeze_ratio_range=(0.05, 0.15),
                          fine_tune_learning_rate_range=(1e-4, 1e-2), tuner="random",
                          max_trials=1)
   search_settings.update(search or {})
