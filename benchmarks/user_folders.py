@@ -182,7 +182,7 @@ def run_folder(name: str, folder: str, args: argparse.Namespace) -> dict[str, ob
   seconds = tune_seconds + predict_seconds
   rate = (rate_before + rate_after) / 2
   return {
-      "classes": len(os.listdir(folder)), "train_images": report.get("num_train_images"),
+      "classes": len(os.listdir(folder)), "train_images": report.get("num_train_examples"),
       "test_images": len(paths), "val_accuracy": report["val_accuracy"],
       "test_accuracy": report["test_accuracy"],
       "int8_test_accuracy": exported.get("int8_test_accuracy"),
