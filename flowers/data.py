@@ -474,6 +474,8 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
                  cache: str = "memory") -> tf.data.Dataset:
   """The input pipeline for the images in `keys`: (uint8 images, int32 labels).
 
+  `decoded_images` then `batched`.
+
   Args:
     source: where the images come from.
     keys: which images (one split of the manifest).
@@ -483,6 +485,19 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
     seed: the shuffle seed.
     cache: "memory", a file path prefix (for when memory is short), or "none".
       Images are decoded and resized once; later epochs read the cache.
+  """
+  images = decoded_images(source, keys, image_size=image_size, cache=cache)
+  return batched(images, batch_size=batch_size,
+                 shuffle_buffer=shuffle_buffer(len(keys), cache) if shuffle else 0, seed=seed)
+
+
+def decoded_images(source: Source, keys: Sequence[str], *, image_size: int = 224,
+                   cache: str = "memory") -> tf.data.Dataset:
+  """The images in `keys`, decoded and resized, one by one in the source's order:
+  (uint8 image, int32 label); undecodable ones dropped (and named on stderr).
+
+  `cache` as `make_dataset`'s: every pipeline built on this dataset (`batched`)
+  reads the one cache, so the images are decoded once however many are built.
   """
   table = _label_table(source, keys)
   decoder = source.decoder
@@ -500,8 +515,6 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
       tf.print("WARNING: skipping undecodable image", key, output_stream=sys.stderr)
     return ok
 
-  options = tf.data.Options()
-  options.deterministic = True
   ds = source.encoded().map(with_label).filter(lambda k, d, l: l >= 0)
   ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
   # TensorFlow's decoder raises on a corrupt image (a bad record in a TFDS
@@ -514,15 +527,41 @@ def make_dataset(source: Source, keys: Sequence[str], *, image_size: int = 224,
   elif cache and cache != "none":
     _clear_unfinished_file_cache(cache)
     ds = ds.cache(cache)
-  if shuffle:
-    # A full-size buffer is free when the cache is in memory (it holds references
-    # to cached images); with a file cache it would pull every image back into
-    # RAM, so it is bounded there.
-    buffer = len(keys) if cache == "memory" else min(len(keys), SHUFFLE_BUFFER_ON_DISK)
-    ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
+  return ds.with_options(_deterministic())
+
+
+def shuffle_buffer(num_images: int, cache: str) -> int:
+  """The training shuffle's buffer for `num_images` images cached in `cache`.
+
+  A full-size buffer is free when the cache is in memory (it holds references
+  to cached images); with a file cache it would pull every image back into
+  RAM, so it is bounded there.
+  """
+  buffer = num_images if cache == "memory" else min(num_images, SHUFFLE_BUFFER_ON_DISK)
+  return max(buffer, 1)
+
+
+def batched(images: tf.data.Dataset, *, batch_size: int | None, shuffle_buffer: int = 0,
+            seed: int = 0) -> tf.data.Dataset:
+  """`images` (from `decoded_images`) shuffled (when `shuffle_buffer` > 0), batched
+  and prefetched.
+
+  The shuffle draws a new order for each iterator (`reshuffle_each_iteration`),
+  from a stream of orders that each call starts afresh: fixed by `seed` and
+  TensorFlow's global seed when the call is made (tf.data combines the two).
+  """
+  ds = images
+  if shuffle_buffer > 0:
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   if batch_size:
     ds = ds.batch(batch_size)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_deterministic())
+
+
+def _deterministic() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
 
 
 def undecodable(source: Source, keys: Sequence[str]) -> list[str]:
@@ -569,9 +608,24 @@ class Splits:
   # where their images fall in the same split (their val and test images are unknowns).
   held_out: Source | None = None
   held_out_assignment: dict[str, str] = dataclasses.field(default_factory=dict)
+  # The train split's decoded images (`decoded_images`: cached, unshuffled, unbatched)
+  # and how `train` shuffles and batches them, for `train_batches`.
+  train_images: tf.data.Dataset | None = None
+  shuffle_buffer: int = 1
+  batch_size: int | None = None
 
   def keys(self, split: str) -> list[str]:
     return split_lib.keys_of(self.assignment, split)
+
+  def train_batches(self, seed: int) -> tf.data.Dataset:
+    """`train`'s pipeline anew: the same cached images (not decoded again), batched
+    and shuffled alike, in a stream of orders of its own, seeded by `seed` (and
+    TensorFlow's global seed, as `batched` says). Training takes one per stage, so
+    no run's order depends on what read the data before it (an earlier trial)."""
+    if self.train_images is None:
+      raise ValueError("These Splits hold no train_images; make them with load_splits.")
+    return batched(self.train_images, batch_size=self.batch_size,
+                   shuffle_buffer=self.shuffle_buffer, seed=seed)
 
   def held_out_keys(self, split: str) -> list[str]:
     return split_lib.keys_of(self.held_out_assignment, split)
@@ -676,7 +730,8 @@ def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None
   Usable from any code: `flowers.load_splits(DataConfig(tfds_data_dir=...))`
   gives the default oxford_flowers102 64/16/20 split (seeded by
   `data.split_seed`). Train is shuffled (by `shuffle_seed`, the training
-  seed), val and test are in key order. With a `workdir`, its `splits.csv` is
+  seed), val and test are in key order; `Splits.train_batches` gives more train
+  streams over the same cached images. With a `workdir`, its `splits.csv` is
   reused (or written), and the disk cache lives there. With
   `data.holdout_classes`, the split and the datasets hold the other classes only
   (`hold_out`); the held-out ones are split alike, into `Splits.held_out_assignment`.
@@ -697,14 +752,17 @@ def load_splits(data: DataConfig = DataConfig(), *, source: Source | None = None
                             split_lib.keys_of(assignment, name), data.image_size, source)
     return "none" if data.pixel_cache is PixelCache.NONE else "memory"
 
-  datasets = {
-      name: make_dataset(source, split_lib.keys_of(assignment, name),
-                         image_size=data.image_size, batch_size=data.batch_size,
-                         shuffle=name == "train", seed=shuffle_seed, cache=cache_for(name))
-      for name in split_lib.SPLITS
-  }
-  return Splits(datasets["train"], datasets["val"], datasets["test"],
-                source.class_names, assignment, source, held_out, held_out_assignment)
+  images = {name: decoded_images(source, split_lib.keys_of(assignment, name),
+                                 image_size=data.image_size, cache=cache_for(name))
+            for name in split_lib.SPLITS}
+  buffer = shuffle_buffer(len(split_lib.keys_of(assignment, "train")), cache_for("train"))
+  return Splits(
+      batched(images["train"], batch_size=data.batch_size, shuffle_buffer=buffer,
+              seed=shuffle_seed),
+      batched(images["val"], batch_size=data.batch_size),
+      batched(images["test"], batch_size=data.batch_size),
+      source.class_names, assignment, source, held_out, held_out_assignment,
+      train_images=images["train"], shuffle_buffer=buffer, batch_size=data.batch_size)
 
 
 def calibration_images(splits: Splits, count: int, seed: int,

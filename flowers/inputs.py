@@ -11,6 +11,12 @@ give the same interface, the model's weights being the same either way:
     features, stage 2 the unfrozen top on the cut-point activations. Right on a
     CPU, where the frozen layers would otherwise dominate every step.
 
+A stage's training data is drawn afresh from its seed for each `stage` call
+(each stage of each `fit_stages` call: a run, a search trial, a trial's later
+rung): the plain pipeline's shuffle stream and the cache's view sampler alike.
+Exact resume counts how far the stream got (`CountedDataset`, the sampler's
+epoch).
+
 Under `--class_weight=balanced` both weigh each training image by its class
 (`class_weights`, from the train split's labels): the plain pipeline in its
 batches, the cache through `Stage.class_weight` (Keras `fit(class_weight=)`).
@@ -141,26 +147,37 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 class PlainInputs:
   """The full model on the tf.data pipeline: augmentation runs every step.
 
-  With `class_weight`, each training batch carries its images' weights.
+  Each stage gets a shuffle stream of its own (`train`), seeded by the stage's
+  seed, over the one in-memory (or file) pixel cache: a run's order depends on
+  its seed only, never on what read the data before (an earlier trial of a
+  search), as the cached path's view sampler does. With `class_weight`, each
+  training batch carries its images' weights.
   """
 
   def __init__(self, splits: data_lib.Splits, batch_size: int,
                class_weight: dict[int, float] | None = None):
-    num_classes = len(splits.class_names)
-    train = splits.train.map(one_hot(num_classes))
-    if class_weight:
-      train = train.map(weighted(class_weight, num_classes))
-    self.train = CountedDataset(train)
-    self.val = splits.val.map(one_hot(num_classes)) if splits.keys("val") else None
+    self.splits = splits
+    self.num_classes = len(splits.class_names)
+    self.class_weight = class_weight
+    self.val = splits.val.map(one_hot(self.num_classes)) if splits.keys("val") else None
     self.steps = steps_per_epoch(len(splits.keys("train")), batch_size)
 
+  def train(self, seed: int) -> CountedDataset:
+    """A new stream of (images, one-hot labels[, weights]) training batches,
+    shuffled by `seed` (`Splits.train_batches`); it counts its iterators for
+    exact resume."""
+    train = self.splits.train_batches(seed).map(one_hot(self.num_classes))
+    if self.class_weight:
+      train = train.map(weighted(self.class_weight, self.num_classes))
+    return CountedDataset(train)
+
   def stage(self, model: keras.Model, stage: int, seed: int) -> Stage:
-    del stage, seed  # The train dataset shuffles with the data seed.
-    return Stage(model, self.train, self.val, self.steps, full_model=model)
+    # Stage 1 shuffles by `seed`, stage 2 by `seed + 1` (as the view sampler draws).
+    return Stage(model, self.train(seed + stage - 1), self.val, self.steps, full_model=model)
 
   def num_train_images(self) -> int:
     # After training this reads the pipeline's cache, not the image files.
-    return sum(int(batch[1].shape[0]) for batch in self.train)
+    return sum(int(batch[1].shape[0]) for batch in self.train(0))
 
 
 class CachedInputs:

@@ -159,6 +159,9 @@ def fingerprint(config: config_lib.RunConfig, mode: str, *, source: Any,
   if not feature_cache:  # The cached path reads its own sampler, not the shuffled pipeline.
     kept["data"]["shuffle_buffer"] = ("whole split" if config.data.pixel_cache.value == "memory"
                                       else "bounded")
+    # Each stage's own stream (`inputs.PlainInputs`); older runs shared one across stages
+    # and trials, so their state would resume on another order: refused, not resumed.
+    kept["data"]["shuffle"] = "per stage, seeded"
   kept["train"]["feature_cache"] = "on" if feature_cache else "off"  # auto, resolved.
   kept["train"]["weights"] = run_weights_identity(config)
   if config.train.int8_grid_weights:  # The rounding's bias correction uses these images.

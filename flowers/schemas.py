@@ -425,8 +425,9 @@ class Fingerprint(TypedDict):
   """
 
   mode: Literal["train", "tune"]
-  # The data settings; "split" as its fractions or "official", and "shuffle_buffer"
-  # ("whole split" or "bounded") on the plain input path.
+  # The data settings; "split" as its fractions or "official", and on the plain input
+  # path "shuffle_buffer" ("whole split" or "bounded") and "shuffle" ("per stage, seeded":
+  # each stage's own stream; absent from older runs, whose stages shared one).
   data: dict[str, Any]
   # The training settings; "feature_cache" resolved to "on"/"off", "weights" as
   # "imagenet", "random" or "sha256:<the weights file's digest>".

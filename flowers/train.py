@@ -16,9 +16,11 @@ again: its final weights are kept in the run folder (`frozen.weights.h5`,
 
 The stages read their data from `flowers.inputs` (`Inputs.stage`): the plain
 tf.data pipeline or the frozen-prefix cache, the model's weights being the
-same either way. After the stages, `save_run` rounds the kernels to the int8
-grid, calibrates the scores (a temperature fitted on val, folded into the
-classifier), evaluates and writes the run's files.
+same either way; each stage draws its data from a stream seeded by `seed`, so
+a run's order never depends on what read the data before it. After the
+stages, `save_run` rounds the kernels to the int8 grid, calibrates the scores
+(a temperature fitted on val, folded into the classifier), evaluates and
+writes the run's files.
 """
 
 from __future__ import annotations
@@ -187,7 +189,8 @@ def fit_stages(model: keras.Model, inputs: inputs_lib.Inputs, config: TrainConfi
     inputs: where each stage's data comes from (plain or cached).
     config: the training settings (a tune trial's hyperparameters included).
     run_dir: this run's folder: the stages' weights and states, CSV history, logs.
-    seed: seeds Python, NumPy, TensorFlow and the cached-view sampling.
+    seed: seeds Python, NumPy, TensorFlow and each stage's data stream (the
+      plain pipeline's shuffle, the cached-view sampling).
     run_frozen_stage: False to start stage 2 from the weights `model` holds (a
       Hyperband trial continuing an earlier one).
     fine_tune_until: train stage 2 up to this epoch (Hyperband's budget); its
@@ -272,9 +275,9 @@ def _fine_tune_stage(run: _StageRun, epochs: int, initial_epoch: int,
             callbacks: Sequence[keras.callbacks.Callback], carry_on: bool) -> inputs_lib.Stage:
   """Stage 2 up to `epochs`: loaded when an earlier process finished it, else fitted.
 
-  `carry_on`: stage 1 was loaded, so stage 2 starts from the random states and
-  data position it left. A budget short of `fine_tune_epochs` (Hyperband's)
-  does not mark the stage finished.
+  `carry_on`: stage 1 was loaded, so stage 2 starts from the random states it
+  left (its data is a stream of its own, `Inputs.stage`). A budget short of
+  `fine_tune_epochs` (Hyperband's) does not mark the stage finished.
   """
   model, config, done = run.model, run.config, run.done("fine_tune")
   model_lib.unfreeze(model, config.unfreeze_ratio)
@@ -284,8 +287,8 @@ def _fine_tune_stage(run: _StageRun, epochs: int, initial_epoch: int,
     logging.info("Stage 2 already finished; loaded %s.", done)
     _restore_finished(run.run_dir, "fine_tune", stage)
     return stage
-  if carry_on:
-    _restore_finished(run.run_dir, "frozen", stage)
+  if carry_on:  # Stage 1's random states; stage 2 reads a data stream of its own.
+    _restore_finished(run.run_dir, "frozen", stage, data_position=False)
   compile_model(stage.model, config, config.fine_tune_rate,
                 stage.steps * config.fine_tune_epochs)
   average = (weight_average.WeightAverage(stage.model, config.fine_tune_ema_momentum)
@@ -307,7 +310,7 @@ def _state_path(run_dir: str, name: str) -> str:
 
 def _finish(run_dir: str, name: str, model: keras.Model) -> None:
   """Marks a stage finished: its final weights, then its state slimmed to what
-  the next stage carries on with (random states, the data's position)."""
+  the next stage carries on with (random states)."""
   with artifacts.atomic_path(_done_path(run_dir, name)) as tmp:
     model.save_weights(tmp)
   saved = _read_state(_state_path(run_dir, name))
@@ -327,11 +330,13 @@ def _forget(run_dir: str, name: str) -> None:
       logging.warning("Removed %s: it was not trained on this run's stage 1.", path)
 
 
-def _restore_finished(run_dir: str, name: str, stage: inputs_lib.Stage) -> None:
-  """After loading a finished stage's weights: its random states and data position."""
+def _restore_finished(run_dir: str, name: str, stage: inputs_lib.Stage,
+                      data_position: bool = True) -> None:
+  """After loading a finished stage's weights: its random states and (for the same
+  stage's data) its data position."""
   saved = _read_state(_state_path(run_dir, name))
   if saved is not None:
-    _restore_carried(*saved, stage)
+    _restore_carried(*saved, stage, data_position=data_position)
 
 
 # Saved-state arrays that a finished stage keeps for the next one.
@@ -391,7 +396,7 @@ def _carried_state(stage: inputs_lib.Stage) -> tuple[dict[str, Any], dict[str, n
 
 
 def _restore_carried(meta: dict[str, Any], arrays: dict[str, np.ndarray],
-                     stage: inputs_lib.Stage) -> None:
+                     stage: inputs_lib.Stage, data_position: bool = True) -> None:
   version, internal, gauss = meta["python_random"]
   random.setstate((version, tuple(internal), gauss))
   name, pos, has_gauss, cached = meta["numpy_random"]
@@ -401,7 +406,8 @@ def _restore_carried(meta: dict[str, Any], arrays: dict[str, np.ndarray],
     if _fits(states, values):
       for v, x in zip(states, values):
         v.assign(x)
-  if isinstance(stage.train, inputs_lib.CountedDataset) and "dataset_iterators" in meta:
+  if (data_position and isinstance(stage.train, inputs_lib.CountedDataset)
+      and "dataset_iterators" in meta):
     stage.train.skip_to(meta["dataset_iterators"])
 
 

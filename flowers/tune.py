@@ -13,7 +13,12 @@ pooled base features stage 1 trains on (`inputs.CachedInputs`). A trial with a
 smaller ratio trains on the same cache, the layers between the cache's cut and
 its own cut kept frozen. That cut is part of the trial's settings
 (`feature_cache_cut_ratio`, written to `best_hparams.json`), so `--mode=train` with the
-best trial's values computes exactly what the trial did.
+best trial's values computes exactly what the trial did. On the plain path the
+pixel cache is shared the same way (decoded once), while each stage of each
+trial draws its shuffle stream afresh from the seed (`inputs.PlainInputs`):
+a trial's order does not depend on the trials before it, so `--mode=train`
+repeats it there too, and a trial taken further (successive halving, a
+resumed search) goes on as if never stopped.
 
 A trial that trails the others stops early (the median stopping rule of
 Google Vizier, Golovin et al. 2017): from stage 2 epoch `--median_stop_epoch`
@@ -311,8 +316,9 @@ class TrialRun:
 class TwoStageHyperModel(keras_tuner.HyperModel):
   """`build`: the classifier at a trial's dropout; `fit`: `train.fit_stages`.
 
-  The base weights and the stages' inputs (the frozen-prefix cache on a CPU)
-  are made on first need and shared by every later trial.
+  The base weights and the stages' inputs (the frozen-prefix cache on a CPU,
+  else the pixel cache) are made on first need and shared by every later
+  trial; each trial's stages draw their data streams from the seed afresh.
   """
 
   def __init__(self, config: RunConfig, splits: data_lib.Splits, workdir: str,

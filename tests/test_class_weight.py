@@ -45,7 +45,8 @@ def fake_splits(train_labels=TRAIN_LABELS, val_labels=(1, 1, 1, 0)):
   keys = [f"t{i}" for i in range(len(train_labels))] + [f"v{i}" for i in range(len(val_labels))]
   assignment = {k: "train" if k.startswith("t") else "val" for k in keys}
   return types.SimpleNamespace(
-      train=dataset(train_labels), val=dataset(val_labels), class_names=["a", "b", "c"],
+      train=dataset(train_labels), train_batches=lambda seed: dataset(train_labels),
+      val=dataset(val_labels), class_names=["a", "b", "c"],
       keys=lambda split: [k for k in keys if assignment[k] == split],
       source=types.SimpleNamespace(keys=keys, labels=list(train_labels) + list(val_labels)))
 
@@ -136,8 +137,8 @@ class WeightsReachBothStagesTest(parameterized.TestCase):
       model.compile("sgd", "categorical_crossentropy")
       return model.fit(data, epochs=2, verbose=0, class_weight=class_weight).history["loss"]
 
-    weighted = inputs.PlainInputs(fake_splits(), BATCH_SIZE, WEIGHTS).train
-    plain = inputs.PlainInputs(fake_splits(), BATCH_SIZE).train
+    weighted = inputs.PlainInputs(fake_splits(), BATCH_SIZE, WEIGHTS).train(0)
+    plain = inputs.PlainInputs(fake_splits(), BATCH_SIZE).train(0)
     np.testing.assert_allclose(fitted(weighted), fitted(plain, WEIGHTS), rtol=1e-5)
     # Exact resume counts the pipeline's iterators; Keras's class_weight would hide them.
     self.assertGreater(weighted.iterators, 0)

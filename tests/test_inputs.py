@@ -12,10 +12,12 @@ from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import keras
 import numpy as np
 import tensorflow as tf
 
 import run_configs
+from flowers import data
 from flowers import inputs
 from flowers import model as model_lib
 from flowers import prefix_cache
@@ -27,18 +29,25 @@ BATCH_SIZE = 4
 
 
 def fake_splits(num_train: int = 10, num_val: int = 3, class_names=("a", "b", "c")):
-  """What `PlainInputs` reads of `data.Splits`: batched (uint8 image, label) datasets."""
-  def dataset(n):
-    images = np.zeros((n, 32, 32, 3), np.uint8)
+  """A `data.Splits` of in-memory images: image i is all i, its label i mod 3."""
+  def images(n):
+    pixels = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 32, 32, 3))
     labels = np.arange(n, dtype=np.int64) % len(class_names)
-    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(BATCH_SIZE)
+    return tf.data.Dataset.from_tensor_slices((pixels, labels))
 
   assignment = {**{f"t{i}": "train" for i in range(num_train)},
                 **{f"v{i}": "val" for i in range(num_val)}}
-  return types.SimpleNamespace(
-      train=dataset(num_train), val=dataset(num_val), class_names=list(class_names),
-      keys=lambda split: [k for k, s in assignment.items() if s == split],
-      source=types.SimpleNamespace(keys=list(assignment), labels=[0] * len(assignment)))
+  source = types.SimpleNamespace(keys=list(assignment), labels=[0] * len(assignment))
+  val = data.batched(images(num_val), batch_size=BATCH_SIZE)
+  return data.Splits(
+      data.batched(images(num_train), batch_size=BATCH_SIZE, shuffle_buffer=num_train),
+      val, val, list(class_names), assignment, source, train_images=images(num_train),
+      shuffle_buffer=num_train, batch_size=BATCH_SIZE)
+
+
+def orders(dataset, epochs: int = 2) -> list[list[int]]:
+  """The image order of each of `epochs` iterators of `dataset` (images as `fake_splits`')."""
+  return [[int(x) for images, _ in dataset for x in images[:, 0, 0, 0]] for _ in range(epochs)]
 
 
 class ModuleTest(absltest.TestCase):
@@ -62,18 +71,38 @@ class PlainInputsTest(absltest.TestCase):
   def test_both_stages_fit_the_full_model_on_one_hot_batches(self):
     plain = inputs.PlainInputs(fake_splits(num_train=10), BATCH_SIZE)
     model = object()  # The plain path never looks into the model.
-    first, second = plain.stage(model, 1, 0), plain.stage(model, 2, 0)
+    first = plain.stage(model, 1, 0)
     self.assertIs(first.model, model)
     self.assertIs(first.full_model, model)
     self.assertEqual(first.steps, 3)  # ceil(10 / 4)
-    # One pipeline for both stages: its shuffle draws go on from stage 1 to stage 2.
-    self.assertIs(second.train, first.train)
     self.assertIsInstance(first.train, inputs.CountedDataset)
-    _, labels = next(iter(first.train))
-    np.testing.assert_array_equal(labels.numpy(), np.eye(NUM_CLASSES)[[0, 1, 2, 0]])
+    images, labels = next(iter(first.train))
+    np.testing.assert_array_equal(labels.numpy(),
+                                  np.eye(NUM_CLASSES)[images.numpy()[:, 0, 0, 0] % 3])
     _, val_labels = next(iter(first.val))
     self.assertEqual(val_labels.shape[-1], NUM_CLASSES)
     self.assertEqual(plain.num_train_images(), 10)
+
+  def test_each_stage_draws_a_fresh_stream_of_its_seed(self):
+    """Whatever read the data before (an earlier trial), a stage's orders are its seed's."""
+    keras.utils.set_random_seed(0)  # As fit_stages sets it: tf.data combines the two seeds.
+    plain = inputs.PlainInputs(fake_splits(num_train=10), BATCH_SIZE)
+    first = plain.stage(object(), 1, 0)
+    drawn = orders(first.train)
+    self.assertEqual(first.train.iterators, 2)
+    self.assertNotEqual(drawn[0], drawn[1])  # A new order each epoch.
+    self.assertEqual(sorted(drawn[0]), list(range(10)))
+    again = plain.stage(object(), 1, 0)
+    self.assertIsNot(again.train, first.train)
+    self.assertEqual(again.train.iterators, 0)
+    self.assertEqual(orders(again.train), drawn)  # The same stream, from its start.
+    self.assertNotEqual(orders(plain.stage(object(), 2, 0).train), drawn)  # Seed + 1.
+    self.assertEqual(orders(plain.stage(object(), 2, 0).train),
+                     orders(plain.stage(object(), 1, 1).train))
+    # Skipping to where a killed run was goes on with its stream.
+    resumed = plain.stage(object(), 1, 0).train
+    resumed.skip_to(1)
+    self.assertEqual(orders(resumed, 1), drawn[1:])
 
   def test_without_a_val_split_there_is_no_val_data(self):
     plain = inputs.PlainInputs(fake_splits(num_val=0), BATCH_SIZE)

@@ -174,6 +174,28 @@ class SearchFingerprintTest(absltest.TestCase):
     self.assertIn("train.dropout: None -> 0.2", changed)
 
 
+class ShuffleFingerprintTest(absltest.TestCase):
+  """The plain path's shuffle, a seeded stream per stage, is part of its run."""
+
+  def test_a_plain_run_of_an_older_flowers_is_refused_not_resumed_on_another_order(self):
+    config = run_configs.tiny(feature_cache="off")
+    workdir = self.create_tempdir().full_path
+    write(workdir, artifacts.SPLITS, SPLITS_CSV)
+    self.assertEqual(runs.begin(config, workdir, "train", fake_source(),
+                                feature_cache=False)["data"]["shuffle"], "per stage, seeded")
+    # Older flowers' stages and trials shared one stream: their run.json has no "shuffle".
+    older = runs.read_run(workdir)
+    del older["data"]["shuffle"]
+    artifacts.write_json(os.path.join(workdir, artifacts.RUN), older)
+    with self.assertRaisesRegex(UserError, r"data\.shuffle: None -> per stage, seeded.*"
+                                           r"--overwrite"):
+      runs.begin(config, workdir, "train", fake_source(), feature_cache=False)
+    # The cached path draws from its own view sampler, seeded per stage as it always was.
+    cached = runs.fingerprint(config, "train", source=fake_source(), splits_sha256="x",
+                              feature_cache=True)
+    self.assertNotIn("shuffle", cached["data"])
+
+
 # Run in a fresh interpreter: Keras reads $KERAS_HOME once, when it is imported.
 _IDENTITIES = """
 import json, os, sys, tempfile

@@ -413,10 +413,14 @@ class SearchTest(TuneTestCase):
 class SlowSearchTest(TuneTestCase):
   """Searches that train several trials for several epochs, or twice."""
 
-  def test_a_search_killed_in_a_trial_and_resumed_scores_what_one_left_alone_does(self):
+  @parameterized.parameters("on", "off")
+  def test_a_search_killed_in_a_trial_and_resumed_scores_what_one_left_alone_does(
+      self, feature_cache):
     tmp_path = self.tmp
-    # small_config's ranges: real, with small unfrozen tops (quick to trace).
-    config = tune_worker.small_config(fine_tune_epochs=2, search={"max_trials": 2})
+    # small_config's ranges: real, with small unfrozen tops (quick to trace). On the
+    # plain path the killed trial's stage 2 resumes on its own shuffle stream.
+    config = tune_worker.small_config(feature_cache=feature_cache, fine_tune_epochs=2,
+                                      search={"max_trials": 2})
     alone = search(tmp_path / "alone", config=config)
 
     class Kill(keras.callbacks.Callback):
@@ -447,15 +451,32 @@ class SlowSearchTest(TuneTestCase):
       self.assertEqual(resumed[key], alone[key], key)
 
   # On the feature cache (on real weights, where its float16 cut shows); SuccessiveHalvingTest
-  # repeats a winner promoted midway. The plain path's trials resume as its train runs do
-  # (tests/test_resume.py).
+  # repeats a winner promoted midway.
   @pytest.mark.real_data
   def test_train_with_best_hparams_repeats_the_best_trial_on_real_weights(self):
     # Trained weights do not saturate as random ones do: the float16 cache's cut
     # shows in every number.
     self.check_train_with_best_hparams_repeats_the_best_trial("on", shared_data.WEIGHTS)
 
+  def test_train_with_best_hparams_repeats_the_best_trial_on_the_plain_path(self):
+    # No cut here, so random weights do. What a trial after the first could get wrong
+    # is its shuffle order: each stage's own stream, drawn from the seed, not the one
+    # the trials before it moved on. Random weights score every trial alike (ties go
+    # to the first), so the first trial scores nothing here: the second one wins.
+    score = tune.TwoStageHyperModel._score
+
+    def first_scores_nothing(hypermodel, model, config, trial):
+      val_accuracy, val_passes = score(hypermodel, model, config, trial)
+      return (0.0 if trial.trial_id == "0" else val_accuracy), val_passes
+
+    self.enter_context(mock.patch.object(tune.TwoStageHyperModel, "_score",
+                                         first_scores_nothing))
+    tuned = self.check_train_with_best_hparams_repeats_the_best_trial("off", None)
+    self.assertEqual(tuned["best_trial_id"], "1")
+
   def check_train_with_best_hparams_repeats_the_best_trial(self, feature_cache, weights):
+    """Searches, trains with best_hparams.json, checks both are one run; returns the search's
+    report."""
     tmp_path = self.tmp
     # The plain path has no cut: small_config's ranges (small unfrozen tops) do.
     ranges = RANGES if feature_cache == "on" else {}
@@ -496,6 +517,7 @@ class SlowSearchTest(TuneTestCase):
       self.assertIs(tuned["feature_cache"], False)
       self.assertFalse(os.path.exists(tmp_path / "tune" / "cache"))
       self.assertFalse(os.path.exists(tmp_path / "tune" / artifacts.FROZEN_WEIGHTS))
+    return tuned
 
   def test_hyperband_continues_the_best_trial_from_its_weights(self):
     tmp_path = self.tmp
@@ -569,11 +591,16 @@ class SuccessiveHalvingTest(TuneTestCase):
                 for stage in ("frozen", "fine_tune")}
     self.assertEqual(patience, {"frozen": [4], "fine_tune": [12]})
 
+  # On the cache, early stopping on: under halving stage 2 never stops, yet ends on its
+  # best epoch. On the plain path, off: the promoted trial ends on its last epoch, trained
+  # after the other trial read the data, on the shuffle stream of its own stage 2. (On
+  # random weights every epoch scores alike, so a best epoch would be the first.)
+  @parameterized.parameters(("on", 1), ("off", 0))
   @pytest.mark.slow
-  def test_the_best_go_on_from_where_they_stopped_as_one_run_left_alone(self):
-    # Early stopping on: under halving stage 2 never stops, yet ends on its best epoch.
+  def test_the_best_go_on_from_where_they_stopped_as_one_run_left_alone(self, feature_cache,
+                                                                         patience):
     config = tune_worker.small_config(
-        fine_tune_epochs=2, early_stopping_patience=1,
+        feature_cache=feature_cache, fine_tune_epochs=2, early_stopping_patience=patience,
         search={"max_trials": 2, "halving_rungs": (1,), "halving_factor": 2})
     workdir = self.tmp / "tune"
     report = search(workdir, config=config)
@@ -614,11 +641,12 @@ class SuccessiveHalvingTest(TuneTestCase):
       self.assertEqual((session["group"], session["status"]),
                        (row["trial_id"], "STATUS_SUCCESS"))
     self.assertEmpty(board["sessions"])  # One session per trial.
-    self.assertEqual(results[promoted]["val_accuracy"], max(history["val_accuracy"]))
+    self.assertEqual(results[promoted]["val_accuracy"],
+                     max(history["val_accuracy"]) if patience else history["val_accuracy"][-1])
     # The winner, promoted midway, is what one --mode=train run trains with the run's
     # settings and best_hparams.json's (stage 2's patience among them: all its epochs).
     best = read_json(workdir, artifacts.BEST_HPARAMS)
-    self.assertEqual(best["fine_tune_early_stopping_patience"], 2)
+    self.assertEqual(best["fine_tune_early_stopping_patience"], 2 if patience else 0)
     with fake_data.mock_flowers(tune_worker.COUNTS, size=tune_worker.IMAGE_SIZE):
       trained = train.train_and_evaluate(
           run_configs.with_train(config, **best), str(self.tmp / "train"), data.load_tfds())
