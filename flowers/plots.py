@@ -437,6 +437,10 @@ def _plot_tuning_by_epoch(done: Sequence[Mapping[str, Any]], columns: Sequence[s
       xs = np.array([t[column] for t in done if is_number(t.get(column))])
       if "learning_rate" in column and len(xs) and (xs > 0).all():
         ax.set_xscale("log")
+        # A range inside one decade (1e-4 to 4e-4) has no major tick: label a few ticks
+        # across it instead of none.
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
       ax.set_xlabel(column)
       ax.grid(True, alpha=0.3)

@@ -97,6 +97,43 @@ class ReadmeTest(absltest.TestCase):
                      (None, len(namespace["splits"].class_names)))
 
 
+class ReadmeForUsersTest(absltest.TestCase):
+  """What a new user copies from the README works on their machine, and its tables read."""
+
+  def test_nothing_in_the_readme_needs_the_projects_shared_folder(self):
+    # ../shared is this project's offline stand-in for the downloads; users have none.
+    self.assertNotIn("../shared", read("README.md"))
+
+  def test_every_table_row_has_as_many_cells_as_its_header(self):
+    for name in DOCS:
+      header = None
+      for line in read(name).splitlines():
+        if not line.startswith("|"):
+          header = None
+          continue
+        # GitHub splits cells at every unescaped `|`, inside backticks too.
+        cells = len(re.split(r"(?<!\\)\|", line.strip().strip("|")))
+        header = header or cells
+        self.assertEqual(cells, header, f"{name}: {line[:60]}... has {cells} cells, not {header}")
+
+  def test_every_script_the_docs_run_is_in_the_repository(self):
+    for name in DOCS + FLAGFILES:
+      for script in re.findall(r"python3? ([\w./-]+\.py)", read(name)):
+        path = os.path.normpath(os.path.join(REPO, script))
+        self.assertTrue(path.startswith(REPO + os.sep) and os.path.exists(path),
+                        f"{name} runs {script}, which the repository does not hold")
+
+  def test_the_first_screen_says_who_it_is_for_and_the_two_commands(self):
+    first_screen = read("README.md").split("## ", 2)
+    self.assertIn("app developers", first_screen[0])
+    self.assertRegex(first_screen[0], r"\[a blog post\]\(https://")
+    self.assertTrue(first_screen[1].startswith("Set-up: two commands"))
+    commands = [l.strip() for l in first_screen[1].splitlines() if l.startswith("    ")]
+    self.assertLen(commands, 2)
+    self.assertIn("flowers_main --mode=tune", commands[0])
+    self.assertIn("pytest", commands[1])
+
+
 class DocsTextTest(parameterized.TestCase):
 
   @parameterized.parameters(*(DOCS + FLAGFILES))
